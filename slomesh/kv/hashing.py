@@ -1,0 +1,126 @@
+"""Request-side KV block keys: a chained 64-bit hash over the full blocks of a token sequence.
+
+Block `i` of a prompt (tokens `[i*B, (i+1)*B)` for block size `B`) gets the key
+
+    key_i = xxh3_64( key_{i-1} as 8 little-endian bytes  ||  tokens of block i as uint32 LE )
+
+with `key_{-1} = ROOT_KEY`. A key therefore names a block *and its whole prefix*, so two
+prompts share key `i` exactly when they share their first `(i+1)*B` tokens. Only full blocks
+get a key (an engine caches only full blocks); a partial last block is ignored.
+
+These keys are independent of vLLM's engine-internal block hashes (which depend on a per-process
+seed and the hash algorithm): the region agent maps each engine block to its key from the
+`token_ids` carried by KV events, and the scheduler hashes incoming prompts itself.
+
+Source: the chained-prefix-hash scheme of vLLM's automatic prefix caching
+(`vllm/v1/core/kv_cache_utils.py`, hash of parent hash + block tokens) and llm-d's
+kv-cache-manager (request-side keys built from event token ids).
+"""
+
+from __future__ import annotations
+
+import array
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import xxhash
+
+_xxh3_64 = xxhash.xxh3_64_intdigest
+
+ROOT_KEY: int = _xxh3_64(b"slomesh.kv.block-key.v1")
+"""Parent key of a sequence's first block (a fixed 64-bit constant)."""
+
+_BYTES_PER_TOKEN = 4
+_NEEDS_BYTESWAP = sys.byteorder != "little"
+
+
+def token_bytes(token_ids: Sequence[int] | np.ndarray, start: int = 0, stop: int | None = None) -> bytes:
+    """Tokens `token_ids[start:stop]` as little-endian uint32 bytes.
+
+    Args:
+        token_ids: token ids (list, tuple, protobuf repeated field or 1-D numpy array), each in
+            [0, 2**32).
+        start, stop: slice of `token_ids` to convert (stop None = to the end).
+
+    Returns:
+        `4 * (stop - start)` bytes.
+
+    Raises:
+        ValueError: a token id outside [0, 2**32) or a non-integer array.
+    """
+    if isinstance(token_ids, np.ndarray):
+        part = token_ids[start:stop]
+        if part.size and part.dtype.kind not in "ui":
+            raise ValueError(f"token_ids: integer array expected, got dtype {part.dtype}")
+        if part.size and part.dtype.kind == "i" and int(part.min()) < 0:
+            raise ValueError("token_ids: negative token id")
+        if part.size and part.dtype.itemsize > 4 and int(part.max()) >= 2**32:
+            raise ValueError("token_ids: token id >= 2**32")
+        return np.ascontiguousarray(part, dtype="<u4").tobytes()
+    if start or stop is not None:
+        token_ids = token_ids[start:stop]
+    try:
+        buf = array.array("I", token_ids)
+    except (OverflowError, TypeError) as exc:
+        raise ValueError(f"token_ids: every token id must be an int in [0, 2**32): {exc}") from None
+    if buf.itemsize != _BYTES_PER_TOKEN:  # pragma: no cover - platforms with 8-byte unsigned int
+        return np.asarray(buf, dtype="<u4").tobytes()
+    if _NEEDS_BYTESWAP:  # pragma: no cover - big-endian hosts
+        buf.byteswap()
+    return buf.tobytes()
+
+
+def chain_keys(data: bytes, block_size: int, num_blocks: int, parent_key: int = ROOT_KEY) -> list[int]:
+    """Chained keys of the first `num_blocks` blocks of already-encoded tokens.
+
+    Args:
+        data: tokens as little-endian uint32 bytes (see `token_bytes`), at least
+            `4 * block_size * num_blocks` bytes.
+        block_size: tokens per KV block, >= 1.
+        num_blocks: number of blocks to key, >= 0.
+        parent_key: key of the block before `data`'s first block (ROOT_KEY at the start of a
+            sequence).
+
+    Returns:
+        `num_blocks` 64-bit keys (ints in [0, 2**64)).
+    """
+    step = block_size * _BYTES_PER_TOKEN
+    keys: list[int] = []
+    append = keys.append
+    to_bytes = int.to_bytes
+    key = parent_key
+    for offset in range(0, num_blocks * step, step):
+        key = _xxh3_64(to_bytes(key, 8, "little") + data[offset : offset + step])
+        append(key)
+    return keys
+
+
+def compute_block_keys(
+    token_ids: Sequence[int] | np.ndarray,
+    block_size: int,
+    parent_key: int = ROOT_KEY,
+) -> list[int]:
+    """Chained request-side keys of the full KV blocks of `token_ids`.
+
+    Args:
+        token_ids: token ids, shape [num_tokens], each in [0, 2**32).
+        block_size: tokens per KV block (16 on GPU vLLM, 128 on the CPU backend), >= 1.
+        parent_key: key of the block preceding `token_ids[0]`; ROOT_KEY when `token_ids` starts
+            a sequence (a prompt). Pass the parent's key to continue a chain (as a KV event
+            whose `parent_block_hash` is set does).
+
+    Returns:
+        `num_tokens // block_size` keys, one per full block, in order; the partial last block
+        gets none.
+
+    Raises:
+        ValueError: block_size < 1 or a token id outside [0, 2**32).
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size: must be >= 1, got {block_size}")
+    num_blocks = len(token_ids) // block_size
+    if num_blocks == 0:
+        return []
+    data = token_bytes(token_ids, 0, num_blocks * block_size)
+    return chain_keys(data, block_size, num_blocks, parent_key)
