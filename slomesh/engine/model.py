@@ -1,0 +1,678 @@
+"""A clock-agnostic model of one vLLM V1 engine: continuous batching, chunked prefill, paged KV.
+
+The engine holds requests and a :class:`~slomesh.engine.kv_cache.KVCacheManager`. Each call to
+:meth:`Engine.step` schedules one batch the way vLLM V1's scheduler does, advances every scheduled
+request as if the forward pass had run, and returns how long that pass takes on the profiled GPU
+(:func:`~slomesh.engine.profiles.step_time_s`). The caller owns the clock: the emulator sleeps for
+``duration_s`` of wall time, the simulator advances virtual time. Nothing here reads a clock.
+
+Scheduling (Source: vLLM V1 ``vllm/v1/core/sched/scheduler.py``, ``Scheduler.schedule``):
+
+1. Running requests first, in admission order. Each needs ``num_tokens - num_computed_tokens``
+   tokens of the step's token budget: 1 for a decode, the rest of the prompt (capped by the
+   budget) for a request still prefilling in chunks. When its KV blocks cannot be allocated, the
+   newest running request is preempted (its blocks freed, its progress dropped: recompute) and
+   put back at the front of the waiting queue, until the allocation fits or the request itself
+   was the one preempted.
+2. Then, if nothing was preempted in this step, waiting requests in FCFS order while budget and
+   ``max_num_seqs`` allow: the longest cached prefix is looked up (``num_cached_tokens``), and
+   the uncached rest is scheduled, in a chunk if the budget is short (chunked prefill).
+3. A request whose computed tokens catch up with its tokens samples one new token at the end of
+   the step: the step that completes a prefill emits the first token, each later step one more.
+
+The emulator has no language model: output ids are pseudo-random (seeded per request id) and
+never EOS, so every request generates exactly ``max_tokens`` tokens (``finish_reason ==
+"length"``) unless it reaches ``max_model_len`` first; ``ignore_eos`` is accepted and has no
+further effect.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import xxhash
+
+from slomesh.engine.kv_cache import (
+    KVCacheManager,
+    KVEvent,
+    compute_block_hashes,
+    extend_block_hashes,
+)
+from slomesh.engine.profiles import DEFAULT_MODEL, GpuProfile, ModelSpec, step_time_s
+
+FINISH_LENGTH = "length"
+"""Finish reason: ``max_tokens`` (or ``max_model_len``) reached."""
+FINISH_ABORT = "abort"
+"""Finish reason: the request was aborted by the caller."""
+
+
+@dataclass
+class EngineConfig:
+    """Scheduler and cache settings of one engine (vLLM's engine arguments of the same names)."""
+
+    max_num_batched_tokens: int = 8192
+    """Token budget of one step: prefill chunk tokens plus one per decode (>= 1)."""
+
+    max_num_seqs: int = 256
+    """Most requests running at once (>= 1)."""
+
+    block_size: int = 16
+    """Tokens per KV block (>= 1). vLLM uses 16 on GPU."""
+
+    num_gpu_blocks: int | None = None
+    """KV blocks on the GPU; ``None`` sizes the cache from the GPU profile (>= 1 when set)."""
+
+    enable_prefix_caching: bool = True
+    """Reuse cached KV blocks of identical prefixes."""
+
+    enable_chunked_prefill: bool = True
+    """Split prompts longer than the remaining budget across steps. Without it a prompt must
+    fit one step's budget, and ``max_num_batched_tokens`` must be >= ``max_model_len``."""
+
+    max_model_len: int | None = None
+    """Longest sequence (prompt plus output) in tokens; ``None`` takes the model's (>= 2)."""
+
+    output_vocab_size: int = 32000
+    """Output token ids are drawn from ``[3, output_vocab_size)`` (> 3)."""
+
+    seed: int = 0
+    """Seed of the per-request output-token generators."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
+            raise ValueError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.output_vocab_size <= 3:
+            raise ValueError(f"output_vocab_size must be > 3, got {self.output_vocab_size}")
+
+
+@dataclass
+class EngineRequest:
+    """A generation request as the engine sees it.
+
+    Attributes:
+        request_id: Unique among the engine's live requests.
+        prompt_token_ids: Prompt tokens, shape ``(n,)``, each in ``[0, vocab_size)``.
+        max_tokens: Output tokens to generate (>= 1).
+        ignore_eos: Accepted for API parity; output never contains EOS (module docstring).
+        arrival_time_s: When the request reached the engine, on the caller's clock, seconds.
+        eos_token_id: EOS id, never emitted.
+    """
+
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    max_tokens: int
+    ignore_eos: bool = False
+    arrival_time_s: float = 0.0
+    eos_token_id: int = 2
+
+
+class TokenOutput(NamedTuple):
+    """New tokens of one request at the end of a step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+
+
+class FirstScheduled(NamedTuple):
+    """A request scheduled for the first time in a step, with its prefix-cache hit."""
+
+    request_id: str
+    num_cached_tokens: int
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """Timeline and token counts of a finished (or aborted) request; times on the caller's clock.
+
+    ``None`` times mean the phase never happened (e.g. aborted while waiting).
+    """
+
+    request_id: str
+    arrival_time_s: float
+    first_scheduled_time_s: float | None
+    first_token_time_s: float | None
+    finished_time_s: float
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    num_preemptions: int
+    finish_reason: str
+
+    @property
+    def queue_time_s(self) -> float | None:
+        """Arrival to first scheduling (vLLM's ``request_queue_time_seconds``)."""
+        if self.first_scheduled_time_s is None:
+            return None
+        return self.first_scheduled_time_s - self.arrival_time_s
+
+    @property
+    def prefill_time_s(self) -> float | None:
+        """First scheduling to first token (vLLM's ``request_prefill_time_seconds``)."""
+        if self.first_token_time_s is None or self.first_scheduled_time_s is None:
+            return None
+        return self.first_token_time_s - self.first_scheduled_time_s
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Arrival to first token, the engine's TTFT (no network)."""
+        if self.first_token_time_s is None:
+            return None
+        return self.first_token_time_s - self.arrival_time_s
+
+    @property
+    def decode_time_s(self) -> float | None:
+        """First token to finish (vLLM's ``request_decode_time_seconds``)."""
+        if self.first_token_time_s is None:
+            return None
+        return self.finished_time_s - self.first_token_time_s
+
+    @property
+    def inference_time_s(self) -> float | None:
+        """First scheduling to finish (vLLM's ``request_inference_time_seconds``)."""
+        if self.first_scheduled_time_s is None:
+            return None
+        return self.finished_time_s - self.first_scheduled_time_s
+
+    @property
+    def e2e_time_s(self) -> float:
+        """Arrival to finish (vLLM's ``e2e_request_latency_seconds``)."""
+        return self.finished_time_s - self.arrival_time_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first (``None`` with fewer than 2 tokens)."""
+        decode = self.decode_time_s
+        if decode is None or self.num_output_tokens < 2:
+            return None
+        return decode / (self.num_output_tokens - 1)
+
+
+@dataclass
+class StepResult:
+    """What one engine step did.
+
+    Attributes:
+        start_s: ``now_s`` the step was called with.
+        duration_s: Modelled forward-pass time; outputs exist at ``start_s + duration_s``.
+        outputs: One entry per request that produced a token in this step.
+        first_scheduled: Requests scheduled for the first time, with their cached tokens.
+        kv_events: Prefix-cache events caused by this step's allocations, in order.
+        finished: Metrics of requests that finished in this step.
+        preempted: Ids of requests preempted (recompute) in this step.
+        num_prefill_tokens: Uncached prompt tokens computed.
+        num_decode_seqs: Requests that decoded one token.
+        num_scheduled_tokens: ``num_prefill_tokens + num_decode_seqs``.
+    """
+
+    start_s: float
+    duration_s: float
+    outputs: list[TokenOutput] = field(default_factory=list)
+    first_scheduled: list[FirstScheduled] = field(default_factory=list)
+    kv_events: list[KVEvent] = field(default_factory=list)
+    finished: list[RequestMetrics] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    num_prefill_tokens: int = 0
+    num_decode_seqs: int = 0
+    num_scheduled_tokens: int = 0
+
+    @property
+    def end_s(self) -> float:
+        """When the step's outputs exist, on the caller's clock."""
+        return self.start_s + self.duration_s
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters and gauges of the engine, named after vLLM's Prometheus metrics.
+
+    Token counters are cumulative since the engine started.
+    """
+
+    num_requests_running: int
+    num_requests_waiting: int
+    kv_cache_usage: float
+    num_gpu_blocks: int
+    num_free_blocks: int
+    num_cached_blocks: int
+    prefix_cache_queries_tokens: int
+    prefix_cache_hits_tokens: int
+    prompt_tokens_total: int
+    prompt_tokens_local_compute: int
+    prompt_tokens_local_cache_hit: int
+    generation_tokens_total: int
+    num_preemptions_total: int
+    num_requests_finished: int
+    num_requests_aborted: int
+    num_steps: int
+    busy_time_s: float
+    waiting_prefill_tokens: int
+    """Tokens waiting requests must prefill (prompt, plus output so far for preempted ones),
+    before any prefix-cache hit."""
+    running_prefill_tokens: int
+    """Tokens running requests still have to prefill (chunked prefill or recompute in
+    progress)."""
+    remaining_decode_tokens: int
+    """Output tokens all live requests still have to generate."""
+
+
+class _Req:
+    """Engine-side state of one request."""
+
+    __slots__ = (
+        "arrival_time_s",
+        "block_hashes",
+        "eos_token_id",
+        "first_scheduled_s",
+        "first_token_s",
+        "max_tokens",
+        "num_cached_tokens",
+        "num_computed",
+        "num_output",
+        "num_preemptions",
+        "num_prompt_tokens",
+        "request_id",
+        "rng",
+        "token_ids",
+    )
+
+    def __init__(self, req: EngineRequest, block_size: int, seed: int) -> None:
+        self.request_id = req.request_id
+        self.arrival_time_s = req.arrival_time_s
+        self.token_ids: list[int] = [int(t) for t in req.prompt_token_ids]
+        self.num_prompt_tokens = len(self.token_ids)
+        self.block_hashes: list[int] = compute_block_hashes(self.token_ids, block_size)
+        self.max_tokens = req.max_tokens
+        self.num_output = 0
+        self.num_computed = 0
+        self.num_cached_tokens = -1
+        self.num_preemptions = 0
+        self.first_scheduled_s: float | None = None
+        self.first_token_s: float | None = None
+        self.eos_token_id = req.eos_token_id
+        self.rng = random.Random(xxhash.xxh3_64_intdigest(f"{seed}/{req.request_id}".encode()))
+
+    def metrics(self, finished_s: float, reason: str) -> RequestMetrics:
+        return RequestMetrics(
+            request_id=self.request_id,
+            arrival_time_s=self.arrival_time_s,
+            first_scheduled_time_s=self.first_scheduled_s,
+            first_token_time_s=self.first_token_s,
+            finished_time_s=finished_s,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_cached_tokens=max(0, self.num_cached_tokens),
+            num_output_tokens=self.num_output,
+            num_preemptions=self.num_preemptions,
+            finish_reason=reason,
+        )
+
+
+class Engine:
+    """One vLLM-like engine on one GPU, stepped by its caller.
+
+    Args:
+        profile: GPU the engine runs on (timing and, unless configured, KV capacity).
+        model: Model served.
+        config: Scheduler and cache settings.
+        on_kv_event: Optional callback for every prefix-cache event as it happens (the same
+            events are also returned in :attr:`StepResult.kv_events`).
+
+    Raises:
+        ValueError: the model leaves no room for KV blocks on this GPU (``num_gpu_blocks``), the
+            KV cache cannot hold one ``max_model_len`` sequence (``max_model_len``), or chunked
+            prefill is off and ``max_num_batched_tokens`` < ``max_model_len``.
+    """
+
+    def __init__(
+        self,
+        profile: GpuProfile,
+        model: ModelSpec = DEFAULT_MODEL,
+        config: EngineConfig | None = None,
+        on_kv_event: Callable[[KVEvent], None] | None = None,
+    ) -> None:
+        self.profile = profile
+        self.model = model
+        self.config = config if config is not None else EngineConfig()
+        cfg = self.config
+        num_blocks = cfg.num_gpu_blocks
+        if num_blocks is None:
+            num_blocks = profile.num_gpu_blocks(model, cfg.block_size)
+            if num_blocks < 1:
+                raise ValueError(
+                    f"num_gpu_blocks: {model.name} leaves no KV-cache memory on {profile.gpu_type}"
+                )
+        self.num_gpu_blocks = num_blocks
+        self.max_model_len = (
+            cfg.max_model_len if cfg.max_model_len is not None else model.max_model_len
+        )
+        if self.max_model_len > num_blocks * cfg.block_size:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} is larger than the KV cache "
+                f"({num_blocks} blocks x {cfg.block_size} = {num_blocks * cfg.block_size} tokens)"
+            )
+        if not cfg.enable_chunked_prefill and cfg.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens {cfg.max_num_batched_tokens} must be >= max_model_len "
+                f"{self.max_model_len} when chunked prefill is disabled"
+            )
+        self._on_kv_event = on_kv_event
+        self._pending_events: list[KVEvent] = []
+        self.kv = KVCacheManager(
+            num_blocks,
+            cfg.block_size,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            on_event=self._collect_event,
+        )
+        self._requests: dict[str, _Req] = {}
+        self._waiting: deque[_Req] = deque()
+        self._running: list[_Req] = []
+        self._last_time_s = 0.0
+        # Counters.
+        self._prefix_queries = 0
+        self._prefix_hits = 0
+        self._prompt_tokens = 0
+        self._prompt_compute = 0
+        self._prompt_cache_hit = 0
+        self._generation_tokens = 0
+        self._preemptions = 0
+        self._finished = 0
+        self._aborted = 0
+        self._steps = 0
+        self._busy_s = 0.0
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, req: EngineRequest, now_s: float | None = None) -> None:
+        """Queue a request (FCFS).
+
+        Args:
+            req: The request; ``arrival_time_s`` is replaced by ``now_s`` when given.
+            now_s: Current time on the caller's clock, seconds.
+
+        Raises:
+            ValueError: duplicate ``request_id``; empty prompt or token ids out of
+                ``[0, vocab_size)`` (``prompt_token_ids``); ``max_tokens`` < 1; prompt of
+                ``max_model_len`` tokens or more (``prompt_token_ids``).
+        """
+        if req.request_id in self._requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in the engine")
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt_token_ids must not be empty")
+        if req.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {req.max_tokens}")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"prompt_token_ids has {n} tokens; max_model_len {self.max_model_len} leaves no "
+                "room for output"
+            )
+        lo, hi = min(req.prompt_token_ids), max(req.prompt_token_ids)
+        if lo < 0 or hi >= self.model.vocab_size:
+            raise ValueError(
+                f"prompt_token_ids must be in [0, {self.model.vocab_size}), got [{lo}, {hi}]"
+            )
+        if now_s is not None:
+            req = EngineRequest(
+                request_id=req.request_id,
+                prompt_token_ids=req.prompt_token_ids,
+                max_tokens=req.max_tokens,
+                ignore_eos=req.ignore_eos,
+                arrival_time_s=now_s,
+                eos_token_id=req.eos_token_id,
+            )
+        r = _Req(req, self.config.block_size, self.config.seed)
+        self._requests[r.request_id] = r
+        self._waiting.append(r)
+
+    def abort(self, request_id: str, now_s: float | None = None) -> RequestMetrics | None:
+        """Drop a live request and free its KV blocks (cached content stays cached).
+
+        Args:
+            request_id: The request.
+            now_s: Current time (for its metrics); defaults to the end of the last step.
+
+        Returns:
+            The request's metrics (``finish_reason == "abort"``), or ``None`` if it is not live.
+        """
+        r = self._requests.pop(request_id, None)
+        if r is None:
+            return None
+        try:
+            self._waiting.remove(r)
+        except ValueError:
+            self._running.remove(r)
+        self.kv.free(request_id)
+        self._aborted += 1
+        return r.metrics(self._last_time_s if now_s is None else now_s, FINISH_ABORT)
+
+    def has_work(self) -> bool:
+        """Whether any request is waiting or running."""
+        return bool(self._waiting or self._running)
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether ``request_id`` is live (waiting or running)."""
+        return request_id in self._requests
+
+    @property
+    def num_running(self) -> int:
+        """Requests admitted to the batch."""
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued (new or preempted)."""
+        return len(self._waiting)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop all cached blocks (only when no request holds blocks).
+
+        The :class:`~slomesh.engine.kv_cache.AllBlocksCleared` event is returned by
+        :meth:`drain_kv_events` (and passed to ``on_kv_event``).
+
+        Returns:
+            False when some request still holds blocks.
+        """
+        return self.kv.reset()
+
+    def drain_kv_events(self) -> list[KVEvent]:
+        """Events raised outside :meth:`step` (e.g. by :meth:`reset_prefix_cache`), then cleared."""
+        events, self._pending_events = self._pending_events, []
+        return events
+
+    def stats(self) -> EngineStats:
+        """Snapshot of counters and gauges (O(live requests))."""
+        waiting_prefill = sum(len(r.token_ids) for r in self._waiting)
+        running_prefill = 0
+        for r in self._running:
+            remaining = len(r.token_ids) - r.num_computed
+            if r.num_output == 0 or remaining > 1:
+                running_prefill += remaining
+        remaining_decode = sum(r.max_tokens - r.num_output for r in self._requests.values())
+        return EngineStats(
+            num_requests_running=len(self._running),
+            num_requests_waiting=len(self._waiting),
+            kv_cache_usage=self.kv.usage,
+            num_gpu_blocks=self.num_gpu_blocks,
+            num_free_blocks=self.kv.num_free_blocks,
+            num_cached_blocks=self.kv.num_cached_blocks,
+            prefix_cache_queries_tokens=self._prefix_queries,
+            prefix_cache_hits_tokens=self._prefix_hits,
+            prompt_tokens_total=self._prompt_tokens,
+            prompt_tokens_local_compute=self._prompt_compute,
+            prompt_tokens_local_cache_hit=self._prompt_cache_hit,
+            generation_tokens_total=self._generation_tokens,
+            num_preemptions_total=self._preemptions,
+            num_requests_finished=self._finished,
+            num_requests_aborted=self._aborted,
+            num_steps=self._steps,
+            busy_time_s=self._busy_s,
+            waiting_prefill_tokens=waiting_prefill,
+            running_prefill_tokens=running_prefill,
+            remaining_decode_tokens=remaining_decode,
+        )
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self, now_s: float) -> StepResult:
+        """Schedule and run one batch starting at ``now_s``.
+
+        Args:
+            now_s: Step start on the caller's clock, seconds.
+
+        Returns:
+            The step's duration, outputs (available at ``now_s + duration_s``) and events.
+            With no work the result is empty with ``duration_s == 0``.
+        """
+        cfg = self.config
+        result = StepResult(start_s=now_s, duration_s=0.0)
+        self._last_time_s = max(self._last_time_s, now_s)
+        if not self._waiting and not self._running:
+            result.kv_events = self.drain_kv_events()
+            return result
+        budget = cfg.max_num_batched_tokens
+        kv = self.kv
+        running = self._running
+        scheduled: list[tuple[_Req, int]] = []
+
+        # 1. Running requests (decodes and unfinished chunked prefills).
+        i = 0
+        while i < len(running) and budget > 0:
+            r = running[i]
+            n = min(len(r.token_ids) - r.num_computed, budget)
+            if n <= 0:
+                i += 1
+                continue
+            fits = True
+            while not kv.allocate(r.request_id, n, r.token_ids, r.block_hashes):
+                victim = running.pop()
+                self._preempt(victim)
+                result.preempted.append(victim.request_id)
+                if victim is r:
+                    fits = False
+                    break
+            if not fits:
+                break
+            scheduled.append((r, n))
+            budget -= n
+            i += 1
+
+        # 2. Waiting requests, FCFS, unless this step had to preempt.
+        if not result.preempted:
+            waiting = self._waiting
+            while waiting and budget > 0 and len(running) < cfg.max_num_seqs:
+                r = waiting[0]
+                num_cached = 0
+                if cfg.enable_prefix_caching:
+                    extend_block_hashes(r.block_hashes, r.token_ids, cfg.block_size)
+                    num_cached = kv.get_computed_prefix(r.token_ids, r.block_hashes)
+                n = len(r.token_ids) - num_cached
+                if not cfg.enable_chunked_prefill and n > budget:
+                    break
+                n = min(n, budget)
+                if not kv.allocate(
+                    r.request_id, n, r.token_ids, r.block_hashes, num_cached_tokens=num_cached
+                ):
+                    break
+                waiting.popleft()
+                running.append(r)
+                r.num_computed = num_cached
+                self._prefix_queries += len(r.token_ids)
+                self._prefix_hits += num_cached
+                if r.first_scheduled_s is None:
+                    r.first_scheduled_s = now_s
+                    r.num_cached_tokens = num_cached
+                    result.first_scheduled.append(FirstScheduled(r.request_id, num_cached))
+                scheduled.append((r, n))
+                budget -= n
+
+        # 3. Cost of the batch.
+        prefill_tokens = 0
+        decode_seqs = 0
+        context = 0
+        pairs = 0.0
+        for r, n in scheduled:
+            c = r.num_computed
+            if n == 1 and r.num_output > 0 and c == len(r.token_ids) - 1:
+                decode_seqs += 1
+                context += c + 1
+                pairs += c + 1
+            else:
+                prefill_tokens += n
+                context += c + n
+                pairs += n * c + n * (n + 1) / 2.0
+        duration = step_time_s(
+            self.profile, self.model, prefill_tokens, decode_seqs, context, attention_pairs=pairs
+        )
+        end_s = now_s + duration
+        result.duration_s = duration
+        result.num_prefill_tokens = prefill_tokens
+        result.num_decode_seqs = decode_seqs
+        result.num_scheduled_tokens = prefill_tokens + decode_seqs
+        if scheduled:
+            self._steps += 1
+            self._busy_s += duration
+
+        # 4. Advance requests; sample a token for each that caught up.
+        any_finished = False
+        max_len = self.max_model_len
+        vocab = cfg.output_vocab_size
+        for r, n in scheduled:
+            r.num_computed += n
+            if r.num_computed < len(r.token_ids):
+                continue
+            tok = r.rng.randrange(3, vocab)
+            if tok == r.eos_token_id:
+                tok = 3 if tok + 1 >= vocab else tok + 1
+            r.token_ids.append(tok)
+            r.num_output += 1
+            self._generation_tokens += 1
+            if r.first_token_s is None:
+                r.first_token_s = end_s
+                cached = max(0, r.num_cached_tokens)
+                self._prompt_tokens += r.num_prompt_tokens
+                self._prompt_cache_hit += cached
+                self._prompt_compute += r.num_prompt_tokens - cached
+            finished = r.num_output >= r.max_tokens or len(r.token_ids) >= max_len
+            reason = FINISH_LENGTH if finished else None
+            result.outputs.append(TokenOutput(r.request_id, [tok], finished, reason))
+            if finished:
+                any_finished = True
+                kv.free(r.request_id)
+                del self._requests[r.request_id]
+                self._finished += 1
+                result.finished.append(r.metrics(end_s, FINISH_LENGTH))
+        if any_finished:
+            finished_ids = {m.request_id for m in result.finished}
+            self._running = [r for r in running if r.request_id not in finished_ids]
+        self._last_time_s = max(self._last_time_s, end_s)
+        result.kv_events = self.drain_kv_events()
+        return result
+
+    # ------------------------------------------------------------------ internals
+
+    def _collect_event(self, event: KVEvent) -> None:
+        self._pending_events.append(event)
+        if self._on_kv_event is not None:
+            self._on_kv_event(event)
+
+    def _preempt(self, r: _Req) -> None:
+        self.kv.free(r.request_id)
+        r.num_computed = 0
+        r.num_preemptions += 1
+        self._preemptions += 1
+        self._waiting.appendleft(r)
