@@ -35,7 +35,22 @@ _BYTES_PER_TOKEN = 4
 _NEEDS_BYTESWAP = sys.byteorder != "little"
 
 
-def token_bytes(token_ids: Sequence[int] | np.ndarray, start: int = 0, stop: int | None = None) -> bytes:
+def normalize_tokens(token_ids: Sequence[int] | np.ndarray) -> Sequence[int] | np.ndarray:
+    """`token_ids` as a list, tuple or ndarray; array-likes (`__array__`) become an ndarray.
+
+    Protobuf repeated `uint32` fields (`request.prompt_token_ids`) implement `__array__`, so
+    they convert in microseconds instead of being iterated element by element.
+    """
+    if isinstance(token_ids, (list, tuple, np.ndarray)):
+        return token_ids
+    if hasattr(token_ids, "__array__"):
+        return np.asarray(token_ids)
+    return list(token_ids)
+
+
+def token_bytes(
+    token_ids: Sequence[int] | np.ndarray, start: int = 0, stop: int | None = None
+) -> bytes:
     """Tokens `token_ids[start:stop]` as little-endian uint32 bytes.
 
     Args:
@@ -71,7 +86,9 @@ def token_bytes(token_ids: Sequence[int] | np.ndarray, start: int = 0, stop: int
     return buf.tobytes()
 
 
-def chain_keys(data: bytes, block_size: int, num_blocks: int, parent_key: int = ROOT_KEY) -> list[int]:
+def chain_keys(
+    data: bytes, block_size: int, num_blocks: int, parent_key: int = ROOT_KEY
+) -> list[int]:
     """Chained keys of the first `num_blocks` blocks of already-encoded tokens.
 
     Args:
@@ -122,5 +139,5 @@ def compute_block_keys(
     num_blocks = len(token_ids) // block_size
     if num_blocks == 0:
         return []
-    data = token_bytes(token_ids, 0, num_blocks * block_size)
+    data = token_bytes(normalize_tokens(token_ids), 0, num_blocks * block_size)
     return chain_keys(data, block_size, num_blocks, parent_key)

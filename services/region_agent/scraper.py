@@ -1,0 +1,208 @@
+"""Scraping an engine's `/metrics`, `/health` and static info (`/slomesh/info`, `/v1/models`).
+
+Metric names follow vLLM V1 (`vllm/v1/metrics/loggers.py`). Counters are matched with or without
+their `_total` suffix, and the V0 names (`vllm:gpu_cache_usage_perc`,
+`vllm:gpu_prefix_cache_queries`, ...) are accepted too. Samples of one metric with several label
+sets (model names, DP engines) are summed; the KV cache usage takes the maximum.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+logger = logging.getLogger(__name__)
+
+_RUNNING = ("vllm:num_requests_running",)
+_WAITING = ("vllm:num_requests_waiting",)
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+_PREFIX_QUERIES = ("vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries")
+_PREFIX_HITS = ("vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits")
+_CACHE_CONFIG = ("vllm:cache_config_info", "vllm:cache_config")
+
+
+class MetricsParseError(ValueError):
+    """The `/metrics` body is not Prometheus text exposition format."""
+
+
+@dataclass
+class ScrapedMetrics:
+    """vLLM metrics of one instance at one scrape.
+
+    Attributes:
+        num_requests_running: requests in the engine's running batch.
+        num_requests_waiting: requests queued in the engine.
+        kv_cache_usage: fraction of KV blocks in use, [0, 1].
+        prefix_cache_queries_total: prompt tokens looked up in the prefix cache (counter).
+        prefix_cache_hits_total: of those, tokens found (counter).
+        block_size: tokens per KV block from `vllm:cache_config_info`, None if absent.
+        num_gpu_blocks: KV blocks of the engine from `vllm:cache_config_info`, None if absent.
+    """
+
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries_total: int = 0
+    prefix_cache_hits_total: int = 0
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+
+
+def _base_name(sample_name: str) -> str:
+    for suffix in ("_total", "_created"):
+        if sample_name.endswith(suffix):
+            return sample_name[: -len(suffix)]
+    return sample_name
+
+
+def _int_label(labels: dict[str, str], name: str) -> int | None:
+    value = labels.get(name)
+    if value is None or value in ("", "None"):
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        return None
+
+
+def parse_vllm_metrics(text: str) -> ScrapedMetrics:
+    """Parses a vLLM `/metrics` body.
+
+    Args:
+        text: Prometheus text exposition format.
+
+    Returns:
+        The metrics the agent uses; absent metrics keep their defaults (0 / None).
+
+    Raises:
+        MetricsParseError: the text cannot be parsed.
+    """
+    out = ScrapedMetrics()
+    running = waiting = queries = hits = 0.0
+    usage: float | None = None
+    try:
+        families = list(text_string_to_metric_families(text))
+    except (ValueError, TypeError) as exc:
+        raise MetricsParseError(f"invalid Prometheus exposition text: {exc}") from None
+    for family in families:
+        for sample in family.samples:
+            name = sample.name
+            if name.endswith("_created"):
+                continue
+            base = _base_name(name)
+            if name in _CACHE_CONFIG or base in _CACHE_CONFIG:
+                block_size = _int_label(sample.labels, "block_size")
+                num_blocks = _int_label(sample.labels, "num_gpu_blocks")
+                if block_size:
+                    out.block_size = block_size
+                if num_blocks:
+                    out.num_gpu_blocks = num_blocks
+            elif name in _RUNNING:
+                running += sample.value
+            elif name in _WAITING:
+                waiting += sample.value
+            elif name in _KV_USAGE:
+                usage = sample.value if usage is None else max(usage, sample.value)
+            elif base in _PREFIX_QUERIES:
+                queries += sample.value
+            elif base in _PREFIX_HITS:
+                hits += sample.value
+    out.num_requests_running = int(running)
+    out.num_requests_waiting = int(waiting)
+    out.kv_cache_usage = min(max(usage or 0.0, 0.0), 1.0)
+    out.prefix_cache_queries_total = int(queries)
+    out.prefix_cache_hits_total = int(hits)
+    return out
+
+
+@dataclass
+class EngineInfo:
+    """Static facts about an engine instance.
+
+    Attributes:
+        model: served model name, as clients must send it ("" if unknown).
+        max_model_len: context limit in tokens (0 if unknown).
+        gpu_type: GPU type of its profile (from `/slomesh/info`; None from real vLLM).
+        block_size: tokens per KV block, None if unknown.
+        num_gpu_blocks: KV blocks, None if unknown.
+    """
+
+    model: str = ""
+    max_model_len: int = 0
+    gpu_type: str | None = None
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+
+
+async def fetch_engine_info(
+    session: aiohttp.ClientSession, base_url: str, timeout_s: float = 2.0
+) -> EngineInfo:
+    """Reads an engine's static info: `GET /slomesh/info` (emulator), else `GET /v1/models`.
+
+    Args:
+        session: HTTP session.
+        base_url: engine base URL.
+        timeout_s: per-request timeout, seconds.
+
+    Returns:
+        What the engine reports.
+
+    Raises:
+        aiohttp.ClientError, asyncio.TimeoutError: the engine is unreachable or answers with an
+            error on `/v1/models`.
+    """
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with session.get(f"{base_url}/slomesh/info", timeout=timeout) as resp:
+        if resp.status == 200:
+            data = await resp.json(content_type=None)
+            return EngineInfo(
+                model=str(data.get("served_model_name") or data.get("model") or ""),
+                max_model_len=int(data.get("max_model_len") or 0),
+                gpu_type=data.get("gpu_type") or None,
+                block_size=int(data["block_size"]) if data.get("block_size") else None,
+                num_gpu_blocks=int(data["num_gpu_blocks"]) if data.get("num_gpu_blocks") else None,
+            )
+    async with session.get(f"{base_url}/v1/models", timeout=timeout) as resp:
+        resp.raise_for_status()
+        data = await resp.json(content_type=None)
+    models = data.get("data") or []
+    if not models:
+        return EngineInfo()
+    card = models[0]
+    return EngineInfo(
+        model=str(card.get("id") or ""), max_model_len=int(card.get("max_model_len") or 0)
+    )
+
+
+async def scrape_metrics(
+    session: aiohttp.ClientSession, base_url: str, timeout_s: float = 1.0
+) -> ScrapedMetrics:
+    """`GET /metrics` and parse it.
+
+    Raises:
+        aiohttp.ClientError, asyncio.TimeoutError: transport or HTTP error.
+        MetricsParseError: unparsable body.
+    """
+    async with session.get(
+        f"{base_url}/metrics", timeout=aiohttp.ClientTimeout(total=timeout_s)
+    ) as resp:
+        resp.raise_for_status()
+        text = await resp.text()
+    return parse_vllm_metrics(text)
+
+
+async def probe_health(
+    session: aiohttp.ClientSession, base_url: str, timeout_s: float = 1.0
+) -> bool:
+    """`GET /health`: True on HTTP 200, False on any other status or error."""
+    try:
+        async with session.get(
+            f"{base_url}/health", timeout=aiohttp.ClientTimeout(total=timeout_s)
+        ) as resp:
+            await resp.read()
+            return resp.status == 200
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        return False

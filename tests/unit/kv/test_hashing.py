@@ -1,0 +1,93 @@
+"""Tests of slomesh.kv.hashing: request-side chained block keys."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xxhash
+
+from slomesh.kv.hashing import ROOT_KEY, compute_block_keys, token_bytes
+from slomesh.v1 import region_agent_pb2
+
+
+def test_keys_are_deterministic_and_64_bit():
+    tokens = list(range(100, 164))
+    a = compute_block_keys(tokens, 16)
+    b = compute_block_keys(list(tokens), 16)
+    assert a == b
+    assert len(a) == 4
+    assert all(0 <= k < 2**64 for k in a)
+    assert len(set(a)) == 4
+
+
+def test_first_key_is_xxh3_of_root_and_little_endian_tokens():
+    tokens = [1, 2, 3, 258]
+    expected = xxhash.xxh3_64_intdigest(
+        ROOT_KEY.to_bytes(8, "little") + b"".join(t.to_bytes(4, "little") for t in tokens)
+    )
+    assert compute_block_keys(tokens, 4) == [expected]
+
+
+def test_partial_last_block_is_excluded():
+    tokens = list(range(40))
+    keys = compute_block_keys(tokens, 16)
+    assert len(keys) == 2
+    assert keys == compute_block_keys(tokens[:32], 16)
+    assert compute_block_keys(tokens[:15], 16) == []
+    assert compute_block_keys([], 16) == []
+
+
+def test_chaining_makes_a_key_depend_on_the_whole_prefix():
+    a = [7] * 16 + [9] * 16
+    b = [8] * 16 + [9] * 16
+    ka, kb = compute_block_keys(a, 16), compute_block_keys(b, 16)
+    assert ka[0] != kb[0]
+    # Same tokens in block 1, different prefix -> different key.
+    assert ka[1] != kb[1]
+
+
+def test_continuing_from_a_parent_key_equals_hashing_the_whole_sequence():
+    tokens = list(range(1000, 1064))
+    whole = compute_block_keys(tokens, 16)
+    head = compute_block_keys(tokens[:32], 16)
+    tail = compute_block_keys(tokens[32:], 16, parent_key=head[-1])
+    assert head + tail == whole
+
+
+def test_shared_prefix_shares_leading_keys_only():
+    base = list(range(64))
+    other = base[:40] + [5] * 24
+    ka, kb = compute_block_keys(base, 16), compute_block_keys(other, 16)
+    assert ka[:2] == kb[:2]
+    assert ka[2] != kb[2]
+
+
+def test_block_size_changes_keys():
+    tokens = list(range(64))
+    assert compute_block_keys(tokens, 16)[1] != compute_block_keys(tokens, 32)[0]
+
+
+def test_accepts_numpy_and_protobuf_repeated_fields():
+    tokens = list(range(5, 69))
+    req = region_agent_pb2.AgentGenerateRequest(prompt_token_ids=tokens)
+    expected = compute_block_keys(tokens, 16)
+    assert compute_block_keys(np.array(tokens, dtype=np.int64), 16) == expected
+    assert compute_block_keys(np.array(tokens, dtype=np.uint32), 16) == expected
+    assert compute_block_keys(req.prompt_token_ids, 16) == expected
+    assert compute_block_keys(tuple(tokens), 16) == expected
+
+
+def test_invalid_inputs_raise_value_error():
+    with pytest.raises(ValueError, match="block_size"):
+        compute_block_keys([1, 2], 0)
+    with pytest.raises(ValueError, match="token"):
+        compute_block_keys([-1] * 16, 16)
+    with pytest.raises(ValueError, match="token"):
+        compute_block_keys([2**32] * 16, 16)
+    with pytest.raises(ValueError, match="token"):
+        compute_block_keys(np.array([-3] * 16), 16)
+
+
+def test_token_bytes_slices():
+    assert token_bytes([1, 2, 3], 1, 3) == (2).to_bytes(4, "little") + (3).to_bytes(4, "little")
+    assert token_bytes(np.array([1, 2, 3]), 1) == token_bytes([2, 3])
