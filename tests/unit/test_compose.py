@@ -105,6 +105,22 @@ def test_emulator_commands_parse(topology: Topology, compose: dict) -> None:
             assert args.port == 8000
 
 
+def test_agent_and_scheduler_commands_parse(topology: Topology, compose: dict) -> None:
+    from services.global_scheduler.__main__ import build_parser as scheduler_parser
+    from services.region_agent.__main__ import build_parser as agent_parser
+
+    for region in topology.regions:
+        cmd = compose["services"][f"agent-{region.name}"]["command"]
+        args = agent_parser().parse_args(cmd[2:])
+        assert args.region == region.name
+        assert args.host == "0.0.0.0"
+        assert [i.instance_id for i in args.instance] == [i.id for i in region.instances]
+        assert {p.region for p in args.peer} == set(topology.region_names) - {region.name}
+    args = scheduler_parser().parse_args(compose["services"]["scheduler"]["command"][2:])
+    assert (args.host, args.port) == ("0.0.0.0", 50050)
+    assert args.topology == "/app/configs/topology.default.yaml"
+
+
 def test_relay_for_every_ordered_pair_with_half_rtt(topology: Topology, compose: dict) -> None:
     cmd = compose["services"]["wan-relay"]["command"]
     assert cmd[:2] == ["slomesh", "wan-relay"]

@@ -118,6 +118,18 @@ def test_cross_region_bytes_and_cost() -> None:
     assert report["cost_per_mtok_usd"] == pytest.approx((0.005 + egress) / 2200 * 1e6)
 
 
+def test_prefix_hit_rate_over_completed() -> None:
+    a = ok("a", 100, prompt=1000)
+    a.cached_prompt_tokens = 600
+    b = ok("b", 100, prompt=1000)
+    gone = failed("c")
+    gone.cached_prompt_tokens = 50  # not counted: the request did not complete
+    report = build_report([a, b, gone], trace="t", policy="p", duration_s=1,
+                          slo_classes=CLASSES)
+    assert report["cached_prompt_tokens"] == 600
+    assert report["prefix_hit_rate"] == pytest.approx(0.3)
+
+
 def test_gpu_seconds_cost_when_no_prediction() -> None:
     r = ok("a", 100, cost=None)
     r.gpu_seconds, r.price_usd_per_hour = 36.0, 2.0
