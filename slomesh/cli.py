@@ -8,7 +8,7 @@ Subcommands::
     slomesh demo --trace PATH --limit N --report-json PATH [--spans-out PATH] [--topology FILE]
     slomesh compose [--topology FILE] [--out-dir DIR]     # regenerate docker-compose.yml
     slomesh health (--grpc HOST:PORT | --http URL | --tcp HOST:PORT)   # for healthchecks
-    slomesh emulator|agent|scheduler|wan-relay|bench-place ARGS...     # run one service
+    slomesh emulator|agent|scheduler|wan-relay|kv-transfer|bench-place ARGS...
 
 Imports are lazy so that ``slomesh --help`` stays fast.
 """
@@ -24,6 +24,7 @@ PASS_THROUGH: dict[str, tuple[str, str, str]] = {
     "agent": ("services.region_agent.__main__", "main", "run a region agent"),
     "scheduler": ("services.global_scheduler.__main__", "main", "run the global scheduler"),
     "wan-relay": ("slomesh.wan_relay", "main", "run WAN relays (delay, bandwidth)"),
+    "kv-transfer": ("services.kv_transfer.__main__", "main", "run a region's KV transfer service"),
     "bench-place": ("slomesh.benchmarks.place_latency", "main", "benchmark Place latency"),
 }
 

@@ -132,9 +132,7 @@ class SloClass(BaseModel):
         """E2E target in milliseconds, ``math.inf`` when the class has none."""
         return math.inf if self.e2e_ms is None else self.e2e_ms
 
-    def attained(
-        self, ttft_ms: float, tpot_ms: float, e2e_ms: float, prompt_tokens: int
-    ) -> bool:
+    def attained(self, ttft_ms: float, tpot_ms: float, e2e_ms: float, prompt_tokens: int) -> bool:
         """Whether one finished request met this class's SLO.
 
         Every target the class sets must be met: TTFT <= the TTFT target for the prompt length,
@@ -284,7 +282,7 @@ def load_slo_config(path: str | Path | None = None) -> SloConfig:
             raise SloConfigError(f"SLO config {path}: top level must be a mapping")
         unknown = set(loaded) - {"default_class", "classes", "replace_defaults"}
         if unknown:
-            raise SloConfigError(f"{sorted(unknown)[0]}: unknown key in SLO config {path}")
+            raise SloConfigError(f"{min(unknown)}: unknown key in SLO config {path}")
         raw = loaded
 
     file_classes = raw.get("classes") or {}

@@ -1,0 +1,929 @@
+"""The global scheduler service: gRPC `GlobalScheduler` wired to NATS, Redis and the core policy.
+
+- `GlobalSchedulerServicer` implements the RPCs:
+
+  * ``Generate`` (server streaming): validate -> place -> yield ``placement`` -> forward to
+    the chosen region's agent (`RegionAgent.Generate`, with ``instance_id``, the trace context
+    in ``traceparent``, the send time in ``slomesh-sent-unix-ns`` and the caller's deadline)
+    -> relay ``tokens`` -> yield ``completion`` with timings measured here (from the receipt
+    of the call to the arrival of the first / last token) -> ledger. If the serving region
+    fails before the first token, the request is placed once more with that region excluded
+    and a second ``placement`` precedes the tokens (clients should use the last placement).
+  * ``Place`` (unary): the same decision; the placement carries the agent address as
+    reachable from the request's origin (``--routes-json``) and is recorded in the ledger.
+  * ``ReportOutcome``: the client's measured timings of a placed request, for the ledger.
+
+  Errors: INVALID_ARGUMENT (the message starts with the field), RESOURCE_EXHAUSTED with
+  trailing metadata ``retry-after-ms`` (no placement meets the SLO), UNAVAILABLE (no routable
+  region, or the serving region failed before the first token and no other could take it).
+  A client cancelling ``Generate`` cancels the upstream call.
+
+- `SchedulerService` owns the lifecycle: NATS subscriptions (``slomesh.region.*.state``,
+  ``.kv``, ``.rtt``; KV snapshots by request/reply), the Redis ledger, the gRPC server with
+  health checking and reflection, Prometheus metrics, and graceful shutdown (NOT_SERVING,
+  grace period, NATS drain, ledger flush).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import nats.errors
+from google.protobuf.message import DecodeError
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from services.global_scheduler.ledger import Ledger
+from services.global_scheduler.metrics import SchedulerMetrics
+from services.global_scheduler.routes import Routes
+from slomesh import bus
+from slomesh.scheduler.policy import PlacementDecision, Policy, make_policy
+from slomesh.scheduler.validation import (
+    REQUEST_ID_PATTERN,
+    RequestValidationError,
+    ValidatedRequest,
+    validate_request,
+)
+from slomesh.scheduler.view import ClusterView
+from slomesh.service import GrpcServerHandle, start_grpc_server, start_metrics_server
+from slomesh.slo import SloClass, SloConfig, load_slo_config
+from slomesh.telemetry import get_tracer, grpc_metadata_extract, grpc_metadata_inject
+from slomesh.topology import Topology
+from slomesh.v1 import (
+    common_pb2,
+    region_agent_pb2,
+    region_agent_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    state_pb2,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SENT_UNIX_NS_METADATA",
+    "SERVICE_NAME",
+    "GlobalSchedulerServicer",
+    "SchedulerConfig",
+    "SchedulerService",
+]
+
+SERVICE_NAME = "slomesh.v1.GlobalScheduler"
+#: gRPC metadata key carrying the sender's wall clock (Unix ns) at send time.
+SENT_UNIX_NS_METADATA = "slomesh-sent-unix-ns"
+#: Trailing metadata key of a refusal's retry hint (milliseconds, integer).
+RETRY_AFTER_METADATA = "retry-after-ms"
+
+#: Service config of channels to region agents: unary calls retry on UNAVAILABLE.
+AGENT_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": "slomesh.v1.RegionAgent", "method": "Ping"},
+                    {"service": "slomesh.v1.RegionAgent", "method": "GetState"},
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+#: Shortest time a request placed with Place counts as running on its instance, seconds.
+PLACE_INFLIGHT_MIN_S = 10.0
+
+#: Upstream errors after which Generate may retry on another region (before the first token).
+_RETRIABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.ABORTED,
+    }
+)
+#: Upstream errors passed to the client with their own code.
+_PASS_THROUGH = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+
+
+@dataclass
+class SchedulerConfig:
+    """Configuration of one scheduler replica.
+
+    Attributes:
+        nats_url: NATS server(s), ``nats://host:port`` (comma-separated for a cluster).
+        redis_url: Redis for the ledger, ``redis://host:port/db``.
+        topology: The mesh topology (RTT seeds, prices, the model).
+        policy: Built-in policy name or YAML profile path.
+        slo_config_path: SLO classes YAML (None = built-in defaults).
+        region: This replica's own region (default origin of requests that name none).
+        routes: Agent addresses as reached from each origin.
+        staleness_ms: A region whose state is older than this is not routable.
+        host: Address the gRPC server binds.
+        port: gRPC port (0 = pick a free one).
+        metrics_port: Prometheus port (None = no metrics server, 0 = pick a free one).
+        ledger_ttl_s: Expiry of ledger request hashes, seconds.
+        ledger_retry_max_s: Largest backoff of ledger writes while Redis is down, seconds.
+        ledger_max_backlog: Ledger operations kept while Redis is down.
+        grace_s: Grace period for in-flight calls on shutdown, seconds.
+        flush_timeout_s: How long shutdown waits for the ledger to flush, seconds.
+        snapshot_timeout_s: Timeout of a KV snapshot request, seconds.
+        nats_connect_timeout_s: How long start-up keeps trying to reach NATS, seconds.
+        forward_retry: Retry Generate once on another region when the serving region fails
+            before the first token.
+        registry: Prometheus registry for the metrics (default: the process-wide one).
+    """
+
+    nats_url: str
+    redis_url: str
+    topology: Topology
+    policy: str = "slomesh"
+    slo_config_path: str | None = None
+    region: str | None = None
+    routes: Routes = field(default_factory=Routes)
+    staleness_ms: float = 1000.0
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = None
+    ledger_ttl_s: int = 7 * 24 * 3600
+    ledger_retry_max_s: float = 5.0
+    ledger_max_backlog: int = 200_000
+    grace_s: float = 5.0
+    flush_timeout_s: float = 5.0
+    snapshot_timeout_s: float = 2.0
+    nats_connect_timeout_s: float = 30.0
+    forward_retry: bool = True
+    registry: CollectorRegistry = REGISTRY
+
+
+class _RpcFailure(Exception):
+    """Ends an RPC with a status code (raised inside handlers, turned into `context.abort`)."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        trailing: tuple[tuple[str, str], ...] = (),
+    ):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.trailing = trailing
+
+
+@dataclass(slots=True)
+class _PlacedRequest:
+    """What the scheduler remembers of a Place'd request until its outcome is reported."""
+
+    slo: SloClass
+    prompt_tokens: int
+    region: str
+    instance_id: str
+    predicted_ttft_ms: float
+
+
+@dataclass(slots=True)
+class _StreamProgress:
+    first_token_unix_ns: int | None = None
+    last_token_unix_ns: int | None = None
+    tokens: int = 0
+
+
+class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
+    """The `GlobalScheduler` RPCs (see the module docstring).
+
+    Args:
+        view: The cluster view (fed by NATS).
+        policy: The placement policy.
+        slo: SLO classes and the default class.
+        ledger: The Redis ledger.
+        metrics: Prometheus metrics.
+        routes: Agent addresses per origin.
+        region: This replica's region (default origin), or None.
+        forward_retry: Retry once on another region before the first token.
+        max_remembered: Place'd requests remembered for ReportOutcome (oldest forgotten).
+    """
+
+    def __init__(
+        self,
+        *,
+        view: ClusterView,
+        policy: Policy,
+        slo: SloConfig,
+        ledger: Ledger,
+        metrics: SchedulerMetrics,
+        routes: Routes,
+        region: str | None = None,
+        forward_retry: bool = True,
+        max_remembered: int = 100_000,
+    ):
+        self.view = view
+        self.policy = policy
+        self.slo = slo
+        self.ledger = ledger
+        self.metrics = metrics
+        self.routes = routes
+        self.region = region
+        self.forward_retry = forward_retry
+        self.max_remembered = max_remembered
+        self.tracer = get_tracer("slomesh.scheduler")
+        self._channels: dict[
+            str, tuple[grpc.aio.Channel, region_agent_pb2_grpc.RegionAgentStub]
+        ] = {}
+        self._placed: OrderedDict[str, _PlacedRequest] = OrderedDict()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def validate(self, request: scheduler_pb2.GenerateRequest) -> ValidatedRequest:
+        """Validates a request against the models, SLO classes and regions the mesh knows.
+
+        Raises:
+            RequestValidationError: (INVALID_ARGUMENT) naming the field.
+        """
+        return validate_request(
+            request,
+            models=self.view.known_models(),
+            slo_classes=self.slo.classes,
+            default_slo_class=self.slo.default_class,
+            regions=self.view.known_region_names(),
+            default_origin_region=self.region,
+        )
+
+    def agent_stub(self, endpoint: str) -> region_agent_pb2_grpc.RegionAgentStub:
+        """A cached stub of the region agent at `endpoint` (one channel per address)."""
+        entry = self._channels.get(endpoint)
+        if entry is None:
+            channel = grpc.aio.insecure_channel(
+                endpoint,
+                options=[
+                    ("grpc.enable_retries", 1),
+                    ("grpc.service_config", AGENT_SERVICE_CONFIG),
+                    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ],
+            )
+            entry = (channel, region_agent_pb2_grpc.RegionAgentStub(channel))
+            self._channels[endpoint] = entry
+        return entry[1]
+
+    async def close_channels(self) -> None:
+        """Closes every cached agent channel."""
+        channels, self._channels = self._channels, {}
+        for channel, _ in channels.values():
+            with contextlib.suppress(Exception):
+                await channel.close()
+
+    def _place(
+        self, request: ValidatedRequest, exclude_regions: frozenset[str] = frozenset()
+    ) -> tuple[PlacementDecision, str]:
+        """Runs the policy inside a ``scheduler.place`` span; records a chosen placement."""
+        with self.tracer.start_as_current_span("scheduler.place") as span:
+            t0 = time.perf_counter()
+            decision = self.policy.place(request, self.view, exclude_regions=exclude_regions)
+            chosen = decision.chosen
+            endpoint = ""
+            if chosen is not None and chosen.prediction is not None:
+                endpoint = self.routes.resolve(
+                    request.origin_region, chosen.region, chosen.instance.agent_endpoint
+                )
+                self.view.record_placement(
+                    chosen.region,
+                    chosen.instance_id,
+                    request.request_id,
+                    prefill_tokens=chosen.prediction.uncached_prompt_tokens,
+                    decode_tokens=chosen.prediction.output_tokens,
+                    placed_unix_ns=decision.decided_unix_ns,
+                    one_way_ms=chosen.prediction.rtt_ms / 2.0,
+                )
+            self.ledger.record_decision(decision, endpoint)
+            self.metrics.place_latency.labels(decision.policy).observe(time.perf_counter() - t0)
+            self.metrics.placements.labels(
+                decision.policy, decision.outcome, chosen.region if chosen else ""
+            ).inc()
+            if span.is_recording():
+                span.set_attribute("slomesh.request_id", request.request_id)
+                span.set_attribute("slomesh.policy", decision.policy)
+                span.set_attribute("slomesh.outcome", decision.outcome)
+                span.set_attribute("slomesh.origin_region", request.origin_region)
+                span.set_attribute("slomesh.slo_class", request.slo_class)
+                span.set_attribute("slomesh.prompt_tokens", request.prompt_tokens)
+                span.set_attribute("slomesh.candidates", len(decision.candidates))
+                span.set_attribute("slomesh.decision_ms", decision.decision_ms)
+                if chosen is not None and chosen.prediction is not None:
+                    p = chosen.prediction
+                    span.set_attribute("slomesh.region", chosen.region)
+                    span.set_attribute("slomesh.instance_id", chosen.instance_id)
+                    span.set_attribute("slomesh.slo_feasible", chosen.feasible)
+                    span.set_attribute("slomesh.predicted_ttft_ms", p.ttft_ms)
+                    span.set_attribute("slomesh.predicted_tpot_ms", p.tpot_ms)
+                    span.set_attribute("slomesh.predicted_e2e_ms", p.e2e_ms)
+                    span.set_attribute("slomesh.cached_prefix_tokens", p.cached_prefix_tokens)
+                if decision.retry_after_ms is not None:
+                    span.set_attribute("slomesh.retry_after_ms", decision.retry_after_ms)
+                for cand in decision.candidates:
+                    span.add_event(
+                        "candidate",
+                        {k: v for k, v in cand.audit().items() if v is not None},
+                    )
+        return decision, endpoint
+
+    def _refusal(self, request: ValidatedRequest, decision: PlacementDecision) -> _RpcFailure:
+        if decision.outcome == "refused":
+            retry_ms = decision.retry_after_ms or 0.0
+            self.ledger.record_outcome(request.request_id, "refused", error=decision.reason)
+            return _RpcFailure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{decision.reason}; retry after {retry_ms:.0f} ms",
+                ((RETRY_AFTER_METADATA, str(math.ceil(retry_ms))),),
+            )
+        self.ledger.record_outcome(request.request_id, "unavailable", error=decision.reason)
+        return _RpcFailure(grpc.StatusCode.UNAVAILABLE, f"no routable region: {decision.reason}")
+
+    def _remember(self, request: ValidatedRequest, decision: PlacementDecision) -> None:
+        chosen = decision.chosen
+        if chosen is None or chosen.prediction is None:
+            return
+        p = chosen.prediction
+        self._placed[request.request_id] = _PlacedRequest(
+            request.slo, request.prompt_tokens, chosen.region, chosen.instance_id, p.ttft_ms
+        )
+        while len(self._placed) > self.max_remembered:
+            self._placed.popitem(last=False)
+        # The client runs it itself: protect its TPOT until it reports the outcome, or for
+        # twice its predicted E2E (at least PLACE_INFLIGHT_MIN_S) if it never does.
+        hold_s = max(PLACE_INFLIGHT_MIN_S, 2.0 * p.e2e_ms / 1000.0)
+        self.view.track_inflight(
+            chosen.region,
+            chosen.instance_id,
+            request.request_id,
+            request.slo.tpot_target_ms(),
+            expires_unix_ns=decision.decided_unix_ns + int(hold_s * 1e9),
+        )
+
+    def _finish_metrics(
+        self,
+        slo: SloClass,
+        prompt_tokens: int,
+        region: str,
+        predicted_ttft_ms: float,
+        timings: common_pb2.Timings,
+    ) -> bool:
+        attained = slo.attained(timings.ttft_ms, timings.tpot_ms, timings.e2e_ms, prompt_tokens)
+        self.metrics.slo_attained.labels(slo.name, "true" if attained else "false").inc()
+        self.metrics.ttft.labels(region).observe(timings.ttft_ms / 1000.0)
+        self.metrics.e2e.labels(region).observe(timings.e2e_ms / 1000.0)
+        self.metrics.ttft_error.labels(region).observe(timings.ttft_ms - predicted_ttft_ms)
+        return attained
+
+    # -- Generate ------------------------------------------------------------------------------
+
+    async def Generate(
+        self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.GenerateResponse]:
+        """Places the request, forwards it and streams placement, tokens and completion."""
+        received_ns = time.time_ns()
+        parent = grpc_metadata_extract(context.invocation_metadata())
+        code = grpc.StatusCode.OK
+        self.metrics.inflight.inc()
+        try:
+            with self.tracer.start_as_current_span(
+                "scheduler.generate", context=parent, kind=SpanKind.SERVER
+            ) as span:
+                try:
+                    async with contextlib.aclosing(
+                        self._generate(request, context, received_ns, span)
+                    ) as stream:
+                        async for response in stream:
+                            yield response
+                except _RpcFailure as failure:
+                    code = failure.code
+                    span.set_status(Status(StatusCode.ERROR, failure.message))
+                    span.set_attribute("rpc.grpc.status_code", failure.code.value[0])
+                    if failure.trailing:
+                        context.set_trailing_metadata(failure.trailing)
+                    await context.abort(failure.code, failure.message)
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels("Generate", code.name).inc()
+
+    async def _generate(
+        self,
+        request: scheduler_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        received_ns: int,
+        span: Any,
+    ) -> AsyncIterator[scheduler_pb2.GenerateResponse]:
+        try:
+            vreq = self.validate(request)
+        except RequestValidationError as err:
+            raise _RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+        span.set_attribute("slomesh.request_id", vreq.request_id)
+        self.ledger.record_admitted(vreq, received_ns, "generate")
+
+        excluded: set[str] = set()
+        attempts = 2 if self.forward_retry else 1
+        failure_note = ""
+        for attempt in range(attempts):
+            decision, endpoint = self._place(vreq, frozenset(excluded))
+            if decision.chosen is None:
+                failure = self._refusal(vreq, decision)
+                if failure_note and decision.outcome == "unavailable":
+                    failure.message = f"{failure_note}; {failure.message}"
+                raise failure
+            chosen = decision.chosen
+            yield scheduler_pb2.GenerateResponse(placement=decision.to_placement(endpoint))
+            progress = _StreamProgress()
+            try:
+                # aclosing: a client that goes away closes the upstream call at once.
+                async with contextlib.aclosing(
+                    self._forward(vreq, decision, endpoint, context, received_ns, progress)
+                ) as stream:
+                    async for response in stream:
+                        yield response
+                return
+            except grpc.aio.AioRpcError as err:
+                upstream = err.code()
+                detail = (
+                    f"serving region {chosen.region} ({endpoint}) failed: "
+                    f"{upstream.name}: {err.details()}"
+                )
+                if (
+                    progress.first_token_unix_ns is None
+                    and upstream in _RETRIABLE
+                    and attempt + 1 < attempts
+                ):
+                    logger.warning(
+                        "serving region failed before the first token; placing again",
+                        extra={
+                            "request_id": vreq.request_id,
+                            "region": chosen.region,
+                            "error": detail,
+                        },
+                    )
+                    self.metrics.forward_retries.inc()
+                    excluded.add(chosen.region)
+                    failure_note = detail
+                    continue
+                code = upstream if upstream in _PASS_THROUGH else grpc.StatusCode.UNAVAILABLE
+                self.ledger.record_outcome(vreq.request_id, "error", error=detail)
+                raise _RpcFailure(code, detail) from None
+            except _RpcFailure as failure:
+                self.ledger.record_outcome(vreq.request_id, "error", error=failure.message)
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                self.ledger.record_outcome(
+                    vreq.request_id, "cancelled", error="client cancelled the call"
+                )
+                raise
+
+    async def _forward(
+        self,
+        vreq: ValidatedRequest,
+        decision: PlacementDecision,
+        endpoint: str,
+        context: grpc.aio.ServicerContext,
+        received_ns: int,
+        progress: _StreamProgress,
+    ) -> AsyncIterator[scheduler_pb2.GenerateResponse]:
+        chosen = decision.chosen
+        assert chosen is not None and chosen.prediction is not None
+        if not endpoint:
+            raise _RpcFailure(
+                grpc.StatusCode.UNAVAILABLE, f"region {chosen.region} has no agent endpoint"
+            )
+        stub = self.agent_stub(endpoint)
+        agent_request = region_agent_pb2.AgentGenerateRequest(
+            request_id=vreq.request_id,
+            model=vreq.model,
+            prompt_token_ids=vreq.prompt_token_ids,
+            prompt_text=vreq.prompt_text,
+            max_tokens=vreq.max_tokens,
+            ignore_eos=vreq.ignore_eos,
+            instance_id=chosen.instance_id,
+            slo_class=vreq.slo_class,
+            origin_region=vreq.origin_region,
+        )
+        with self.tracer.start_as_current_span(
+            "scheduler.forward",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": "slomesh.v1.RegionAgent",
+                "rpc.method": "Generate",
+                "server.address": endpoint,
+                "slomesh.region": chosen.region,
+                "slomesh.instance_id": chosen.instance_id,
+                "slomesh.request_id": vreq.request_id,
+            },
+        ) as span:
+            timeout = context.time_remaining()
+            if timeout is not None and timeout <= 0:
+                raise _RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            metadata = (
+                *grpc_metadata_inject(),
+                (SENT_UNIX_NS_METADATA, str(time.time_ns())),
+            )
+            call = stub.Generate(agent_request, metadata=metadata, timeout=timeout)
+            self.view.track_inflight(
+                chosen.region, chosen.instance_id, vreq.request_id, vreq.slo.tpot_target_ms()
+            )
+            try:
+                async for message in call:
+                    kind = message.WhichOneof("event")
+                    if kind == "tokens":
+                        now = time.time_ns()
+                        if progress.first_token_unix_ns is None:
+                            progress.first_token_unix_ns = now
+                            span.add_event("first_token")
+                        progress.last_token_unix_ns = now
+                        progress.tokens += len(message.tokens.token_ids)
+                        yield scheduler_pb2.GenerateResponse(tokens=message.tokens)
+                    elif kind == "completion":
+                        completion = self._client_completion(
+                            message.completion,
+                            received_ns,
+                            progress,
+                            chosen.region,
+                            chosen.instance_id,
+                        )
+                        span.set_attribute("slomesh.ttft_ms", completion.timings.ttft_ms)
+                        span.set_attribute("slomesh.e2e_ms", completion.timings.e2e_ms)
+                        yield scheduler_pb2.GenerateResponse(completion=completion)
+                        attained = self._finish_metrics(
+                            vreq.slo,
+                            vreq.prompt_tokens,
+                            chosen.region,
+                            chosen.prediction.ttft_ms,
+                            completion.timings,
+                        )
+                        self.ledger.record_outcome(
+                            vreq.request_id, "ok", completion=completion, slo_attained=attained
+                        )
+                        return
+                    elif kind == "started":
+                        span.set_attribute(
+                            "slomesh.indexed_prefix_tokens", message.started.indexed_prefix_tokens
+                        )
+            finally:
+                self.view.untrack_inflight(chosen.region, chosen.instance_id, vreq.request_id)
+                if not call.done():
+                    call.cancel()
+        # The agent closed the stream without a completion.
+        raise _RpcFailure(
+            grpc.StatusCode.UNAVAILABLE,
+            f"serving region {chosen.region} ended the stream without a completion",
+        )
+
+    @staticmethod
+    def _client_completion(
+        upstream: common_pb2.Completion,
+        received_ns: int,
+        progress: _StreamProgress,
+        region: str,
+        instance_id: str,
+    ) -> common_pb2.Completion:
+        """The completion with timings as the client of this scheduler sees them."""
+        now = time.time_ns()
+        completion = common_pb2.Completion()
+        completion.CopyFrom(upstream)
+        if not completion.region:
+            completion.region = region
+        if not completion.instance_id:
+            completion.instance_id = instance_id
+        first = progress.first_token_unix_ns or now
+        last = progress.last_token_unix_ns or now
+        ttft_ms = (first - received_ns) / 1e6
+        e2e_ms = (last - received_ns) / 1e6
+        n = completion.usage.completion_tokens or progress.tokens
+        completion.timings.ttft_ms = ttft_ms
+        completion.timings.e2e_ms = e2e_ms
+        completion.timings.tpot_ms = (e2e_ms - ttft_ms) / (n - 1) if n > 1 else 0.0
+        return completion
+
+    # -- Place / ReportOutcome -----------------------------------------------------------------
+
+    async def Place(
+        self, request: scheduler_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.Placement:
+        """Decides where the request runs, for clients that forward it themselves."""
+        received_ns = time.time_ns()
+        parent = grpc_metadata_extract(context.invocation_metadata())
+        code = grpc.StatusCode.OK
+        try:
+            with self.tracer.start_as_current_span(
+                "scheduler.Place", context=parent, kind=SpanKind.SERVER
+            ) as span:
+                try:
+                    try:
+                        vreq = self.validate(request)
+                    except RequestValidationError as err:
+                        raise _RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+                    self.ledger.record_admitted(vreq, received_ns, "place")
+                    decision, endpoint = self._place(vreq)
+                    if decision.chosen is None:
+                        raise self._refusal(vreq, decision)
+                    self._remember(vreq, decision)
+                    return decision.to_placement(endpoint)
+                except _RpcFailure as failure:
+                    code = failure.code
+                    span.set_status(Status(StatusCode.ERROR, failure.message))
+                    if failure.trailing:
+                        context.set_trailing_metadata(failure.trailing)
+                    await context.abort(failure.code, failure.message)
+        finally:
+            self.metrics.requests.labels("Place", code.name).inc()
+
+    async def ReportOutcome(
+        self, request: scheduler_pb2.OutcomeReport, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.OutcomeAck:
+        """Records the outcome a client measured for a request it ran after `Place`.
+
+        Errors: INVALID_ARGUMENT for a malformed ``request_id`` or an ``outcome`` other than
+        ``ok``/``error`` (empty = ``ok``).
+        """
+        code = grpc.StatusCode.OK
+        try:
+            if not REQUEST_ID_PATTERN.match(request.request_id):
+                code = grpc.StatusCode.INVALID_ARGUMENT
+                await context.abort(code, f"request_id: must match {REQUEST_ID_PATTERN.pattern}")
+            outcome = request.outcome or "ok"
+            if outcome not in ("ok", "error"):
+                code = grpc.StatusCode.INVALID_ARGUMENT
+                await context.abort(code, f"outcome: must be 'ok' or 'error', got {outcome!r}")
+            placed = self._placed.pop(request.request_id, None)
+            if placed is not None:
+                self.view.untrack_inflight(placed.region, placed.instance_id, request.request_id)
+            attained: bool | None = None
+            has_completion = request.HasField("completion")
+            if placed is not None and has_completion and outcome == "ok":
+                attained = self._finish_metrics(
+                    placed.slo,
+                    placed.prompt_tokens,
+                    request.completion.region or placed.region,
+                    placed.predicted_ttft_ms,
+                    request.completion.timings,
+                )
+            self.ledger.record_outcome(
+                request.request_id,
+                outcome,
+                completion=request.completion if has_completion else None,
+                error=request.error,
+                slo_attained=attained,
+            )
+            return scheduler_pb2.OutcomeAck()
+        finally:
+            self.metrics.requests.labels("ReportOutcome", code.name).inc()
+
+
+class SchedulerService:
+    """One global scheduler replica: gRPC server, NATS state plane, Redis ledger, metrics.
+
+    Usage::
+
+        service = SchedulerService(SchedulerConfig(nats_url=..., redis_url=..., topology=...))
+        await service.start()        # service.port is the bound gRPC port
+        ...
+        await service.stop()
+
+    Raises (from `start`):
+        slomesh.slo.SloConfigError, slomesh.scheduler.policy.PolicyConfigError: bad config.
+        TimeoutError: NATS unreachable for `nats_connect_timeout_s`.
+    """
+
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.metrics = SchedulerMetrics.for_registry(config.registry)
+        self.slo = load_slo_config(config.slo_config_path)
+        self.policy = make_policy(config.policy)
+        if config.region is not None and config.region not in config.topology.region_names:
+            raise ValueError(
+                f"region: {config.region!r} is not in the topology "
+                f"({', '.join(config.topology.region_names)})"
+            )
+        self.view = ClusterView(
+            config.topology,
+            staleness_ms=config.staleness_ms,
+            request_snapshot=self._request_snapshot,
+            snapshot_retry_ms=max(2000.0, 2 * config.snapshot_timeout_s * 1000.0),
+        )
+        self.ledger = Ledger(
+            config.redis_url,
+            ttl_s=config.ledger_ttl_s,
+            retry_max_s=config.ledger_retry_max_s,
+            max_backlog=config.ledger_max_backlog,
+            metrics=self.metrics,
+        )
+        self.servicer = GlobalSchedulerServicer(
+            view=self.view,
+            policy=self.policy,
+            slo=self.slo,
+            ledger=self.ledger,
+            metrics=self.metrics,
+            routes=config.routes,
+            region=config.region,
+            forward_retry=config.forward_retry,
+        )
+        self.nc: NatsClient | None = None
+        self.grpc: GrpcServerHandle | None = None
+        self.metrics_port: int | None = None
+        self._subscriptions: list[Any] = []
+        self._snapshot_tasks: dict[str, asyncio.Task[None]] = {}
+        self._gauge_task: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound gRPC port (after `start`)."""
+        if self.grpc is None:
+            raise RuntimeError("scheduler not started")
+        return self.grpc.port
+
+    async def start(self) -> None:
+        """Connects NATS, starts the ledger writer, the gRPC server and the metrics server."""
+        self.ledger.start()
+        self.nc = await self._connect_nats()
+        self._subscriptions = [
+            await self.nc.subscribe(bus.ALL_STATES, cb=self._on_state),
+            await self.nc.subscribe(bus.ALL_KV, cb=self._on_kv),
+            await self.nc.subscribe(bus.ALL_RTT, cb=self._on_rtt),
+        ]
+        self.grpc = await start_grpc_server(
+            [(scheduler_pb2_grpc.add_GlobalSchedulerServicer_to_server, self.servicer)],
+            [SERVICE_NAME],
+            bind=f"{self.config.host}:{self.config.port}",
+        )
+        if self.config.metrics_port is not None:
+            self.metrics_port = start_metrics_server(
+                self.config.metrics_port, registry=self.config.registry
+            )
+        self._gauge_task = asyncio.get_running_loop().create_task(
+            self._update_gauges(), name="scheduler-gauges"
+        )
+        logger.info(
+            "global scheduler started",
+            extra={
+                "port": self.grpc.port,
+                "policy": self.policy.name,
+                "region": self.config.region,
+                "nats_url": self.config.nats_url,
+                "metrics_port": self.metrics_port,
+            },
+        )
+
+    async def stop(self) -> None:
+        """Graceful shutdown: NOT_SERVING, grace period, NATS drain, ledger flush."""
+        if self.grpc is not None:
+            await self.grpc.stop(self.config.grace_s)
+        if self._gauge_task is not None:
+            self._gauge_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauge_task
+            self._gauge_task = None
+        for task in list(self._snapshot_tasks.values()):
+            task.cancel()
+        for task in list(self._snapshot_tasks.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._snapshot_tasks.clear()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.drain(), timeout=5.0)
+            if not self.nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
+            self.nc = None
+        await self.servicer.close_channels()
+        await self.ledger.close(self.config.flush_timeout_s)
+        logger.info("global scheduler stopped")
+
+    # -- NATS ----------------------------------------------------------------------------------
+
+    async def _connect_nats(self) -> NatsClient:
+        deadline = time.monotonic() + self.config.nats_connect_timeout_s
+        delay = 0.1
+        while True:
+            try:
+                return await bus.connect_nats(self.config.nats_url, "slomesh-global-scheduler")
+            except (TimeoutError, nats.errors.NoServersError, OSError) as err:
+                if time.monotonic() + delay > deadline:
+                    raise TimeoutError(
+                        f"NATS at {self.config.nats_url} unreachable for "
+                        f"{self.config.nats_connect_timeout_s} s: {err}"
+                    ) from None
+                logger.warning(
+                    "NATS not reachable yet; retrying",
+                    extra={"nats_url": self.config.nats_url, "error": str(err)},
+                )
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    async def _on_state(self, msg: Msg) -> None:
+        try:
+            state = state_pb2.RegionState.FromString(msg.data)
+        except DecodeError:
+            self.metrics.state_messages.labels("invalid").inc()
+            return
+        if not state.region:
+            state.region = bus.region_of_subject(msg.subject)
+        self.view.apply_state(state)
+        self.metrics.state_messages.labels("state").inc()
+
+    async def _on_kv(self, msg: Msg) -> None:
+        try:
+            delta = state_pb2.KvIndexDelta.FromString(msg.data)
+        except DecodeError:
+            self.metrics.state_messages.labels("invalid").inc()
+            return
+        if not delta.region:
+            delta.region = bus.region_of_subject(msg.subject)
+        self.view.apply_kv_delta(delta)
+        self.metrics.state_messages.labels("kv").inc()
+
+    async def _on_rtt(self, msg: Msg) -> None:
+        try:
+            report = state_pb2.RttReport.FromString(msg.data)
+        except DecodeError:
+            self.metrics.state_messages.labels("invalid").inc()
+            return
+        if not report.region:
+            report.region = bus.region_of_subject(msg.subject)
+        self.view.apply_rtt(report)
+        self.metrics.state_messages.labels("rtt").inc()
+
+    def _request_snapshot(self, region: str) -> None:
+        """View callback: fetch a region's KV index snapshot in the background."""
+        if region in self._snapshot_tasks or self.nc is None:
+            return
+        self.metrics.kv_snapshots_requested.inc()
+        task = asyncio.get_running_loop().create_task(
+            self._fetch_snapshot(region), name=f"kv-snapshot-{region}"
+        )
+        self._snapshot_tasks[region] = task
+
+    async def _fetch_snapshot(self, region: str) -> None:
+        try:
+            assert self.nc is not None
+            reply = await self.nc.request(
+                bus.kv_snapshot_subject(region), b"", timeout=self.config.snapshot_timeout_s
+            )
+            snapshot = state_pb2.KvIndexSnapshot.FromString(reply.data)
+            if not snapshot.region:
+                snapshot.region = region
+            self.view.apply_kv_snapshot(snapshot)
+            self.metrics.state_messages.labels("kv_snapshot").inc()
+            logger.info(
+                "kv index snapshot applied",
+                extra={
+                    "region": region,
+                    "seq": snapshot.seq,
+                    "incarnation": snapshot.agent_incarnation,
+                    "instances": len(snapshot.instances),
+                },
+            )
+        except asyncio.CancelledError:
+            raise
+        except (TimeoutError, nats.errors.Error, DecodeError, OSError) as err:
+            logger.warning(
+                "kv index snapshot request failed",
+                extra={"region": region, "error": f"{type(err).__name__}: {err}"},
+            )
+            self.view.snapshot_failed(region)
+        finally:
+            self._snapshot_tasks.pop(region, None)
+
+    async def _update_gauges(self) -> None:
+        while True:
+            now = time.time_ns()
+            self.metrics.routable_regions.set(len(self.view.routable_regions(now)))
+            for region in self.view.regions():
+                self.metrics.region_state_age.labels(region).set(
+                    self.view.state_age_ms(region, now) / 1000.0
+                )
+            self.metrics.ledger_backlog.set(self.ledger.backlog)
+            await asyncio.sleep(0.5)

@@ -1,0 +1,628 @@
+"""The scheduler's view of the mesh, built from what region agents publish on NATS.
+
+`ClusterView` keeps, per region:
+
+- the latest `RegionState` and when it was received (a region whose state is older than
+  `staleness_ms` is not routable: DESIGN.md section 3);
+- the prefix-block index of its instances (`slomesh.kv.index.PrefixIndex`), fed by
+  `KvIndexDelta`s. Deltas carry a sequence number per agent incarnation; a gap, a new
+  incarnation, or the first sight of a region asks for a full `KvIndexSnapshot` through the
+  `request_snapshot` callback, which then replaces the region's keys;
+- the RTT matrix: seeded from the topology (`Topology.rtt_ms`, by region location) and
+  overwritten by the agents' `RttReport`s;
+- optimistic load accounting: a request the scheduler has just placed on an instance is added
+  to that instance's queued tokens until a `RegionState` that reflects it arrives, so that a
+  burst of placements does not all land on one instance;
+- the TPOT targets of the requests this scheduler has running on each instance
+  (`track_inflight`), so that a policy can refuse to slow their shared decode step past them.
+
+The view does no I/O and takes its clock as an argument, so the simulator can drive it on a
+virtual clock. It is not thread-safe; the scheduler uses it from one asyncio loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from slomesh.kv.index import PrefixIndex
+from slomesh.topology import Topology
+from slomesh.v1 import state_pb2
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ClusterView", "InstanceView", "PendingPlacement"]
+
+#: RTT assumed between regions that neither the topology nor any agent report knows, in ms
+#: (a conservative intercontinental round trip; see ../shared/data/regions/rtt_ms.csv).
+DEFAULT_UNKNOWN_RTT_MS = 300.0
+
+
+@dataclass(slots=True)
+class PendingPlacement:
+    """A request the scheduler placed on an instance, not yet visible in the agent's state.
+
+    Attributes:
+        request_id: The request.
+        prefill_tokens: Uncached prompt tokens it adds to the instance's prefill queue.
+        decode_tokens: Output tokens it adds to the instance's decode queue.
+        arrives_unix_ns: When the request reaches the agent (placement time plus the one-way
+            delay from its origin); a state stamped at or after this reflects it.
+    """
+
+    request_id: str
+    prefill_tokens: int
+    decode_tokens: int
+    arrives_unix_ns: int
+
+
+@dataclass(slots=True)
+class InstanceView:
+    """One instance as a placement candidate: its last reported state plus pending placements.
+
+    Token counts include the scheduler's own pending placements (see `PendingPlacement`).
+
+    Attributes:
+        region: Region name.
+        instance_id: Instance id (unique in the mesh).
+        agent_endpoint: gRPC address of the region's agent, as reachable inside its region.
+        gpu_type: GPU type of the instance ("H100", ..., "CPU").
+        model: Model the instance serves.
+        healthy: The agent's health verdict.
+        num_requests_running: Sequences in the running batch.
+        num_requests_waiting: Requests in the engine queue plus pending placements.
+        num_requests_outstanding: Requests forwarded and not finished, plus pending placements.
+        kv_cache_usage: Fraction of KV blocks in use, in [0, 1].
+        queued_prefill_tokens: Prompt tokens waiting for prefill, including pending placements.
+        queued_decode_tokens: Output tokens still to decode, including pending placements.
+        prefill_tokens_per_s: Measured prefill throughput, 0 = unknown.
+        decode_tokens_per_s: Measured decode throughput (all sequences), 0 = unknown.
+        block_size: Tokens per KV block (0 = unknown).
+        num_gpu_blocks: KV blocks of the instance (0 = unknown).
+        max_model_len: Context limit in tokens (0 = unknown).
+        price_usd_per_hour: Price the instance is billed at, USD per hour.
+        egress_usd_per_gb: Egress price of its region, USD per GB.
+        state_age_ms: Age of the region's state at the time of the query, in ms.
+        pending_placements: How many of the scheduler's placements are not yet in the state.
+        tightest_inflight_tpot_ms: The smallest TPOT target among requests this scheduler
+            has running on the instance (inf when none): adding a request must not push the
+            shared decode step past it.
+    """
+
+    region: str
+    instance_id: str
+    agent_endpoint: str
+    gpu_type: str
+    model: str
+    healthy: bool
+    num_requests_running: int
+    num_requests_waiting: int
+    num_requests_outstanding: int
+    kv_cache_usage: float
+    queued_prefill_tokens: int
+    queued_decode_tokens: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    block_size: int
+    num_gpu_blocks: int
+    max_model_len: int
+    price_usd_per_hour: float
+    egress_usd_per_gb: float
+    state_age_ms: float
+    pending_placements: int = 0
+    tightest_inflight_tpot_ms: float = math.inf
+
+
+@dataclass(slots=True)
+class _KvTrack:
+    """Sequence tracking of one region's KV index deltas."""
+
+    incarnation: str | None = None
+    seq: int | None = None
+    awaiting_snapshot: bool = False
+    requested_unix_ns: int = 0
+    buffered: list[state_pb2.KvIndexDelta] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Region:
+    state: state_pb2.RegionState
+    received_unix_ns: int
+    pending: dict[str, deque[PendingPlacement]] = field(default_factory=dict)
+
+
+class ClusterView:
+    """Latest state, prefix index and RTTs of every region (see the module docstring).
+
+    Args:
+        topology: The mesh topology: RTT seeds, prices and the model; may be ``None`` (then
+            RTTs come only from agent reports and prices only from states).
+        staleness_ms: A region whose last state was received longer ago than this is not
+            routable.
+        request_snapshot: Called with a region name when the view needs a full KV index
+            snapshot of that region (sequence gap, new agent incarnation, first sight). The
+            caller fetches it and passes it to `apply_kv_snapshot`, or calls `snapshot_failed`.
+            ``None``: no snapshots; out-of-sequence deltas are then applied as they come.
+        snapshot_retry_ms: A snapshot asked for and not received within this is asked again.
+        max_buffered_deltas: Deltas kept per region while a snapshot is awaited.
+        clock_ns: Wall (or virtual) clock in Unix nanoseconds.
+        unknown_rtt_ms: RTT assumed for region pairs nobody knows.
+    """
+
+    def __init__(
+        self,
+        topology: Topology | None = None,
+        *,
+        staleness_ms: float = 1000.0,
+        request_snapshot: Callable[[str], None] | None = None,
+        snapshot_retry_ms: float = 2000.0,
+        max_buffered_deltas: int = 1024,
+        clock_ns: Callable[[], int] = time.time_ns,
+        unknown_rtt_ms: float = DEFAULT_UNKNOWN_RTT_MS,
+    ):
+        if staleness_ms <= 0:
+            raise ValueError(f"staleness_ms: must be > 0, got {staleness_ms}")
+        self.topology = topology
+        self.staleness_ms = staleness_ms
+        self.request_snapshot = request_snapshot
+        self.snapshot_retry_ms = snapshot_retry_ms
+        self.max_buffered_deltas = max_buffered_deltas
+        self.clock_ns = clock_ns
+        self.unknown_rtt_ms = unknown_rtt_ms
+        self.prefix_index = PrefixIndex()
+        self._regions: dict[str, _Region] = {}
+        self._kv: dict[str, _KvTrack] = {}
+        self._index_instances: dict[str, set[str]] = {}
+        self._rtt_seed: dict[tuple[str, str], float] = {}
+        self._rtt_measured: dict[tuple[str, str], float] = {}
+        self._topology_prices: dict[str, float] = {}
+        # (region, instance) -> request id -> (TPOT target ms, expiry unix ns or None).
+        self._inflight: dict[tuple[str, str], dict[str, tuple[float, int | None]]] = {}
+        self.snapshots_requested = 0
+        self.deltas_applied = 0
+        if topology is not None:
+            names = topology.region_names
+            for src in names:
+                for dst in names:
+                    try:
+                        self._rtt_seed[(src, dst)] = topology.rtt_ms(src, dst)
+                    except KeyError:
+                        continue
+            for region in topology.regions:
+                for inst in region.instances:
+                    self._topology_prices[inst.id] = topology.instance_price_usd_per_hour(inst.id)
+
+    # -- region state --------------------------------------------------------------------
+
+    def apply_state(
+        self, state: state_pb2.RegionState, received_unix_ns: int | None = None
+    ) -> None:
+        """Records a region's state (the newest one wins; older or repeated ones are ignored).
+
+        Pending placements that the state reflects (those that reached the agent by the
+        state's timestamp) are dropped. A region seen for the first time, or a new agent
+        incarnation, asks for a KV snapshot.
+
+        Args:
+            state: The `RegionState` from `slomesh.region.<region>.state`.
+            received_unix_ns: When it was received; default now.
+        """
+        now = self.clock_ns() if received_unix_ns is None else received_unix_ns
+        region = state.region
+        entry = self._regions.get(region)
+        if entry is not None:
+            old = entry.state
+            if old.agent_incarnation == state.agent_incarnation and state.seq <= old.seq:
+                return
+            entry.state = state
+            entry.received_unix_ns = now
+        else:
+            entry = _Region(state=state, received_unix_ns=now)
+            self._regions[region] = entry
+        stamp = state.timestamp_unix_ns
+        for queue in entry.pending.values():
+            while queue and queue[0].arrives_unix_ns <= stamp:
+                queue.popleft()
+        track = self._kv.setdefault(region, _KvTrack())
+        if track.incarnation != state.agent_incarnation and not track.awaiting_snapshot:
+            self._ask_snapshot(region, track, now)
+        elif track.awaiting_snapshot:
+            self._maybe_retry_snapshot(region, track, now)
+
+    def regions(self) -> list[str]:
+        """Names of every region that has published a state."""
+        return list(self._regions)
+
+    def region_state(self, region: str) -> state_pb2.RegionState | None:
+        """The latest state of `region`, or ``None``."""
+        entry = self._regions.get(region)
+        return entry.state if entry is not None else None
+
+    def state_age_ms(self, region: str, now_unix_ns: int | None = None) -> float:
+        """Milliseconds since `region`'s last state was received (inf if never)."""
+        entry = self._regions.get(region)
+        if entry is None:
+            return float("inf")
+        now = self.clock_ns() if now_unix_ns is None else now_unix_ns
+        return (now - entry.received_unix_ns) / 1e6
+
+    def is_fresh(self, region: str, now_unix_ns: int | None = None) -> bool:
+        """Whether `region`'s state is within the staleness bound."""
+        return self.state_age_ms(region, now_unix_ns) <= self.staleness_ms
+
+    def routable_regions(self, now_unix_ns: int | None = None) -> list[str]:
+        """Regions with a fresh state and at least one healthy instance."""
+        now = self.clock_ns() if now_unix_ns is None else now_unix_ns
+        return [
+            name
+            for name, entry in self._regions.items()
+            if (now - entry.received_unix_ns) / 1e6 <= self.staleness_ms
+            and any(i.healthy for i in entry.state.instances)
+        ]
+
+    def known_region_names(self) -> set[str]:
+        """Regions of the topology plus every region that has published a state."""
+        names = set(self._regions)
+        if self.topology is not None:
+            names.update(self.topology.region_names)
+        return names
+
+    def known_models(self) -> dict[str, int]:
+        """Model name -> the largest max_model_len any instance (or the topology) reports.
+
+        Instances whose state has no max_model_len count with the topology's (or 0 if none).
+        """
+        models: dict[str, int] = {}
+        default_len = 0
+        if self.topology is not None:
+            default_len = self.topology.model.max_model_len
+            models[self.topology.model.name] = default_len
+        for entry in self._regions.values():
+            for inst in entry.state.instances:
+                if not inst.model:
+                    continue
+                limit = inst.max_model_len or default_len
+                if limit > models.get(inst.model, 0):
+                    models[inst.model] = limit
+        return models
+
+    def agent_endpoint(self, region: str) -> str:
+        """The agent address `region` reports (as reachable inside the region), or ""."""
+        entry = self._regions.get(region)
+        return entry.state.agent_endpoint if entry is not None else ""
+
+    def instances(
+        self, regions: Iterable[str] | None = None, now_unix_ns: int | None = None
+    ) -> list[InstanceView]:
+        """Every instance of the given regions (default all) with pending placements added.
+
+        Args:
+            regions: Regions to list; ``None`` = every region with a state (fresh or not).
+            now_unix_ns: Time of the query (for `state_age_ms`); default now.
+
+        Returns:
+            One `InstanceView` per instance, in region then state order.
+        """
+        now = self.clock_ns() if now_unix_ns is None else now_unix_ns
+        names = list(self._regions) if regions is None else list(regions)
+        out: list[InstanceView] = []
+        for name in names:
+            entry = self._regions.get(name)
+            if entry is None:
+                continue
+            state = entry.state
+            age_ms = (now - entry.received_unix_ns) / 1e6
+            for inst in state.instances:
+                pending = entry.pending.get(inst.instance_id)
+                n_pending = len(pending) if pending else 0
+                pre = dec = 0
+                if pending:
+                    for p in pending:
+                        pre += p.prefill_tokens
+                        dec += p.decode_tokens
+                price = inst.price_usd_per_hour or self._topology_prices.get(inst.instance_id, 0.0)
+                out.append(
+                    InstanceView(
+                        region=name,
+                        instance_id=inst.instance_id,
+                        agent_endpoint=state.agent_endpoint,
+                        gpu_type=inst.gpu_type,
+                        model=inst.model,
+                        healthy=inst.healthy,
+                        num_requests_running=inst.num_requests_running,
+                        num_requests_waiting=inst.num_requests_waiting + n_pending,
+                        num_requests_outstanding=inst.num_requests_outstanding + n_pending,
+                        kv_cache_usage=inst.kv_cache_usage,
+                        queued_prefill_tokens=inst.queued_prefill_tokens + pre,
+                        queued_decode_tokens=inst.queued_decode_tokens + dec,
+                        prefill_tokens_per_s=inst.prefill_tokens_per_s,
+                        decode_tokens_per_s=inst.decode_tokens_per_s,
+                        block_size=inst.block_size,
+                        num_gpu_blocks=inst.num_gpu_blocks,
+                        max_model_len=inst.max_model_len,
+                        price_usd_per_hour=price,
+                        egress_usd_per_gb=state.egress_usd_per_gb,
+                        state_age_ms=age_ms,
+                        pending_placements=n_pending,
+                        tightest_inflight_tpot_ms=self.tightest_inflight_tpot_ms(
+                            name, inst.instance_id, now
+                        ),
+                    )
+                )
+        return out
+
+    # -- optimistic accounting -----------------------------------------------------------
+
+    def record_placement(
+        self,
+        region: str,
+        instance_id: str,
+        request_id: str,
+        prefill_tokens: int,
+        decode_tokens: int,
+        placed_unix_ns: int | None = None,
+        one_way_ms: float = 0.0,
+    ) -> None:
+        """Adds a just-placed request to an instance's load until the agent's state shows it.
+
+        Args:
+            region: Region of the instance.
+            instance_id: The instance.
+            request_id: The request (for audit).
+            prefill_tokens: Uncached prompt tokens the request will prefill.
+            decode_tokens: Output tokens it is expected to decode.
+            placed_unix_ns: Placement time; default now.
+            one_way_ms: Delay from the scheduler to the agent (half the origin's RTT); a state
+                stamped before the request can have reached the agent does not reflect it.
+        """
+        entry = self._regions.get(region)
+        if entry is None:
+            return
+        placed = self.clock_ns() if placed_unix_ns is None else placed_unix_ns
+        arrives = placed + int(one_way_ms * 1e6)
+        queue = entry.pending.setdefault(instance_id, deque())
+        queue.append(PendingPlacement(request_id, prefill_tokens, decode_tokens, arrives))
+
+    def pending_placements(self, region: str, instance_id: str) -> list[PendingPlacement]:
+        """The pending placements of one instance, oldest first."""
+        entry = self._regions.get(region)
+        if entry is None:
+            return []
+        return list(entry.pending.get(instance_id, ()))
+
+    # -- requests in flight ----------------------------------------------------------------
+
+    def track_inflight(
+        self,
+        region: str,
+        instance_id: str,
+        request_id: str,
+        tpot_target_ms: float,
+        expires_unix_ns: int | None = None,
+    ) -> None:
+        """Records a request running on an instance with its TPOT target.
+
+        Every sequence of a decode batch waits for the same step, so a placement that slows
+        the step slows them all; `tightest_inflight_tpot_ms` lets policies protect them.
+
+        Args:
+            region: Region of the instance.
+            instance_id: The instance.
+            request_id: The request.
+            tpot_target_ms: Its TPOT target in ms (inf = none; then nothing is recorded).
+            expires_unix_ns: Forget it after this time (for requests whose end the scheduler
+                may never see, e.g. placed with `Place`); None = until `untrack_inflight`.
+        """
+        if math.isinf(tpot_target_ms):
+            return
+        self._inflight.setdefault((region, instance_id), {})[request_id] = (
+            tpot_target_ms,
+            expires_unix_ns,
+        )
+
+    def untrack_inflight(self, region: str, instance_id: str, request_id: str) -> None:
+        """Forgets a request recorded with `track_inflight` (no error if unknown)."""
+        requests = self._inflight.get((region, instance_id))
+        if requests is not None:
+            requests.pop(request_id, None)
+            if not requests:
+                del self._inflight[(region, instance_id)]
+
+    def untrack_request(self, request_id: str) -> None:
+        """Forgets a request wherever it was recorded."""
+        for key in [k for k, reqs in self._inflight.items() if request_id in reqs]:
+            self.untrack_inflight(key[0], key[1], request_id)
+
+    def tightest_inflight_tpot_ms(
+        self, region: str, instance_id: str, now_unix_ns: int | None = None
+    ) -> float:
+        """The smallest TPOT target (ms) of the requests in flight on an instance; inf if none.
+
+        Expired entries are dropped on the way.
+        """
+        requests = self._inflight.get((region, instance_id))
+        if not requests:
+            return math.inf
+        now = self.clock_ns() if now_unix_ns is None else now_unix_ns
+        tightest = math.inf
+        expired = []
+        for request_id, (target_ms, expires) in requests.items():
+            if expires is not None and expires <= now:
+                expired.append(request_id)
+            elif target_ms < tightest:
+                tightest = target_ms
+        for request_id in expired:
+            del requests[request_id]
+        if not requests:
+            del self._inflight[(region, instance_id)]
+        return tightest
+
+    # -- RTT -----------------------------------------------------------------------------
+
+    def apply_rtt(self, report: state_pb2.RttReport) -> None:
+        """Records the RTTs an agent measured from its region to its peers (ms)."""
+        src = report.region
+        for dst, rtt_ms in report.rtt_ms.items():
+            if rtt_ms >= 0:
+                self._rtt_measured[(src, dst)] = float(rtt_ms)
+
+    def rtt_ms(self, origin: str, region: str) -> float:
+        """Round-trip time between a client's origin region and a serving region, in ms.
+
+        0 for the same region; else the latest agent measurement (either direction), else the
+        topology's RTT matrix, else `unknown_rtt_ms`.
+        """
+        if origin == region:
+            return 0.0
+        key = (origin, region)
+        measured = self._rtt_measured.get(key)
+        if measured is None:
+            measured = self._rtt_measured.get((region, origin))
+        if measured is not None:
+            return measured
+        seed = self._rtt_seed.get(key)
+        return seed if seed is not None else self.unknown_rtt_ms
+
+    # -- KV index ------------------------------------------------------------------------
+
+    def apply_kv_delta(self, delta: state_pb2.KvIndexDelta) -> bool:
+        """Applies a region's prefix-index delta if it is the next in sequence.
+
+        A delta from an unknown incarnation, or one that skips a sequence number, is buffered
+        and a snapshot is requested; an old or repeated delta is ignored.
+
+        Args:
+            delta: The `KvIndexDelta` from `slomesh.region.<region>.kv`.
+
+        Returns:
+            True when the delta was applied to the index now.
+        """
+        region = delta.region
+        now = self.clock_ns()
+        track = self._kv.setdefault(region, _KvTrack())
+        if track.awaiting_snapshot:
+            self._buffer(track, delta)
+            self._maybe_retry_snapshot(region, track, now)
+            return False
+        if track.incarnation == delta.agent_incarnation and track.seq is not None:
+            if delta.seq <= track.seq:
+                return False
+            if delta.seq == track.seq + 1:
+                self._apply_delta_instances(region, delta.instances)
+                track.seq = delta.seq
+                self.deltas_applied += 1
+                return True
+        logger.info(
+            "kv index delta out of sequence; requesting snapshot",
+            extra={
+                "region": region,
+                "incarnation": delta.agent_incarnation,
+                "seq": delta.seq,
+                "expected_seq": None if track.seq is None else track.seq + 1,
+            },
+        )
+        self._buffer(track, delta)
+        self._ask_snapshot(region, track, now)
+        return False
+
+    def apply_kv_snapshot(self, snapshot: state_pb2.KvIndexSnapshot) -> None:
+        """Replaces a region's prefix index with a snapshot, then replays buffered deltas.
+
+        Buffered deltas of the snapshot's incarnation with a higher seq are applied in order;
+        if they do not continue the snapshot's seq without a gap, another snapshot is asked.
+        """
+        region = snapshot.region
+        track = self._kv.setdefault(region, _KvTrack())
+        for instance_id in self._index_instances.pop(region, set()):
+            self.prefix_index.remove_instance(instance_id)
+        self._apply_delta_instances(region, snapshot.instances)
+        track.incarnation = snapshot.agent_incarnation
+        track.seq = snapshot.seq
+        track.awaiting_snapshot = False
+        buffered = sorted(
+            (
+                d
+                for d in track.buffered
+                if d.agent_incarnation == snapshot.agent_incarnation and d.seq > snapshot.seq
+            ),
+            key=lambda d: d.seq,
+        )
+        track.buffered = []
+        for i, delta in enumerate(buffered):
+            if delta.seq == track.seq:
+                continue
+            if delta.seq != track.seq + 1:
+                track.buffered = buffered[i:]
+                self._ask_snapshot(region, track, self.clock_ns())
+                return
+            self._apply_delta_instances(region, delta.instances)
+            track.seq = delta.seq
+            self.deltas_applied += 1
+
+    def snapshot_failed(self, region: str) -> None:
+        """Records that a requested snapshot did not arrive; the next delta or state retries."""
+        track = self._kv.get(region)
+        if track is not None and track.awaiting_snapshot:
+            track.requested_unix_ns = 0
+
+    def kv_sequence(self, region: str) -> tuple[str | None, int | None, bool]:
+        """(incarnation, last applied seq, awaiting a snapshot) of a region's KV index."""
+        track = self._kv.get(region)
+        if track is None:
+            return None, None, False
+        return track.incarnation, track.seq, track.awaiting_snapshot
+
+    def cached_prefix_tokens(
+        self, instance_ids: Sequence[str] | None, token_ids: Sequence[int]
+    ) -> dict[str, int]:
+        """Longest cached prefix of `token_ids` per instance, in tokens.
+
+        Args:
+            instance_ids: Instances to look up (None = every indexed instance).
+            token_ids: The prompt, shape [prompt_tokens].
+
+        Returns:
+            instance id -> cached prefix tokens (a multiple of the instance's block size).
+        """
+        return self.prefix_index.match(token_ids, instance_ids)
+
+    def _apply_delta_instances(
+        self, region: str, instances: Iterable[state_pb2.InstanceBlockDelta]
+    ) -> None:
+        known = self._index_instances.setdefault(region, set())
+        for inst_delta in instances:
+            known.add(inst_delta.instance_id)
+            self.prefix_index.apply_delta(inst_delta)
+
+    def _buffer(self, track: _KvTrack, delta: state_pb2.KvIndexDelta) -> None:
+        track.buffered.append(delta)
+        if len(track.buffered) > self.max_buffered_deltas:
+            del track.buffered[: len(track.buffered) - self.max_buffered_deltas]
+
+    def _ask_snapshot(self, region: str, track: _KvTrack, now: int) -> None:
+        if self.request_snapshot is None:
+            # Nobody can fetch snapshots (e.g. a simulator feeding the view directly): adopt
+            # the buffered deltas as they come, best effort.
+            self._adopt_buffered(track)
+            return
+        track.awaiting_snapshot = True
+        track.requested_unix_ns = now
+        self.snapshots_requested += 1
+        self.request_snapshot(region)
+
+    def _adopt_buffered(self, track: _KvTrack) -> None:
+        for delta in sorted(track.buffered, key=lambda d: d.seq):
+            self._apply_delta_instances(delta.region, delta.instances)
+            track.incarnation = delta.agent_incarnation
+            track.seq = delta.seq
+            self.deltas_applied += 1
+        track.buffered = []
+        track.awaiting_snapshot = False
+
+    def _maybe_retry_snapshot(self, region: str, track: _KvTrack, now: int) -> None:
+        if (now - track.requested_unix_ns) / 1e6 >= self.snapshot_retry_ms:
+            self._ask_snapshot(region, track, now)
