@@ -780,7 +780,7 @@ class SchedulerService:
         )
         if self.config.metrics_port is not None:
             self.metrics_port = start_metrics_server(
-                self.config.metrics_port, registry=self.config.registry
+                self.config.metrics_port, host=self.config.host, registry=self.config.registry
             )
         self._gauge_task = asyncio.get_running_loop().create_task(
             self._update_gauges(), name="scheduler-gauges"

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("slomesh-kv-transfer", args.log_level)
     setup_telemetry("slomesh-kv-transfer", args.spans_out)
     if args.metrics_port is not None:
-        start_metrics_server(args.metrics_port)
+        start_metrics_server(args.metrics_port, host=args.host)
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -81,7 +81,7 @@ async def _run(args: argparse.Namespace, config: AgentConfig, topology: Topology
         await agent.stop(grace_s=0)
         return 1
     if args.metrics_port is not None:
-        port = start_metrics_server(args.metrics_port)
+        port = start_metrics_server(args.metrics_port, host=args.host)
         logger.info("metrics", extra={"metrics_port": port})
     logger.info(
         "region agent serving",
