@@ -24,6 +24,26 @@ _PREFIX_HITS = ("vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits")
 _CACHE_CONFIG = ("vllm:cache_config_info", "vllm:cache_config")
 
 
+# Every metric name the agent reads; lines of other families (histogram buckets make up most of
+# a vLLM /metrics body) are dropped before parsing, which keeps a 10 Hz scrape cheap.
+_WANTED_PREFIXES = tuple(
+    sorted({*_RUNNING, *_WAITING, *_KV_USAGE, *_PREFIX_QUERIES, *_PREFIX_HITS, *_CACHE_CONFIG})
+)
+
+
+def _wanted_lines(text: str) -> str:
+    """The lines of `text` (samples and their # HELP/# TYPE) that belong to wanted families."""
+    keep = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            if len(parts) >= 3 and parts[2].startswith(_WANTED_PREFIXES):
+                keep.append(line)
+        elif line.startswith(_WANTED_PREFIXES):
+            keep.append(line)
+    return "\n".join(keep) + "\n"
+
+
 class MetricsParseError(ValueError):
     """The `/metrics` body is not Prometheus text exposition format."""
 
@@ -84,7 +104,7 @@ def parse_vllm_metrics(text: str) -> ScrapedMetrics:
     running = waiting = queries = hits = 0.0
     usage: float | None = None
     try:
-        families = list(text_string_to_metric_families(text))
+        families = list(text_string_to_metric_families(_wanted_lines(text)))
     except (ValueError, TypeError) as exc:
         raise MetricsParseError(f"invalid Prometheus exposition text: {exc}") from None
     for family in families:

@@ -64,3 +64,18 @@ def test_missing_metrics_default_to_zero():
 def test_garbage_raises():
     with pytest.raises(MetricsParseError):
         parse_vllm_metrics("vllm:num_requests_running{engine=0 not metrics\n")
+
+
+def test_other_families_are_ignored_even_with_similar_names():
+    noise = """\
+# HELP vllm:time_to_first_token_seconds Histogram of TTFT.
+# TYPE vllm:time_to_first_token_seconds histogram
+vllm:time_to_first_token_seconds_bucket{le="0.1",model_name="m"} 4.0
+vllm:time_to_first_token_seconds_count{model_name="m"} 4.0
+# HELP vllm:num_requests_waiting_by_reason Waiting requests by reason.
+# TYPE vllm:num_requests_waiting_by_reason gauge
+vllm:num_requests_waiting_by_reason{reason="capacity",model_name="m"} 99.0
+"""
+    m = parse_vllm_metrics(noise + VLLM_V1)
+    assert (m.num_requests_running, m.num_requests_waiting) == (3, 7)
+    assert (m.prefix_cache_queries_total, m.block_size) == (1200, 128)
