@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--policy", default=None, help="placement policy of the scheduler")
     up.add_argument("--slo-config", default=None, help="SLO classes YAML for the scheduler")
     up.add_argument("--startup-timeout-s", type=float, default=180.0)
+    up.add_argument("--nats-url", default=None, help="use this NATS instead of starting one")
+    up.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     up.add_argument("--log-level", default="INFO")
     up.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
 

@@ -338,6 +338,8 @@ class Mesh:
         python: interpreter for the services.
         extra_args: per service kind ("emulator", "agent", "scheduler", "wan-relay") extra
             command-line arguments.
+        nats_url: an already running NATS to use instead of starting one.
+        redis_url: an already running Redis to use instead of starting one.
 
     Attributes:
         scheduler_address: "host:port" of the global scheduler (after `start()`).
@@ -356,6 +358,8 @@ class Mesh:
         startup_timeout_s: float = 180.0,
         python: str = sys.executable,
         extra_args: dict[str, list[str]] | None = None,
+        nats_url: str | None = None,
+        redis_url: str | None = None,
     ):
         self.topology_path = Path(topology_path or DEFAULT_TOPOLOGY_PATH).resolve()
         self.topology = Topology.load(self.topology_path)
@@ -370,6 +374,8 @@ class Mesh:
         self.plan: MeshPlan | None = None
         self.nats: NatsServerProcess | None = None
         self.redis: RedisServerProcess | None = None
+        self._external_nats_url = nats_url
+        self._external_redis_url = redis_url
         self.children: list[ChildProcess] = []
         self._infra: dict[str, dict[str, Any]] = {}
         self.started_at_unix_s: float | None = None
@@ -386,6 +392,16 @@ class Mesh:
         if self.plan is None:
             raise RuntimeError("mesh not started")
         return f"127.0.0.1:{self.plan.scheduler_port}"
+
+    @property
+    def nats_url(self) -> str:
+        """URL of the mesh's NATS (the external one, or the one it started; "" before)."""
+        return self._external_nats_url or (self.nats.url if self.nats else "")
+
+    @property
+    def redis_url(self) -> str:
+        """URL of the mesh's Redis (the external one, or the one it started; "" before)."""
+        return self._external_redis_url or (self.redis.url if self.redis else "")
 
     @property
     def logs_dir(self) -> Path:
@@ -482,8 +498,8 @@ class Mesh:
             "topology": str(self.topology_path),
             "scheduler_address": self.scheduler_address,
             "scheduler_metrics": f"http://127.0.0.1:{plan.scheduler_metrics_port}/metrics",
-            "nats_url": self.nats.url if self.nats else "",
-            "redis_url": self.redis.url if self.redis else "",
+            "nats_url": self.nats_url,
+            "redis_url": self.redis_url,
             "spans_out": self.spans_out,
             "started_at_unix_s": self.started_at_unix_s,
             "regions": {
@@ -543,13 +559,17 @@ class Mesh:
         env = self._env()
         model = topo.model.name
 
-        self.nats = NatsServerProcess(
-            jetstream=True,
-            store_dir=str(self.run_dir / "nats-store"),
-            log_path=str(self.logs_dir / "nats.log"),
-        )
-        self.redis = RedisServerProcess(log_path=str(self.logs_dir / "redis.log"))
+        if not self._external_nats_url:
+            self.nats = NatsServerProcess(
+                jetstream=True,
+                store_dir=str(self.run_dir / "nats-store"),
+                log_path=str(self.logs_dir / "nats.log"),
+            )
+        if not self._external_redis_url:
+            self.redis = RedisServerProcess(log_path=str(self.logs_dir / "redis.log"))
         for name, server in (("nats", self.nats), ("redis", self.redis)):
+            if server is None:
+                continue
             server.start()
             self._infra[name] = {
                 "name": name, "kind": name, "pid": server.pid, "cmd": _cmdline(server.pid),
@@ -591,7 +611,7 @@ class Mesh:
                 "--region", region.name,
                 "--topology", str(self.topology_path),
                 "--port", str(plan.agent_ports[region.name]),
-                "--nats-url", self.nats.url,
+                "--nats-url", self.nats_url,
                 "--advertise", plan.agent_address(region.name),
                 "--metrics-port", str(plan.agent_metrics_ports[region.name]),
             ]
@@ -615,8 +635,8 @@ class Mesh:
         routes_path.write_text(json.dumps(plan.routes(), indent=2))
         sched_args = [
             "--port", str(plan.scheduler_port),
-            "--nats-url", self.nats.url,
-            "--redis-url", self.redis.url,
+            "--nats-url", self.nats_url,
+            "--redis-url", self.redis_url,
             "--topology", str(self.topology_path),
             "--routes-json", str(routes_path),
             "--metrics-port", str(plan.scheduler_metrics_port),
@@ -896,7 +916,8 @@ def up(args: argparse.Namespace) -> int:
     mesh = Mesh(
         args.topology, run_dir, args.spans_out, policy=args.policy,
         slo_config=args.slo_config, log_level=args.log_level,
-        startup_timeout_s=args.startup_timeout_s,
+        startup_timeout_s=args.startup_timeout_s, nats_url=args.nats_url,
+        redis_url=args.redis_url,
     )
 
     def ready(info: dict[str, Any]) -> None:
@@ -920,9 +941,11 @@ def _up_detached(args: argparse.Namespace, run_dir: Path) -> int:
     cmd = [sys.executable, "-m", "slomesh.cli", "up", "--run-dir", str(run_dir), "--quiet",
            "--log-level", args.log_level, "--startup-timeout-s", str(args.startup_timeout_s)]
     for flag, value in (("--topology", args.topology), ("--spans-out", args.spans_out),
-                        ("--policy", args.policy), ("--slo-config", args.slo_config)):
+                        ("--policy", args.policy), ("--slo-config", args.slo_config),
+                        ("--nats-url", args.nats_url), ("--redis-url", args.redis_url)):
         if value:
-            cmd += [flag, str(Path(value).resolve()) if flag != "--policy" else value]
+            is_path = flag in ("--topology", "--spans-out", "--slo-config")
+            cmd += [flag, str(Path(value).resolve()) if is_path else value]
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "logs" / "supervisor.log"
     with open(log_path, "ab") as log:

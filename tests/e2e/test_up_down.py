@@ -1,7 +1,8 @@
 """`slomesh up --detach`, `slomesh replay --run-dir` (a Mooncake slice), `slomesh down`.
 
 The detached mesh must answer a replay found through its run directory, serve shared Mooncake
-prefixes from the prefix cache, and leave no process behind after `down`.
+prefixes from the prefix cache, and leave no process behind after `down`. It runs on a NATS
+and a Redis given by URL (the fixtures' servers), which `down` must leave running.
 """
 
 from __future__ import annotations
@@ -39,14 +40,19 @@ def _slomesh(args: list[str], cwd: Path, timeout_s: float) -> subprocess.Complet
     )
 
 
-def test_up_replay_down(tmp_path: Path) -> None:
+def test_up_replay_down(tmp_path: Path, nats_server, redis_server) -> None:
     run_dir = tmp_path / ".slomesh" / "run"
-    up = _slomesh(["up", "--detach"], tmp_path, 240)
+    up = _slomesh(
+        ["up", "--detach", "--nats-url", nats_server.url, "--redis-url", redis_server.url],
+        tmp_path, 240,
+    )
     assert up.returncode == 0, up.stderr[-3000:]
     info = json.loads((run_dir / "mesh.json").read_text())
     pids = [p["pid"] for p in info["processes"]] + [info["supervisor_pid"]]
     try:
         assert info["status"] == "ready"
+        assert (info["nats_url"], info["redis_url"]) == (nats_server.url, redis_server.url)
+        assert {p["kind"] for p in info["processes"]}.isdisjoint({"nats", "redis"})
         assert set(info["regions"]) == {"washington-dc", "frankfurt", "tokyo"}
         assert all(_alive(p) for p in pids)
         # A second `up` in the same run dir refuses instead of starting a second mesh.
@@ -78,6 +84,7 @@ def test_up_replay_down(tmp_path: Path) -> None:
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.2)
     assert [p for p in pids if _alive(p)] == []
+    assert nats_server.running and redis_server.running
     assert json.loads((run_dir / "mesh.json").read_text())["status"] == "stopped"
 
 
