@@ -19,8 +19,8 @@ PROTO_ROOT = ROOT / "protos"
 
 def generate(out_dir: Path) -> list[Path]:
     """Runs protoc (from grpcio-tools) on every proto; returns the generated files."""
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     protos = sorted(PROTO_ROOT.glob("slomesh/v1/*.proto"))
     if not protos:

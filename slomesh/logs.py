@@ -28,7 +28,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         out = {
-            "ts": _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc).isoformat(),
+            "ts": _dt.datetime.fromtimestamp(record.created, _dt.UTC).isoformat(),
             "level": record.levelname,
             "service": self.service_name,
             "logger": record.name,
@@ -56,9 +56,10 @@ def setup_logging(service_name: str, level: str = "INFO") -> None:
     Raises:
         ValueError: unknown level name.
     """
-    numeric = logging.getLevelName(level.upper())
-    if not isinstance(numeric, int):
-        raise ValueError(f"level: unknown log level {level!r}")
+    try:
+        numeric = logging.getLevelNamesMapping()[level.upper()]
+    except KeyError:
+        raise ValueError(f"level: unknown log level {level!r}") from None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service_name))
     root = logging.getLogger()

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class _ServerProcess(abc.ABC):
     def _command(self) -> list[str]:
         """The server's command line."""
 
-    def start(self, timeout_s: float = 15.0) -> "_ServerProcess":
+    def start(self, timeout_s: float = 15.0) -> Self:
         """Starts the server (no-op if running) and blocks until its port accepts connections.
 
         Raises:
@@ -157,7 +158,7 @@ class _ServerProcess(abc.ABC):
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def __enter__(self) -> "_ServerProcess":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

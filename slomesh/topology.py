@@ -126,7 +126,7 @@ class Topology(BaseModel):
     prices_file: Path | None = Field(default=None, description="GPU prices CSV; None = shared.")
 
     @model_validator(mode="after")
-    def _check(self) -> "Topology":
+    def _check(self) -> Topology:
         names = [r.name for r in self.regions]
         if len(set(names)) != len(names):
             raise ValueError(f"regions: duplicate region names in {names}")
@@ -154,7 +154,7 @@ class Topology(BaseModel):
     # -- loading ---------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path) -> "Topology":
+    def load(cls, path: str | Path) -> Topology:
         """Loads a topology YAML file.
 
         Raises:
@@ -166,7 +166,7 @@ class Topology(BaseModel):
         return cls.model_validate(data)
 
     @classmethod
-    def default(cls) -> "Topology":
+    def default(cls) -> Topology:
         """The default local mesh: Washington DC, Frankfurt and Tokyo, 2 instances each."""
         return cls.load(DEFAULT_TOPOLOGY_PATH)
 

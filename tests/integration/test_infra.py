@@ -7,6 +7,7 @@ import asyncio
 import grpc
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
@@ -67,7 +68,7 @@ async def test_redis_fixture_restarts(redis_server):
     await client.set("k", "v")
     assert await client.get("k") == b"v"
     redis_server.stop()
-    with pytest.raises(Exception):
+    with pytest.raises(redis.exceptions.ConnectionError):
         await client.get("k")
     redis_server.start()
     await client.set("k", "w")

@@ -3,8 +3,8 @@ from __future__ import annotations
 import json
 
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from slomesh.telemetry import (
@@ -26,9 +26,11 @@ def _provider(tmp_path, name="svc"):
 def test_spans_are_written_as_json_lines_with_parent_links(tmp_path):
     provider, exporter = _provider(tmp_path)
     tracer = provider.get_tracer("t")
-    with tracer.start_as_current_span("outer") as outer:
-        with tracer.start_as_current_span("inner", attributes={"tokens": 3}):
-            pass
+    with (
+        tracer.start_as_current_span("outer") as outer,
+        tracer.start_as_current_span("inner", attributes={"tokens": 3}),
+    ):
+        pass
     exporter.shutdown()
     rows = [json.loads(line) for line in (tmp_path / "spans.jsonl").read_text().splitlines()]
     by_name = {r["name"]: r for r in rows}
