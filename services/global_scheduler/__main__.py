@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--policy",
         default="slomesh",
-        help="placement policy: slomesh, round-robin, least-load, or a YAML profile path",
+        help="placement policy: a registered profile name (slomesh, oracle, round-robin, "
+        "least-load, nearest, llm-d, dynamo, qlm) or a YAML profile path",
     )
     p.add_argument("--slo-config", help="SLO classes YAML (default: built-in classes)")
     p.add_argument("--region", help="this replica's region (default origin of requests)")

@@ -22,22 +22,45 @@ see ``configs/policies/``) lists them with parameters and weights, as llm-d's sc
 profiles do. Built-in profiles:
 
 - ``slomesh``: SLO-feasible with margin, lowest objective ``E_q``; refuse or best effort.
+  It predicts output lengths from the client's hint or the SLO class default and never reads
+  the true length (see `slomesh.scheduler.predictor.predicted_output_tokens`).
+- ``oracle``: ``slomesh`` with each request's true output length (``max_tokens`` of an
+  ``ignore_eos`` request, as trace replays and the simulator send them): the same profile but
+  ``predictor.use_true_output_length``; it bounds what output-length prediction can gain.
+
+Baselines, all never refusing (no admission step):
+
 - ``round-robin``: cycles over the healthy, fresh instances serving the model.
 - ``least-load``: fewest outstanding requests (SkyServe's least-load policy).
+- ``nearest``: the lowest-RTT region with a serving instance (the origin when it has one),
+  then the fewest outstanding requests within it (`NearestRegionFilter`).
+- ``llm-d``: llm-d's default weighted profile, 3 x prefix-cache hit fraction + 2 x queue score
+  + 2 x (1 - KV-cache usage), max score (`PrefixCacheHitScorer`, `QueueDepthScorer`,
+  `KvCacheUtilizationScorer`); region-agnostic.
+- ``dynamo``: NVIDIA Dynamo's KV router, lowest ``w * prefill_blocks + decode_blocks`` with
+  w = 1, temperature 0 (`KvOverlapCostScorer`, `SoftmaxSamplePicker`); region-agnostic.
+- ``qlm``: QLM's request waiting time estimate only (`LowestQueueWaitScorer`).
+
+Every policy (baselines included) sees the same `ClusterView`: the agents' last states plus
+this scheduler's own placements not yet reflected in them, and the prefix index from KV
+events. Region-agnostic baselines score every region's instances alike; the RTT they ignore
+still reaches the client.
 
 Source: llm-d inference scheduler (filter -> scorer -> picker plugins with weighted profiles);
 SkyServe (Mao et al., EuroSys 2025) least-load policy; SLOs-Serve (Chen et al., 2025) soft
-admission control (refuse or best effort when the SLO cannot be met).
+admission control (refuse or best effort when the SLO cannot be met); the baselines' own
+sources are on their plugins.
 """
 
 from __future__ import annotations
 
 import abc
+import copy
 import math
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -87,6 +110,9 @@ class Candidate:
         objective: ``E_q`` in seconds (lower is better); NaN without a prediction.
         rejected_by: Name of the filter that dropped it; "" while it is in the running.
         score: Weighted score from the scorers (higher is better); NaN if not scored.
+        prefix_hit_tokens: Longest prefix of the prompt the instance holds, in tokens, as the
+            prefix index reports it (a multiple of its block size; not clipped the way
+            ``prediction.cached_prefix_tokens`` is); set with the prediction.
     """
 
     instance: InstanceView
@@ -95,6 +121,7 @@ class Candidate:
     objective: float = math.nan
     rejected_by: str = ""
     score: float = math.nan
+    prefix_hit_tokens: int = 0
 
     @property
     def region(self) -> str:
@@ -139,12 +166,17 @@ class PlacementContext:
         view: The cluster view.
         now_unix_ns: Time of the decision.
         slo_margin: Fraction of each SLO target a feasible prediction may use.
+        predictor_config: The policy's predictor knobs.
+        output_tokens: Predicted output length ``N_out`` of the request (set before the
+            admission filters and scorers run; 0 until then).
     """
 
     request: ValidatedRequest
     view: ClusterView
     now_unix_ns: int
     slo_margin: float
+    predictor_config: PredictorConfig = field(default_factory=PredictorConfig)
+    output_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -215,13 +247,21 @@ class PlacementDecision:
 
 
 class Filter(abc.ABC):
-    """Drops candidates that must not (or should not) serve the request."""
+    """Drops candidates that must not (or should not) serve the request.
+
+    Most filters judge each candidate alone (`keep`); a filter that compares candidates
+    (e.g. keeps only the nearest region) overrides `keep_many`, which the policy calls.
+    """
 
     name: ClassVar[str] = ""
 
     @abc.abstractmethod
     def keep(self, ctx: PlacementContext, candidate: Candidate) -> bool:
         """Whether `candidate` stays in the running."""
+
+    def keep_many(self, ctx: PlacementContext, candidates: Sequence[Candidate]) -> list[bool]:
+        """One verdict per candidate, in order (default: `keep` on each)."""
+        return [self.keep(ctx, c) for c in candidates]
 
 
 class Scorer(abc.ABC):
@@ -350,6 +390,46 @@ class SloFeasibleFilter(Filter):
         return candidate.feasible
 
 
+class NearestRegionFilter(Filter):
+    """Keeps the candidates of the region nearest the request's origin (lowest RTT).
+
+    Judged among the candidates still in the running: placed after the hard filters, it keeps
+    the lowest-RTT region that has a healthy, fresh instance serving the model -- the origin
+    region itself (RTT 0) whenever it has one, however busy. RTTs come from the view (agent
+    measurements, else the topology's matrix). Regions within `tie_tolerance_ms` of the lowest
+    RTT all stay. Alone, a candidate is always the nearest (`keep` is True); the policy calls
+    `keep_many`.
+
+    Source: latency-based ("nearest region") routing of geo load balancers, e.g. AWS Route 53
+    latency-based routing and GeoDNS; what a multi-region deployment without a global
+    scheduler does.
+
+    Args:
+        tie_tolerance_ms: RTTs within this of the lowest count as equally near, ms (>= 0).
+    """
+
+    name = "nearest-region"
+
+    def __init__(self, tie_tolerance_ms: float = 0.0):
+        if not tie_tolerance_ms >= 0:
+            raise ValueError(f"tie_tolerance_ms: must be >= 0, got {tie_tolerance_ms}")
+        self.tie_tolerance_ms = float(tie_tolerance_ms)
+
+    def keep(self, ctx: PlacementContext, candidate: Candidate) -> bool:
+        return True
+
+    def keep_many(self, ctx: PlacementContext, candidates: Sequence[Candidate]) -> list[bool]:
+        origin = ctx.request.origin_region
+        rtts: dict[str, float] = {}
+        for cand in candidates:
+            if cand.region not in rtts:
+                rtts[cand.region] = ctx.view.rtt_ms(origin, cand.region)
+        if not rtts:
+            return []
+        limit = min(rtts.values()) + self.tie_tolerance_ms
+        return [rtts[c.region] <= limit for c in candidates]
+
+
 # -- scorers ------------------------------------------------------------------------------------
 
 
@@ -386,6 +466,177 @@ class LeastOutstandingScorer(Scorer):
 
     def score(self, ctx: PlacementContext, candidates: Sequence[Candidate]) -> list[float]:
         return lower_is_better([float(c.instance.num_requests_outstanding) for c in candidates])
+
+
+class PrefixCacheHitScorer(Scorer):
+    """Fraction of the prompt's full KV blocks the instance holds as a cached prefix.
+
+    ``score = floor(h_i / B) / floor(N_p / B)`` with ``h_i`` the instance's longest cached
+    prefix (tokens, from the prefix index fed by vLLM KV events) and ``B`` its block size;
+    0 for a prompt shorter than one block (or a text prompt, which has no token ids).
+
+    Source: llm-d inference scheduler / Gateway API Inference Extension ``prefix-cache-scorer``
+    (kubernetes-sigs/gateway-api-inference-extension,
+    pkg/epp/scheduling/framework/plugins/multi/prefix/plugin.go: score = matched prefix
+    blocks / prompt blocks); llm-d's ``precise-prefix-cache-scorer`` takes the matches from
+    KV events, as here.
+    """
+
+    name = "prefix-cache-hit"
+    category = "affinity"
+
+    def score(self, ctx: PlacementContext, candidates: Sequence[Candidate]) -> list[float]:
+        prompt_tokens = ctx.request.prompt_tokens
+        default_bs = ctx.predictor_config.default_block_size
+        out = []
+        for cand in candidates:
+            block_size = cand.instance.block_size or default_bs
+            total_blocks = prompt_tokens // block_size
+            if total_blocks <= 0:
+                out.append(0.0)
+                continue
+            out.append(min(1.0, (cand.prefix_hit_tokens // block_size) / total_blocks))
+        return out
+
+
+class QueueDepthScorer(Scorer):
+    """Fewest waiting requests scores highest: ``(max_q - q_i) / (max_q - min_q)``, 1 if equal.
+
+    ``q_i`` is the instance's engine queue (``vllm:num_requests_waiting``) plus this
+    scheduler's placements its state does not show yet.
+
+    Source: Gateway API Inference Extension ``queue-scorer``
+    (kubernetes-sigs/gateway-api-inference-extension,
+    pkg/epp/scheduling/framework/plugins/scorer/queue.go), used by llm-d's default profile.
+    """
+
+    name = "queue-depth"
+    category = "load"
+
+    def score(self, ctx: PlacementContext, candidates: Sequence[Candidate]) -> list[float]:
+        return lower_is_better([float(c.instance.num_requests_waiting) for c in candidates])
+
+
+class KvCacheUtilizationScorer(Scorer):
+    """Free KV cache scores highest: ``1 - kv_cache_usage`` (``vllm:kv_cache_usage_perc``).
+
+    Source: Gateway API Inference Extension ``kv-cache-utilization-scorer``
+    (kubernetes-sigs/gateway-api-inference-extension,
+    pkg/epp/scheduling/framework/plugins/scorer/kvcache_utilization.go), used by llm-d's
+    default profile.
+    """
+
+    name = "kv-cache-utilization"
+    category = "load"
+
+    def score(self, ctx: PlacementContext, candidates: Sequence[Candidate]) -> list[float]:
+        return [1.0 - min(1.0, max(0.0, c.instance.kv_cache_usage)) for c in candidates]
+
+
+class KvOverlapCostScorer(Scorer):
+    """NVIDIA Dynamo KV router's cost; the lowest cost scores highest (min-max normalised).
+
+    ::
+
+        cost_i           = w * prefill_blocks_i + decode_blocks_i
+        prefill_blocks_i = (N_p - h_i + queued_prefill_tokens_i) / B_i
+        decode_blocks_i  = round(kv_cache_usage_i * num_gpu_blocks_i)
+                           + ceil(queued_prefill_tokens_i / B_i) + floor(N_p / B_i)
+
+    Dynamo's router computes, per worker, the prefill tokens it would have with the request
+    added (the request's uncached tokens plus the prefill tokens of its requests still in
+    prefill) and the KV blocks its active sequences would hold (active blocks plus the
+    request's blocks not already active). slomesh has no router-side sequence tracker, so the
+    terms come from the region agent's state:
+
+    - the uncached tokens ``N_p - h_i`` come from the prefix index (KV events), as Dynamo's
+      overlap blocks do;
+    - prefill tokens still to do: the agent's ``queued_prefill_tokens`` (plus this
+      scheduler's placements not yet in the state -- Dynamo likewise counts a request the
+      moment it routes it);
+    - active blocks: the engine's KV blocks in use (``vllm:kv_cache_usage_perc`` x
+      ``num_gpu_blocks``: running sequences, shared prefix blocks counted once, as in
+      Dynamo's active set) plus the blocks of the prompts still waiting (not yet allocated by
+      the engine, but in Dynamo's active set from routing on);
+    - the request's new blocks: all ``floor(N_p / B)`` full prompt blocks. Dynamo subtracts
+      blocks already held by *active* requests; the index cannot tell an active block from an
+      idle cached one, so none is assumed shared (exact for a conversation's next turn, whose
+      cached prefix belongs to a finished request).
+
+    Source: NVIDIA Dynamo KV router (ai-dynamo/dynamo, lib/llm/src/kv_router/scheduler.rs,
+    ``DefaultWorkerSelector::select_worker``: ``logit = overlap_weight *
+    potential_prefill_block + decode_block``; potential blocks/tokens from
+    lib/llm/src/kv_router/sequence.rs ``potential_blocks_and_tokens``); docs/router
+    ``cost = overlap_score_weight * prefill_blocks + decode_blocks``, default weight 1.
+
+    Args:
+        overlap_score_weight: ``w``, Dynamo's ``--kv-overlap-score-weight`` (default 1; 0 =
+            pure load balancing).
+    """
+
+    name = "kv-overlap-cost"
+    category = "affinity"
+
+    def __init__(self, overlap_score_weight: float = 1.0):
+        if not (overlap_score_weight >= 0 and math.isfinite(overlap_score_weight)):
+            raise ValueError(
+                f"overlap_score_weight: must be finite and >= 0, got {overlap_score_weight}"
+            )
+        self.overlap_score_weight = float(overlap_score_weight)
+
+    @staticmethod
+    def blocks(ctx: PlacementContext, candidate: Candidate) -> tuple[float, int]:
+        """(prefill_blocks, decode_blocks) of placing the request on `candidate` (see above)."""
+        inst = candidate.instance
+        config = ctx.predictor_config
+        block_size = inst.block_size or config.default_block_size
+        prompt_tokens = ctx.request.prompt_tokens
+        uncached = max(0, prompt_tokens - candidate.prefix_hit_tokens)
+        queued = max(0, inst.queued_prefill_tokens)
+        prefill_blocks = (uncached + queued) / block_size
+        in_use = round(
+            min(1.0, max(0.0, inst.kv_cache_usage)) * pred.kv_capacity_blocks(inst, config)
+        )
+        decode_blocks = in_use + math.ceil(queued / block_size) + prompt_tokens // block_size
+        return prefill_blocks, decode_blocks
+
+    def cost(self, ctx: PlacementContext, candidate: Candidate) -> float:
+        """Dynamo's cost (logit) of `candidate`, in KV blocks; lower is better."""
+        prefill_blocks, decode_blocks = self.blocks(ctx, candidate)
+        return self.overlap_score_weight * prefill_blocks + decode_blocks
+
+    def score(self, ctx: PlacementContext, candidates: Sequence[Candidate]) -> list[float]:
+        return lower_is_better([self.cost(ctx, c) for c in candidates])
+
+
+class LowestQueueWaitScorer(Scorer):
+    """Lowest predicted queue wait (QLM's request waiting time) scores highest.
+
+    The wait is `slomesh.scheduler.predictor.queue_wait_ms` for a request adding
+    ``N_p + N_out`` KV tokens: the whole prompt (no prefix knowledge) plus the predicted
+    output. No RTT, no prefill or decode time, no cost.
+
+    Source: QLM (Patke et al., SoCC 2024), request waiting time (RWT) estimator: requests go
+    to the instance whose queue they would wait on least.
+    """
+
+    name = "lowest-queue-wait"
+    category = "latency"
+
+    def score(self, ctx: PlacementContext, candidates: Sequence[Candidate]) -> list[float]:
+        req = ctx.request
+        config = ctx.predictor_config
+        n_out = ctx.output_tokens or pred.predicted_output_tokens(
+            req.slo,
+            req.max_tokens,
+            req.expected_output_tokens,
+            req.ignore_eos,
+            config.use_true_output_length,
+        )
+        new_kv_tokens = req.prompt_tokens + n_out
+        return lower_is_better(
+            [pred.queue_wait_ms(c.instance, new_kv_tokens, config) for c in candidates]
+        )
 
 
 # -- pickers ------------------------------------------------------------------------------------
@@ -430,6 +681,49 @@ class RoundRobinPicker(Picker):
         chosen = ordered[self._next % len(ordered)]
         self._next += 1
         return chosen
+
+
+class SoftmaxSamplePicker(Picker):
+    """Dynamo's worker selection: softmax sampling over the scores at a temperature.
+
+    With ``temperature`` 0 (Dynamo's default) the highest score wins; ties go to the instance
+    holding the fewest cached blocks (Dynamo breaks ties by the smallest prefix-tree size),
+    then uniformly at random (seeded). With ``temperature`` T > 0 candidate ``i`` is drawn
+    with probability proportional to ``exp(s_i / T)``. Dynamo samples
+    ``exp(-(c_i / (c_max - c_min)) / T)`` over its costs ``c``; for a min-max normalised
+    cost score ``s_i = (c_max - c_i) / (c_max - c_min)`` the two are the same distribution
+    (softmax ignores a constant shift).
+
+    Source: NVIDIA Dynamo KV router (ai-dynamo/dynamo, lib/llm/src/kv_router/scheduler.rs,
+    ``softmax_sample`` and the tie-break in ``DefaultWorkerSelector::select_worker``).
+
+    Args:
+        temperature: Softmax temperature, >= 0 (Dynamo's ``--router-temperature``).
+        seed: Seed of the sampling / tie-breaking random generator.
+    """
+
+    name = "softmax-sample"
+
+    def __init__(self, temperature: float = 0.0, seed: int = 0):
+        if not (temperature >= 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature: must be finite and >= 0, got {temperature}")
+        self.temperature = float(temperature)
+        self._rng = random.Random(seed)
+
+    def pick(
+        self, ctx: PlacementContext, candidates: Sequence[Candidate], scores: Sequence[float]
+    ) -> Candidate:
+        if self.temperature == 0.0:
+            best = max(scores)
+            tied = [c for c, s in zip(candidates, scores, strict=True) if s >= best - 1e-12]
+            if len(tied) > 1:
+                index = ctx.view.prefix_index
+                fewest = min(index.num_blocks(c.instance_id) for c in tied)
+                tied = [c for c in tied if index.num_blocks(c.instance_id) == fewest]
+            return tied[0] if len(tied) == 1 else self._rng.choice(tied)
+        top = max(scores)
+        weights = [math.exp((s - top) / self.temperature) for s in scores]
+        return self._rng.choices(list(candidates), weights=weights, k=1)[0]
 
 
 # -- profiles -----------------------------------------------------------------------------------
@@ -595,7 +889,7 @@ class Policy:
         """
         t0 = time.perf_counter()
         now = view.clock_ns() if now_unix_ns is None else now_unix_ns
-        ctx = PlacementContext(request, view, now, self.profile.slo_margin)
+        ctx = PlacementContext(request, view, now, self.profile.slo_margin, self.predictor_config)
         candidates = [Candidate(inst) for inst in view.instances(now_unix_ns=now)]
         alive = candidates
         if exclude_regions:
@@ -647,9 +941,11 @@ class Policy:
     ) -> list[Candidate]:
         alive = candidates
         for flt in filters:
+            if not alive:
+                break
             kept = []
-            for cand in alive:
-                if flt.keep(ctx, cand):
+            for cand, ok in zip(alive, flt.keep_many(ctx, alive), strict=True):
+                if ok:
                     kept.append(cand)
                 else:
                     cand.rejected_by = flt.name
@@ -664,27 +960,34 @@ class Policy:
             cached = view.cached_prefix_tokens(
                 [c.instance_id for c in candidates], req.prompt_token_ids
             )
+        config = self.predictor_config
         n_out = pred.predicted_output_tokens(
-            req.slo, req.max_tokens, req.expected_output_tokens, req.ignore_eos
+            req.slo,
+            req.max_tokens,
+            req.expected_output_tokens,
+            req.ignore_eos,
+            config.use_true_output_length,
         )
+        ctx.output_tokens = n_out
         alpha = self.profile.alpha_s_per_usd
         margin = ctx.slo_margin
-        config = self.predictor_config
         rtts: dict[str, float] = {}
         for cand in candidates:
             region = cand.region
             rtt = rtts.get(region)
             if rtt is None:
                 rtt = rtts[region] = view.rtt_ms(req.origin_region, region)
+            hit = cached.get(cand.instance_id, 0)
             p = pred.predict(
                 cand.instance,
                 rtt_ms=rtt,
                 prompt_tokens=req.prompt_tokens,
-                cached_prefix_tokens=cached.get(cand.instance_id, 0),
+                cached_prefix_tokens=hit,
                 output_tokens=n_out,
                 config=config,
             )
             cand.prediction = p
+            cand.prefix_hit_tokens = hit
             cand.feasible = p.meets(req.slo, req.prompt_tokens, margin)
             cand.objective = p.e2e_ms / 1000.0 + alpha * p.cost_usd
 
@@ -780,8 +1083,9 @@ def make_policy(source: str | Path | Mapping[str, Any], **overrides: Any) -> Pol
     """Builds a policy from a built-in name, a YAML profile path, or a profile mapping.
 
     Args:
-        source: ``"slomesh"``, ``"round-robin"``, ``"least-load"``, a path to a YAML profile,
-            or a mapping with the profile's fields.
+        source: A built-in name (``"slomesh"``, ``"oracle"``, ``"round-robin"``,
+            ``"least-load"``, ``"nearest"``, ``"llm-d"``, ``"dynamo"``, ``"qlm"``), a path to a
+            YAML profile, or a mapping with the profile's fields.
         **overrides: Profile fields to replace (e.g. ``slo_margin=0.8``).
 
     Raises:
@@ -805,11 +1109,21 @@ for _cls in (
     RegionAllowlistFilter,
     SloFeasibleFilter,
     ProtectInflightFilter,
+    NearestRegionFilter,
 ):
     FILTERS.add(_cls.name, _cls)
-for _cls in (ObjectiveScorer, LowestTtftScorer, LeastOutstandingScorer):
+for _cls in (
+    ObjectiveScorer,
+    LowestTtftScorer,
+    LeastOutstandingScorer,
+    PrefixCacheHitScorer,
+    QueueDepthScorer,
+    KvCacheUtilizationScorer,
+    KvOverlapCostScorer,
+    LowestQueueWaitScorer,
+):
     SCORERS.add(_cls.name, _cls)
-for _cls in (MaxScorePicker, RoundRobinPicker):
+for _cls in (MaxScorePicker, RoundRobinPicker, SoftmaxSamplePicker):
     PICKERS.add(_cls.name, _cls)
 
 #: Built-in profiles; ``configs/policies/<name>.yaml`` spell them out (a test keeps them equal).
@@ -847,7 +1161,69 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
         "scorers": [{"name": "least-outstanding", "weight": 1.0}],
         "picker": "max-score",
     },
+    "nearest": {
+        "name": "nearest",
+        "description": (
+            "The region nearest the request's origin (lowest RTT) among those with a healthy, "
+            "fresh instance serving the model -- the origin itself when it has one -- then the "
+            "fewest outstanding requests within it; never refuses."
+        ),
+        "filters": ["healthy", "fresh", "serves-model", "nearest-region"],
+        "scorers": [{"name": "least-outstanding", "weight": 1.0}],
+        "picker": "max-score",
+    },
+    "llm-d": {
+        "name": "llm-d",
+        "description": (
+            "llm-d inference scheduler's default profile: 3 x prefix-cache hit fraction + "
+            "2 x queue score (fewest waiting requests) + 2 x (1 - KV-cache usage), highest "
+            "total wins; region-agnostic (ignores the WAN); never refuses."
+        ),
+        "filters": ["healthy", "fresh", "serves-model"],
+        "scorers": [
+            {"name": "prefix-cache-hit", "weight": 3.0},
+            {"name": "queue-depth", "weight": 2.0},
+            {"name": "kv-cache-utilization", "weight": 2.0},
+        ],
+        "picker": "max-score",
+    },
+    "dynamo": {
+        "name": "dynamo",
+        "description": (
+            "NVIDIA Dynamo KV router: lowest cost = overlap_score_weight (1) x prefill blocks "
+            "(uncached prompt + queued prefill) + decode blocks (active KV blocks with the "
+            "request added), temperature 0; region-agnostic (ignores the WAN); never refuses."
+        ),
+        "filters": ["healthy", "fresh", "serves-model"],
+        "scorers": [
+            {"name": "kv-overlap-cost", "weight": 1.0, "params": {"overlap_score_weight": 1.0}}
+        ],
+        "picker": {"name": "softmax-sample", "params": {"temperature": 0.0}},
+    },
+    "qlm": {
+        "name": "qlm",
+        "description": (
+            "QLM: the lowest predicted queue wait (request waiting time estimate) only -- no "
+            "prefix, RTT or cost; never refuses."
+        ),
+        "filters": ["healthy", "fresh", "serves-model"],
+        "scorers": [{"name": "lowest-queue-wait", "weight": 1.0}],
+        "picker": "max-score",
+    },
+}
+
+#: ``oracle``: the ``slomesh`` profile plus knowledge of each request's true output length
+#: (``max_tokens`` of an ``ignore_eos`` request; see `PredictorConfig.use_true_output_length`).
+BUILTIN_PROFILES["oracle"] = {
+    **BUILTIN_PROFILES["slomesh"],
+    "name": "oracle",
+    "description": (
+        "The slomesh policy with the true output length of each request (max_tokens of an "
+        "ignore_eos request) instead of the client's hint or the SLO class default: an upper "
+        "bound on what better output-length prediction can buy."
+    ),
+    "predictor": {"use_true_output_length": True},
 }
 
 for _name, _profile in BUILTIN_PROFILES.items():
-    PROFILES.add(_name, lambda _p=_profile: dict(_p))
+    PROFILES.add(_name, lambda _p=_profile: copy.deepcopy(_p))

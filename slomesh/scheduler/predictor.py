@@ -15,10 +15,14 @@ For a request ``q`` from origin region ``o`` on instance ``i`` (GPU type ``k``) 
   where ``h_i(q)`` is the instance's cached prefix, from the GPU profile's roofline with the
   instance's running decodes sharing each step (chunked prefill).
 - ``tpot_ms``: one decode step at the batch the instance will run with ``q`` added.
-- ``N_out``: the client's hint if given, else the SLO class's `default_output_tokens`, at most
-  ``max_tokens`` (exactly ``max_tokens`` with ``ignore_eos``). The first output token comes
-  out of the prefill step, so decoding takes ``N_out - 1`` steps, matching the
-  ``Timings.tpot_ms`` definition ``(e2e - ttft) / (completion_tokens - 1)``.
+- ``N_out``: the client's hint if given, else the SLO class's `default_output_tokens` (see
+  `predicted_output_tokens`). A real client does not know its output length and ``max_tokens``
+  is only an upper bound; with ``ignore_eos`` (how benchmark replays make an engine emit a
+  trace's exact output length) ``max_tokens`` *is* the true length, so the honest predictor
+  does not read it at all. Only `PredictorConfig.use_true_output_length` (the ``oracle``
+  policy) uses it. The first output token comes out of the prefill step, so decoding takes
+  ``N_out - 1`` steps, matching the ``Timings.tpot_ms`` definition
+  ``(e2e - ttft) / (completion_tokens - 1)``.
 - GPU seconds: prefill time plus ``q``'s share of each decode step (step time / batch);
   ``cost_usd = gpu_seconds * price_usd_per_hour / 3600``. No KV or weights move yet, so
   ``bytes_moved = 0`` and no egress cost.
@@ -49,6 +53,7 @@ __all__ = [
     "Prediction",
     "PredictorConfig",
     "decode_throughput_tokens_per_s",
+    "kv_capacity_blocks",
     "predict",
     "predicted_output_tokens",
     "prefill_ms",
@@ -69,12 +74,25 @@ class PredictorConfig:
         fallback_gpu_type: Profile used for instances whose GPU type has none (e.g. "CPU")
             and no measured throughput.
         default_block_size: Tokens per KV block when an instance reports none.
+        use_true_output_length: Take ``max_tokens`` of an ``ignore_eos`` request as its output
+            length ``N_out``. Such a request generates exactly ``max_tokens`` tokens, so this
+            is knowing the true output length in advance -- what only an oracle can do (trace
+            replays and the simulator send every request with ``ignore_eos`` and
+            ``max_tokens`` = the trace's output length). False (the default, and the
+            ``slomesh`` policy): ``N_out`` comes from the client's hint or the SLO class
+            default, as for a real client whose ``max_tokens`` is only an upper bound.
+
+    Raises:
+        ValueError: a number is out of range or the fallback GPU type has no profile (the
+            message names the field).
+        TypeError: ``use_true_output_length`` is not a bool.
     """
 
     prefill_chunk_tokens: int = 8192
     max_num_seqs: int = 256
     fallback_gpu_type: str = "L4"
     default_block_size: int = 16
+    use_true_output_length: bool = False
 
     def __post_init__(self) -> None:
         if self.prefill_chunk_tokens < 1:
@@ -88,6 +106,9 @@ class PredictorConfig:
             )
         if self.default_block_size < 1:
             raise ValueError(f"default_block_size: must be >= 1, got {self.default_block_size}")
+        if not isinstance(self.use_true_output_length, bool):
+            value = self.use_true_output_length
+            raise TypeError(f"use_true_output_length: must be true or false, got {value!r}")
 
 
 @dataclass(slots=True)
@@ -180,24 +201,56 @@ def _kv_capacity_tokens(
     return blocks * block_size
 
 
+def kv_capacity_blocks(inst: InstanceView, config: PredictorConfig = PredictorConfig()) -> int:
+    """KV blocks of an instance: the reported ``num_gpu_blocks``, else its GPU profile's.
+
+    Args:
+        inst: The instance.
+        config: Predictor knobs (fallback GPU profile and block size).
+
+    Returns:
+        Number of KV blocks of ``inst.block_size`` (or ``config.default_block_size``) tokens.
+    """
+    if inst.num_gpu_blocks:
+        return inst.num_gpu_blocks
+    block_size = inst.block_size or config.default_block_size
+    return _profile(inst, config).num_gpu_blocks(_model(inst), block_size)
+
+
 def predicted_output_tokens(
-    slo: SloClass, max_tokens: int, expected_output_tokens: int = 0, ignore_eos: bool = False
+    slo: SloClass,
+    max_tokens: int,
+    expected_output_tokens: int = 0,
+    ignore_eos: bool = False,
+    use_true_output_length: bool = False,
 ) -> int:
     """Predicted output length ``N_out`` in tokens.
+
+    What is honest to read: the client's hint (``expected_output_tokens``) is the client's own
+    estimate and may always be used; ``max_tokens`` is an upper bound a real client picks
+    without knowing the output length, so it caps the guess. Under ``ignore_eos`` the engine
+    generates exactly ``max_tokens`` tokens: benchmark replays (`slomesh.replay`, the
+    simulator) send each trace request that way with ``max_tokens`` = its true output length,
+    so reading ``max_tokens`` -- even as a cap -- would leak the true length. Only an oracle
+    (``use_true_output_length``) does.
 
     Args:
         slo: The request's SLO class (its `default_output_tokens` is the fallback).
         max_tokens: The request's output cap (>= 1).
         expected_output_tokens: The client's hint; 0 = none.
         ignore_eos: The engine generates exactly `max_tokens`.
+        use_true_output_length: Oracle knowledge: with `ignore_eos`, return `max_tokens`.
 
     Returns:
-        ``max_tokens`` with `ignore_eos`; else the hint, else the class default; capped at
-        `max_tokens` and at least 1.
+        With `ignore_eos` and `use_true_output_length`: ``max_tokens``. With `ignore_eos`
+        alone: the hint, else the class default (``max_tokens`` not read). Otherwise: the hint,
+        else the class default, capped at ``max_tokens``. Always at least 1.
     """
-    if ignore_eos:
+    if ignore_eos and use_true_output_length:
         return max(1, max_tokens)
     guess = expected_output_tokens if expected_output_tokens > 0 else slo.default_output_tokens
+    if ignore_eos:
+        return max(1, guess)
     return max(1, min(guess, max_tokens))
 
 

@@ -158,7 +158,10 @@ class TestOutputLength:
         assert predicted_output_tokens(chat, 1000, 0) == chat.default_output_tokens == 256
         assert predicted_output_tokens(chat, 1000, 40) == 40
         assert predicted_output_tokens(chat, 100, 0) == 100
-        assert predicted_output_tokens(chat, 500, 40, ignore_eos=True) == 500
+        # ignore_eos: max_tokens is the true length; only the oracle reads it (not even as a cap).
+        assert predicted_output_tokens(chat, 500, 40, ignore_eos=True) == 40
+        assert predicted_output_tokens(chat, 100, 0, ignore_eos=True) == 256
+        assert predicted_output_tokens(chat, 500, 40, True, use_true_output_length=True) == 500
 
 
 def test_config_validation_names_the_field():

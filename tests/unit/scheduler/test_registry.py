@@ -66,13 +66,32 @@ def test_builtins_are_registered():
     assert FILTERS.names() == [
         "fresh",
         "healthy",
+        "nearest-region",
         "protect-inflight",
         "region-allowlist",
         "serves-model",
         "slo-feasible",
     ]
-    assert SCORERS.names() == ["least-outstanding", "lowest-ttft", "objective"]
-    assert PICKERS.names() == ["max-score", "round-robin"]
-    assert PROFILES.names() == ["least-load", "round-robin", "slomesh"]
+    assert SCORERS.names() == [
+        "kv-cache-utilization",
+        "kv-overlap-cost",
+        "least-outstanding",
+        "lowest-queue-wait",
+        "lowest-ttft",
+        "objective",
+        "prefix-cache-hit",
+        "queue-depth",
+    ]
+    assert PICKERS.names() == ["max-score", "round-robin", "softmax-sample"]
+    assert PROFILES.names() == [
+        "dynamo",
+        "least-load",
+        "llm-d",
+        "nearest",
+        "oracle",
+        "qlm",
+        "round-robin",
+        "slomesh",
+    ]
     with pytest.raises(DuplicateNameError):
         FILTERS.add("healthy", Thing)
