@@ -8,6 +8,8 @@ Subcommands::
     slomesh demo --trace PATH --limit N --report-json PATH [--spans-out PATH] [--topology FILE]
     slomesh compose [--topology FILE] [--out-dir DIR]     # regenerate docker-compose.yml
     slomesh health (--grpc HOST:PORT | --http URL | --tcp HOST:PORT)   # for healthchecks
+    slomesh sim --trace PATH --policy NAME --report-json PATH [--rate-scale X] [--limit N] ...
+    slomesh bench --trace PATH --policies a,b,... --report-json PATH [--plot PATH.png] ...
     slomesh emulator|agent|scheduler|wan-relay|kv-transfer|bench-place ARGS...
 
 Imports are lazy so that ``slomesh --help`` stays fast.
@@ -26,6 +28,9 @@ PASS_THROUGH: dict[str, tuple[str, str, str]] = {
     "wan-relay": ("slomesh.wan_relay", "main", "run WAN relays (delay, bandwidth)"),
     "kv-transfer": ("services.kv_transfer.__main__", "main", "run a region's KV transfer service"),
     "bench-place": ("slomesh.benchmarks.place_latency", "main", "benchmark Place latency"),
+    "sim": ("slomesh.sim.cli", "main", "simulate a trace in virtual time"),
+    "bench": ("slomesh.benchmarks.capacity", "main", "capacity benchmark of policies (sim)"),
+    "fidelity": ("slomesh.fidelity", "main", "simulator vs live mesh on one trace slice"),
 }
 
 

@@ -28,6 +28,7 @@ further effect.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -235,6 +236,79 @@ class StepResult:
     def end_s(self) -> float:
         """When the step's outputs exist, on the caller's clock."""
         return self.start_s + self.duration_s
+
+
+@dataclass
+class DecodeRun:
+    """Consecutive decode-only steps run at once by :meth:`Engine.run_decode_steps`.
+
+    Equivalent to the :class:`StepResult` of each step (:meth:`to_step_results`), stored
+    compactly: every request of the batch decodes exactly one token per step.
+
+    Attributes:
+        start_s: Start of each step on the caller's clock, seconds, shape ``(k,)``.
+        duration_s: Modelled duration of each step, seconds, shape ``(k,)``; step ``j`` ends
+            at ``start_s[j] + duration_s[j]`` and step ``j + 1`` starts there.
+        request_ids: The batch, in the engine's running order, shape ``(B,)``.
+        new_token_ids: Per request (same order), its ``k`` new tokens, one per step.
+        finished: Metrics of the requests that finished in the last step (none before it).
+        kv_events: Per step, the prefix-cache events it caused, in order.
+        num_free_blocks: Free KV blocks after each step (the last one after the finished
+            requests released theirs), shape ``(k,)``: the engine's KV usage over the run.
+    """
+
+    start_s: list[float]
+    duration_s: list[float]
+    request_ids: list[str]
+    new_token_ids: list[list[int]]
+    finished: list[RequestMetrics]
+    kv_events: list[list[KVEvent]]
+    num_free_blocks: list[int]
+
+    @property
+    def num_steps(self) -> int:
+        """Steps in the run (``k`` >= 1)."""
+        return len(self.start_s)
+
+    @property
+    def batch_size(self) -> int:
+        """Requests decoding in every step (``B``)."""
+        return len(self.request_ids)
+
+    def step_end_s(self, j: int) -> float:
+        """When step ``j``'s outputs exist, on the caller's clock (same float as
+        ``StepResult.end_s``)."""
+        return self.start_s[j] + self.duration_s[j]
+
+    @property
+    def end_s(self) -> float:
+        """End of the last step, seconds."""
+        return self.step_end_s(len(self.start_s) - 1)
+
+    def to_step_results(self) -> list[StepResult]:
+        """The run as the :class:`StepResult` each :meth:`Engine.step` call would have returned."""
+        k = len(self.start_s)
+        batch = len(self.request_ids)
+        done = {m.request_id for m in self.finished}
+        out: list[StepResult] = []
+        for j in range(k):
+            last = j == k - 1
+            outputs = []
+            for rid, toks in zip(self.request_ids, self.new_token_ids, strict=True):
+                fin = last and rid in done
+                outputs.append(TokenOutput(rid, [toks[j]], fin, FINISH_LENGTH if fin else None))
+            out.append(
+                StepResult(
+                    start_s=self.start_s[j],
+                    duration_s=self.duration_s[j],
+                    outputs=outputs,
+                    kv_events=list(self.kv_events[j]),
+                    finished=list(self.finished) if last else [],
+                    num_decode_seqs=batch,
+                    num_scheduled_tokens=batch,
+                )
+            )
+        return out
 
 
 @dataclass(frozen=True)
@@ -662,6 +736,180 @@ class Engine:
         self._last_time_s = max(self._last_time_s, end_s)
         result.kv_events = self.drain_kv_events()
         return result
+
+    def run_decode_steps(
+        self, now_s: float, until_s: float = math.inf, max_steps: int | None = None
+    ) -> DecodeRun | None:
+        """Run several decode-only steps at once, exactly as repeated :meth:`step` calls would.
+
+        Applies when the engine is in a steady decode phase: no request waiting, every running
+        request past its prefill (one token to compute per step) and the batch within the token
+        budget. Steps are chained (step ``j + 1`` starts when step ``j`` ends) and the run stops
+        before the first step that would start at or after ``until_s``, after ``max_steps``
+        steps, at the first step in which a request finishes (that step included), and before a
+        step whose KV blocks would not fit (that step would preempt). Requests, counters, the KV
+        cache and its events end up exactly as after the same number of :meth:`step` calls; the
+        difference is speed: KV allocations are made only at block boundaries (the ones that
+        take or fill a block) and tokens are sampled per request, not per step.
+
+        Args:
+            now_s: Start of the first step on the caller's clock, seconds.
+            until_s: Only steps starting strictly before this are run, seconds.
+            max_steps: Most steps to run (``None``: no limit besides the above).
+
+        Returns:
+            The run, or ``None`` (nothing done) when the fast path does not apply or not even
+            one step qualifies; the caller then uses :meth:`step`.
+        """
+        running = self._running
+        if self._waiting or not running or now_s >= until_s:
+            return None
+        cfg = self.config
+        batch = len(running)
+        if batch > cfg.max_num_batched_tokens:
+            return None
+        max_len = self.max_model_len
+        k_cap = max_steps if max_steps is not None else 1 << 62
+        context = 0
+        for r in running:
+            n_tok = len(r.token_ids)
+            if r.num_output == 0 or r.num_computed != n_tok - 1:
+                return None
+            left = min(r.max_tokens - r.num_output, max_len - n_tok)
+            k_cap = min(k_cap, left)
+            context += n_tok
+        if k_cap < 1:
+            return None
+
+        # Step times: context grows by one token per request per step.
+        profile, model = self.profile, self.model
+        starts: list[float] = []
+        durations: list[float] = []
+        t = now_s
+        ctx = context
+        while len(starts) < k_cap and t < until_s:
+            d = step_time_s(profile, model, 0, batch, ctx, attention_pairs=float(ctx))
+            starts.append(t)
+            durations.append(d)
+            t = t + d
+            ctx += batch
+        k = len(starts)
+
+        # KV blocks: no block is freed inside the run, so every step's new blocks must fit.
+        bs = cfg.block_size
+        kv = self.kv
+        free = kv.num_free_blocks
+        base = [r.num_computed for r in running]
+
+        def blocks_needed(steps: int) -> int:
+            total = 0
+            for n0 in base:
+                first = -n0 % bs
+                if steps > first:
+                    total += (steps - 1 - first) // bs + 1
+            return total
+
+        if blocks_needed(k) > free:
+            lo, hi = 0, k
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if blocks_needed(mid) <= free:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            k = lo
+            if k == 0:
+                return None
+            del starts[k:]
+            del durations[k:]
+
+        # Tokens, per request (each request has its own generator).
+        vocab = cfg.output_vocab_size
+        new_tokens: list[list[int]] = []
+        for r in running:
+            randrange = r.rng.randrange
+            toks = [randrange(3, vocab) for _ in range(k)]
+            eos = r.eos_token_id
+            if eos in toks:
+                fix = 3 if eos + 1 >= vocab else eos + 1
+                toks = [fix if tok == eos else tok for tok in toks]
+            r.token_ids.extend(toks)
+            new_tokens.append(toks)
+
+        # KV allocations in step order, only where a step takes a new block (the request's KV
+        # length is a block multiple) or fills one; the steps in between only lengthen the
+        # request's last block, which the next allocation (or the final catch-up) covers.
+        points: list[tuple[int, int]] = []
+        for idx, n0 in enumerate(base):
+            for first in {-n0 % bs, -(n0 + 1) % bs}:
+                points.extend((j, idx) for j in range(first, k, bs))
+        points.sort()
+        allocated = list(base)
+        taken = [0] * k  # new blocks taken in each step
+        for j, idx in points:
+            if (base[idx] + j) % bs == 0:
+                taken[j] += 1
+        kv_events: list[list[KVEvent]] = [[] for _ in range(k)]
+        prev = self.drain_kv_events()
+        if prev:
+            kv_events[0] = prev
+        step_of_pending = 0
+        for j, idx in points:
+            if j != step_of_pending:
+                events = self.drain_kv_events()
+                if events:
+                    kv_events[step_of_pending].extend(events)
+                step_of_pending = j
+            r = running[idx]
+            target = base[idx] + j + 1
+            if not kv.allocate(r.request_id, target - allocated[idx], r.token_ids, r.block_hashes):
+                raise RuntimeError("KV allocation failed inside a decode run")  # pre-checked
+            allocated[idx] = target
+        events = self.drain_kv_events()
+        if events:
+            kv_events[step_of_pending].extend(events)
+
+        # Advance requests and counters; requests that reach their end finish in the last step.
+        end_s = starts[-1] + durations[-1]
+        finished: list[RequestMetrics] = []
+        for idx, r in enumerate(running):
+            r.num_computed += k
+            r.num_output += k
+            if r.num_output >= r.max_tokens or len(r.token_ids) >= max_len:
+                kv.free(r.request_id)
+                del self._requests[r.request_id]
+                finished.append(r.metrics(end_s, FINISH_LENGTH))
+            elif allocated[idx] < r.num_computed:
+                kv.allocate(
+                    r.request_id, r.num_computed - allocated[idx], r.token_ids, r.block_hashes
+                )
+        events = self.drain_kv_events()
+        if events:
+            kv_events[k - 1].extend(events)
+        request_ids = [r.request_id for r in running]
+        num_free: list[int] = []
+        for n_taken in taken:
+            free -= n_taken
+            num_free.append(free)
+        num_free[-1] = kv.num_free_blocks
+        if finished:
+            self._finished += len(finished)
+            done = {m.request_id for m in finished}
+            self._running = [r for r in running if r.request_id not in done]
+        self._generation_tokens += batch * k
+        self._steps += k
+        for d in durations:
+            self._busy_s += d
+        self._last_time_s = max(self._last_time_s, now_s, end_s)
+        return DecodeRun(
+            start_s=starts,
+            duration_s=durations,
+            request_ids=request_ids,
+            new_token_ids=new_tokens,
+            finished=finished,
+            kv_events=kv_events,
+            num_free_blocks=num_free,
+        )
 
     # ------------------------------------------------------------------ internals
 

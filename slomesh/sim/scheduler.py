@@ -1,0 +1,106 @@
+"""The global scheduler's decision path in virtual time.
+
+`SimScheduler` does, for each request, what `services.global_scheduler`'s
+``GlobalSchedulerServicer.Generate`` does before and after forwarding, with the same core
+objects: `slomesh.scheduler.validation.validate_request` against the models, SLO classes and
+regions the view knows; the policy's ``place`` on a `ClusterView`; on a placement,
+``record_placement`` (optimistic load until a state stamped after the request reached the agent
+arrives, one-way delay = half the predicted RTT) and ``track_inflight`` with the request's TPOT
+target until its stream ends (``untrack_inflight``). The view is fed `RegionState`s and
+`KvIndexDelta`s as they are delivered and reads the simulator's virtual clock.
+
+The view is built without a snapshot callback: the simulated agents publish every KV delta from
+the first one (seq 1) on, so the view adopts them in order, as a live scheduler does after its
+first snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from slomesh.scheduler.policy import PlacementDecision, Policy
+from slomesh.scheduler.validation import ValidatedRequest, validate_request
+from slomesh.scheduler.view import ClusterView
+from slomesh.slo import SloConfig
+from slomesh.topology import Topology
+from slomesh.v1 import scheduler_pb2, state_pb2
+
+__all__ = ["SimScheduler"]
+
+
+class SimScheduler:
+    """One scheduler (acting as every region's replica, as in the local mesh).
+
+    Args:
+        topology: The mesh topology (RTT seeds, prices, the model).
+        policy: The placement policy.
+        slo: SLO classes and the default class.
+        clock_ns: The virtual clock, Unix nanoseconds.
+        staleness_ms: A region whose state is older than this is not routable.
+        region: The replica's own region (default origin), or None as in the local mesh.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        policy: Policy,
+        slo: SloConfig,
+        clock_ns: Callable[[], int],
+        *,
+        staleness_ms: float = 1000.0,
+        region: str | None = None,
+    ) -> None:
+        self.topology = topology
+        self.policy = policy
+        self.slo = slo
+        self.region = region
+        self.view = ClusterView(
+            topology, staleness_ms=staleness_ms, request_snapshot=None, clock_ns=clock_ns
+        )
+
+    def on_state(self, state: state_pb2.RegionState) -> None:
+        """A `RegionState` arrived (NATS ``slomesh.region.<r>.state``)."""
+        self.view.apply_state(state)
+
+    def on_kv(self, delta: state_pb2.KvIndexDelta) -> None:
+        """A `KvIndexDelta` arrived (NATS ``slomesh.region.<r>.kv``)."""
+        self.view.apply_kv_delta(delta)
+
+    def validate(self, request: scheduler_pb2.GenerateRequest) -> ValidatedRequest:
+        """Validates a request as the live scheduler does.
+
+        Raises:
+            slomesh.scheduler.validation.RequestValidationError: (INVALID_ARGUMENT).
+        """
+        return validate_request(
+            request,
+            models=self.view.known_models(),
+            slo_classes=self.slo.classes,
+            default_slo_class=self.slo.default_class,
+            regions=self.view.known_region_names(),
+            default_origin_region=self.region,
+        )
+
+    def place(self, request: ValidatedRequest) -> PlacementDecision:
+        """Runs the policy; records a chosen placement in the view (optimistic load)."""
+        decision = self.policy.place(request, self.view)
+        chosen = decision.chosen
+        if chosen is not None and chosen.prediction is not None:
+            self.view.record_placement(
+                chosen.region,
+                chosen.instance_id,
+                request.request_id,
+                prefill_tokens=chosen.prediction.uncached_prompt_tokens,
+                decode_tokens=chosen.prediction.output_tokens,
+                placed_unix_ns=decision.decided_unix_ns,
+                one_way_ms=chosen.prediction.rtt_ms / 2.0,
+            )
+        return decision
+
+    def forwarded(self, request: ValidatedRequest, region: str, instance_id: str) -> None:
+        """The request's stream to its serving region opened: protect its TPOT there."""
+        self.view.track_inflight(region, instance_id, request.request_id, request.slo.tpot_target_ms())
+
+    def stream_ended(self, region: str, instance_id: str, request_id: str) -> None:
+        """The request's stream ended (completion or failure) at the scheduler."""
+        self.view.untrack_inflight(region, instance_id, request_id)

@@ -1,0 +1,758 @@
+"""Discrete-event simulation of the multi-region mesh in virtual time.
+
+The simulator replays a trace against the same pieces the live mesh runs, driven by a virtual
+clock instead of the wall clock:
+
+- **Engines**: one `slomesh.engine.model.Engine` per topology instance, with the GPU profile
+  and the engine settings the emulator uses (`slomesh.emulator.server.EmulatorConfig`
+  defaults: 8192 batched tokens, 256 sequences, 16-token KV blocks, prefix caching; the
+  context limit of the instance or the topology's model, as the launcher passes it). Steps are
+  chained back to back while an engine has work (the emulator's runner chains them on
+  deadlines the same way); a request reaching an idle engine starts a step at once, one
+  reaching a busy engine joins the next step.
+- **Region agents** (`slomesh.sim.agent`): the agent's accounting, KV index and
+  `RegionState`s; a state every ``state_period_ms`` and the KV index delta (when non-empty)
+  every ``kv_flush_period_ms``, each delivered to the scheduler ``state_delay_ms`` later, as
+  over NATS. Regions publish from ``warmup_ms`` before the first request (a running mesh has
+  state before a replay starts), phase-shifted by ``i / n_regions`` of a period so that
+  regions do not publish in lockstep.
+- **Scheduler** (`slomesh.sim.scheduler.SimScheduler`): validation, the policy on a
+  `ClusterView` on the virtual clock, optimistic placement accounting and in-flight TPOT
+  tracking, as `services.global_scheduler`.
+- **WAN**: a request placed in region ``j`` from origin ``o`` reaches the agent
+  ``rtt_ms(o, j) / 2`` after the decision, and every token reaches the client ``rtt/2`` after
+  the step that produced it (`Topology.rtt_ms`, 0 within a region). As in the local mesh, the
+  client talks to a scheduler replica in its own region: no WAN between client and scheduler.
+
+Client-side timings are those of ``slomesh replay``: TTFT from the arrival (send) to the first
+token at the client (``engine TTFT + RTT``), E2E to the last token, TPOT ``(E2E - TTFT) /
+(tokens - 1)``. Requests are sent as replay sends them: token-id prompt, ``max_tokens`` = the
+trace's output length, ``ignore_eos``, the trace's origin region and SLO class. A request the
+scheduler refuses (RESOURCE_EXHAUSTED), cannot route (UNAVAILABLE) or rejects
+(INVALID_ARGUMENT) fails and does not attain its SLO.
+
+How it runs: one heap of events (arrivals, requests reaching an agent, state and KV
+publications and deliveries, stream ends at the scheduler), processed in time order (ties in
+insertion order). Engines have no events of their own; they are advanced when something looks
+at them or may change them -- a publication of their region, every scheduling decision (it must
+see every stream that ended before it), a request reaching them: every step that starts
+before that time is computed, and the outputs of the steps that have ended by then are
+delivered, each at its own end time. Steady decode phases (no request waiting, every running
+request decoding) are computed ahead as one run (`Engine.run_decode_steps`, exactly what
+stepping one by one gives) up to the earliest time a new request could reach the engine: a
+request already on its way, or the next arrival of each origin region plus half its RTT to the
+engine's region. This is exact -- nothing reaches an engine earlier -- and `SimConfig.decode_runs`
+turns it off to check that. Engine gauges in a published state include the step in flight (the
+emulator's ``/metrics`` lag by that step, and the live agent scrapes every 100 ms).
+
+Everything is deterministic: the trace's origins and SLO classes are fixed by the trace loader,
+engine output tokens by ``seed`` and the request id, the policy's tie-breaking by its profile's
+seed, and event order by time then insertion.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slomesh.engine.model import DecodeRun, Engine, EngineConfig, EngineRequest, StepResult
+from slomesh.engine.profiles import get_model_spec, get_profile
+from slomesh.report import RequestResult
+from slomesh.scheduler.policy import PlacementDecision, Policy, make_policy
+from slomesh.scheduler.validation import RequestValidationError, ValidatedRequest
+from slomesh.scheduler.view import ClusterView
+from slomesh.sim.agent import SimInstance, SimRegion
+from slomesh.sim.scheduler import SimScheduler
+from slomesh.slo import SloConfig, load_slo_config
+from slomesh.topology import Topology
+from slomesh.traces import Trace, TraceRequest
+from slomesh.v1 import scheduler_pb2
+
+__all__ = [
+    "EPOCH_UNIX_NS",
+    "SimConfig",
+    "SimOutcome",
+    "SimRecord",
+    "Simulator",
+    "generate_request",
+]
+
+EPOCH_UNIX_NS = 1_700_000_000 * 10**9
+"""Unix time (ns) of virtual time 0, the first request's arrival (the view's clock reads
+``EPOCH_UNIX_NS + virtual seconds * 1e9``)."""
+
+# Event kinds, in no particular order (ties are broken by insertion order).
+_ARRIVAL = 0
+_AT_AGENT = 1
+_STATE_TICK = 2
+_KV_TICK = 3
+_DELIVER_STATE = 4
+_DELIVER_KV = 5
+_STREAM_END = 6
+
+
+@dataclass
+class SimConfig:
+    """Settings of a simulation (the flags of ``slomesh sim``).
+
+    Attributes:
+        state_period_ms: Period of each region's `RegionState` publication, ms (> 0); the
+            live agent's ``--state-hz 10`` is 100 ms.
+        state_delay_ms: Delay from a publication (state or KV delta) to its delivery at the
+            scheduler, ms (>= 0): a NATS hop and processing on one host by default. Raise it
+            (e.g. to an inter-region RTT/2) to study staleness.
+        kv_flush_period_ms: Period of KV index delta publication, ms (> 0); the live agent
+            flushes every 50 ms.
+        staleness_ms: The scheduler's staleness bound (``--staleness-ms``), ms (> 0).
+        warmup_ms: Regions publish from this long before the first request, ms (>= 0); with
+            less than ``state_delay_ms`` the first requests find no state (UNAVAILABLE).
+        seed: Seed of the engines' output tokens (the emulator's ``--seed``).
+        max_num_batched_tokens: Engine token budget per step (emulator default).
+        max_num_seqs: Engine running-batch limit (emulator default).
+        block_size: Tokens per KV block (emulator default, vLLM on GPU).
+        enable_prefix_caching: Engines reuse cached prefixes (emulator default).
+        decode_runs: Run steady decode phases many steps at a time
+            (`Engine.run_decode_steps`); False steps one by one, with the same results,
+            slower (for verification).
+    """
+
+    state_period_ms: float = 100.0
+    state_delay_ms: float = 5.0
+    kv_flush_period_ms: float = 50.0
+    staleness_ms: float = 1000.0
+    warmup_ms: float = 500.0
+    seed: int = 0
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    decode_runs: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("state_period_ms", "kv_flush_period_ms", "staleness_ms"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: must be > 0, got {value}")
+        for name in ("state_delay_ms", "warmup_ms"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name}: must be >= 0, got {value}")
+        # The engine settings are range-checked by EngineConfig.
+        EngineConfig(
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs,
+            block_size=self.block_size,
+        )
+
+
+@dataclass(slots=True)
+class SimRecord:
+    """What happened to one request of the trace (virtual seconds; 0 = first arrival).
+
+    Attributes:
+        request_id: The trace's request id.
+        arrival_s: When the client sent it.
+        origin_region: The client's region.
+        slo_class: SLO class name.
+        prompt_tokens: Prompt length in tokens.
+        output_tokens: ``max_tokens`` (the trace's output length).
+        region: Serving region ("" when not placed).
+        instance_id: Serving instance ("" when not placed).
+        wan_rtt_ms: RTT between origin and serving region, ms.
+        at_agent_s: When it reached the serving region's agent (and engine).
+        first_token_s: When the engine produced its first token (engine side).
+        finish_s: When the engine produced its last token (engine side).
+        completion_tokens: Tokens generated.
+        cached_prompt_tokens: Prompt tokens the engine found in its prefix cache.
+        outcome: The placement outcome ("placed", "best_effort", "refused", "unavailable")
+            or "" when validation failed.
+        predicted_cost_usd: The placement's predicted GPU cost, USD.
+        predicted_ttft_ms: The placement's predicted TTFT, ms.
+        slo_feasible: The policy's verdict that the placement meets the SLO.
+        policy: The policy that placed it.
+        error_code: gRPC status code name of a failure ("" when it completed).
+        error: Failure message.
+    """
+
+    request_id: str
+    arrival_s: float
+    origin_region: str
+    slo_class: str
+    prompt_tokens: int
+    output_tokens: int
+    region: str = ""
+    instance_id: str = ""
+    wan_rtt_ms: float = 0.0
+    at_agent_s: float | None = None
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    outcome: str = ""
+    predicted_cost_usd: float | None = None
+    predicted_ttft_ms: float = 0.0
+    slo_feasible: bool = False
+    policy: str = ""
+    error_code: str = ""
+    error: str = ""
+    _tokens: list[int] | None = None
+    _request: ValidatedRequest | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the request completed."""
+        return self.finish_s is not None and not self.error_code
+
+    @property
+    def client_end_s(self) -> float:
+        """When the client saw the last token (or the failure)."""
+        if self.finish_s is not None:
+            return self.finish_s + self.wan_rtt_ms / 2000.0
+        return self.arrival_s
+
+    def result(self) -> RequestResult:
+        """The request as ``slomesh replay`` reports it (client-side timings, ms)."""
+        r = RequestResult(
+            request_id=self.request_id,
+            origin_region=self.origin_region,
+            slo_class=self.slo_class,
+            prompt_tokens=self.prompt_tokens,
+            output_tokens=self.output_tokens,
+            region=self.region,
+            instance_id=self.instance_id,
+            predicted_cost_usd=self.predicted_cost_usd,
+            predicted_ttft_ms=self.predicted_ttft_ms,
+            slo_feasible=self.slo_feasible,
+            policy=self.policy,
+            error_code=self.error_code,
+            error=self.error,
+        )
+        if self.ok:
+            assert self.first_token_s is not None and self.finish_s is not None
+            half_rtt_s = self.wan_rtt_ms / 2000.0
+            r.ok = True
+            r.completion_tokens = self.completion_tokens
+            r.cached_prompt_tokens = self.cached_prompt_tokens
+            r.ttft_ms = (self.first_token_s + half_rtt_s - self.arrival_s) * 1000.0
+            r.e2e_ms = (self.finish_s + half_rtt_s - self.arrival_s) * 1000.0
+            n = self.completion_tokens
+            r.tpot_ms = (r.e2e_ms - r.ttft_ms) / (n - 1) if n > 1 else 0.0
+        return r
+
+
+@dataclass
+class SimOutcome:
+    """Results of one simulation.
+
+    Attributes:
+        records: One per trace request, in trace (arrival) order.
+        results: The same as `RequestResult`s (client-side view, as replay reports).
+        duration_s: Virtual time from the first arrival to the last client-side completion.
+        policy: Name of the policy.
+        wall_s: Wall time the simulation took, seconds.
+        stats: Counters of the run (events, engine steps, decode runs, publications, ...).
+    """
+
+    records: list[SimRecord]
+    results: list[RequestResult]
+    duration_s: float
+    policy: str
+    wall_s: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+DecisionHook = Callable[[float, ValidatedRequest, PlacementDecision, ClusterView], None]
+"""Called after each placement decision with (virtual time s, request, decision, view)."""
+DeliveryHook = Callable[[float, Any], None]
+"""Called with (virtual time s, message) for each `RegionState` / `KvIndexDelta` delivered to
+the scheduler, before it is applied."""
+
+
+def generate_request(request: TraceRequest, model: str) -> scheduler_pb2.GenerateRequest:
+    """The `GenerateRequest` a replay client sends for a trace request: token-id prompt,
+    ``max_tokens`` = the trace's output length, ``ignore_eos``, origin region and SLO class."""
+    return scheduler_pb2.GenerateRequest(
+        request_id=request.request_id,
+        model=model,
+        prompt_token_ids=request.prompt_token_ids.tolist(),
+        max_tokens=request.output_tokens,
+        ignore_eos=True,
+        slo_class=request.slo_class,
+        origin_region=request.origin_region,
+    )
+
+
+class Simulator:
+    """Simulates a topology serving traces under one placement policy (module docstring).
+
+    Args:
+        topology: Regions, instances, prices and RTTs.
+        policy: A built-in policy name, a YAML profile path, a profile mapping, or a `Policy`.
+            Names, paths and mappings are built afresh for every `run` (pickers keep state);
+            a `Policy` object is used as given.
+        config: Simulation settings.
+        slo: SLO classes (default: the built-in ones).
+        on_decision: Optional hook called after each placement decision.
+        on_delivery: Optional hook called for each state/KV message delivered.
+
+    Raises:
+        slomesh.scheduler.policy.PolicyConfigError: unknown or invalid policy.
+        ValueError: the topology's model is unknown or an instance's KV cache is too small.
+    """
+
+    def __init__(
+        self,
+        topology: Topology,
+        policy: str | Path | Mapping[str, Any] | Policy = "slomesh",
+        config: SimConfig | None = None,
+        slo: SloConfig | None = None,
+        *,
+        on_decision: DecisionHook | None = None,
+        on_delivery: DeliveryHook | None = None,
+    ) -> None:
+        self.topology = topology
+        self.policy_source = policy
+        self.config = config if config is not None else SimConfig()
+        self.slo = slo if slo is not None else load_slo_config()
+        self.on_decision = on_decision
+        self.on_delivery = on_delivery
+        self.model = get_model_spec(topology.model.name)
+        # Fail early on a bad policy or engine configuration.
+        self._make_policy()
+        self._build_regions()
+
+    def _make_policy(self) -> Policy:
+        if isinstance(self.policy_source, Policy):
+            return self.policy_source
+        return make_policy(self.policy_source)
+
+    def _build_regions(self) -> list[SimRegion]:
+        cfg = self.config
+        topo = self.topology
+        regions = []
+        for region in topo.regions:
+            instances = []
+            for spec in region.instances:
+                engine = Engine(
+                    get_profile(spec.gpu_type),
+                    self.model,
+                    EngineConfig(
+                        max_num_batched_tokens=cfg.max_num_batched_tokens,
+                        max_num_seqs=cfg.max_num_seqs,
+                        block_size=cfg.block_size,
+                        enable_prefix_caching=cfg.enable_prefix_caching,
+                        max_model_len=spec.max_model_len or topo.model.max_model_len,
+                        seed=cfg.seed,
+                    ),
+                )
+                on_demand, spot = topo.gpu_price_usd_per_hour(spec.gpu_type, region.cloud_region)
+                instances.append(
+                    SimInstance(region.name, spec, engine, topo.model.name, on_demand, spot)
+                )
+            regions.append(SimRegion(region, instances, incarnation=f"sim-{region.name}"))
+        return regions
+
+    def run(
+        self, trace: Trace, progress: Callable[[int, int], None] | None = None
+    ) -> SimOutcome:
+        """Simulates ``trace`` from scratch (fresh engines, agents, view and policy).
+
+        Args:
+            trace: The requests, arrival times already rate-scaled.
+            progress: Optional callback ``(requests sent, total)`` called now and then.
+
+        Returns:
+            The outcome (records in trace order, results, virtual duration, counters).
+        """
+        return _Run(self, trace, progress).execute()
+
+
+class _Run:
+    """The mutable state of one simulation."""
+
+    def __init__(
+        self, sim: Simulator, trace: Trace, progress: Callable[[int, int], None] | None
+    ) -> None:
+        self.sim = sim
+        self.cfg = sim.config
+        self.topology = sim.topology
+        self.trace = trace
+        self.progress = progress
+        self.policy = sim._make_policy()
+        self.now = 0.0
+        self.scheduler = SimScheduler(
+            sim.topology,
+            self.policy,
+            sim.slo,
+            self._clock_ns,
+            staleness_ms=self.cfg.staleness_ms,
+        )
+        self.regions = sim._build_regions()
+        self.region_by_name = {r.name: r for r in self.regions}
+        self.instances: list[SimInstance] = [i for r in self.regions for i in r.instances]
+        self.instance_by_id = {i.instance_id: i for i in self.instances}
+        self.records: list[SimRecord] = []
+        self.live: dict[str, SimRecord] = {}
+        self.in_flight = 0
+        self.arrivals_done = False
+        self.heap: list[tuple[float, int, int, Any]] = []
+        self.seq = 0
+        self.rtt_cache: dict[tuple[str, str], float] = {}
+        # What may reach an engine next: per origin, the arrival times not yet processed
+        # (with a cursor), and per instance, the requests already on their way to it.
+        self.origin_arrivals: dict[str, list[float]] = {}
+        for tr in trace.requests:
+            self.origin_arrivals.setdefault(tr.origin_region, []).append(tr.arrival_s)
+        self.origin_cursor = dict.fromkeys(self.origin_arrivals, 0)
+        self.incoming: dict[str, list[float]] = {i.instance_id: [] for i in self.instances}
+        self.stats = {
+            "events": 0,
+            "engine_steps": 0,
+            "decode_runs": 0,
+            "decode_run_steps": 0,
+            "decisions": 0,
+        }
+
+    # -- clock and heap ------------------------------------------------------------------------
+
+    def _clock_ns(self) -> int:
+        return EPOCH_UNIX_NS + round(self.now * 1e9)
+
+    def _push(self, t: float, kind: int, payload: Any) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, payload))
+
+    def _rtt_ms(self, origin: str, region: str) -> float:
+        key = (origin, region)
+        rtt = self.rtt_cache.get(key)
+        if rtt is None:
+            rtt = self.rtt_cache[key] = self.topology.rtt_ms(origin, region)
+        return rtt
+
+    # -- main loop -----------------------------------------------------------------------------
+
+    def execute(self) -> SimOutcome:
+        wall0 = time.perf_counter()
+        cfg = self.cfg
+        requests = self.trace.requests
+        start = -cfg.warmup_ms / 1000.0
+        n_regions = len(self.regions)
+        for i in range(n_regions):
+            phase = i / n_regions
+            self._push(start + phase * cfg.state_period_ms / 1000.0, _STATE_TICK, i)
+            self._push(start + phase * cfg.kv_flush_period_ms / 1000.0, _KV_TICK, i)
+        if requests:
+            self._push(requests[0].arrival_s, _ARRIVAL, 0)
+        else:
+            self.arrivals_done = True
+        heap = self.heap
+        pop = heapq.heappop
+        events = 0
+        while heap:
+            t, _, kind, payload = pop(heap)
+            self.now = t
+            events += 1
+            if kind == _ARRIVAL:
+                self._on_arrival(payload)
+            elif kind == _AT_AGENT:
+                self._on_at_agent(payload)
+            elif kind == _STATE_TICK:
+                self._on_state_tick(payload)
+            elif kind == _KV_TICK:
+                self._on_kv_tick(payload)
+            elif kind == _DELIVER_STATE:
+                if self.sim.on_delivery is not None:
+                    self.sim.on_delivery(t, payload)
+                self.scheduler.on_state(payload)
+            elif kind == _DELIVER_KV:
+                if self.sim.on_delivery is not None:
+                    self.sim.on_delivery(t, payload)
+                self.scheduler.on_kv(payload)
+            elif kind == _STREAM_END:
+                rec = payload
+                self.scheduler.stream_ended(rec.region, rec.instance_id, rec.request_id)
+        if self.in_flight:
+            raise RuntimeError(f"simulation ended with {self.in_flight} requests in flight")
+        wall_s = time.perf_counter() - wall0
+        if self.progress is not None:
+            self.progress(len(requests), len(requests))
+        duration_s = max((r.client_end_s for r in self.records), default=0.0)
+        self.stats.update(
+            events=events,
+            states_published=sum(r.published_states for r in self.regions),
+            kv_deltas_published=sum(r.published_deltas for r in self.regions),
+            kv_deltas_applied=self.scheduler.view.deltas_applied,
+        )
+        return SimOutcome(
+            records=self.records,
+            results=[r.result() for r in self.records],
+            duration_s=duration_s,
+            policy=self.policy.name,
+            wall_s=wall_s,
+            stats=dict(self.stats),
+        )
+
+    def _done(self) -> bool:
+        return self.arrivals_done and self.in_flight == 0
+
+    # -- events --------------------------------------------------------------------------------
+
+    def _next_input_s(self, inst: SimInstance) -> float:
+        """Earliest time a request not yet at ``inst`` can reach it: a request on its way, or
+        the next arrival of each origin region plus half its RTT to the instance's region."""
+        incoming = self.incoming[inst.instance_id]
+        bound = incoming[0] if incoming else math.inf
+        for origin, times in self.origin_arrivals.items():
+            i = self.origin_cursor[origin]
+            if i < len(times):
+                t = times[i] + self._rtt_ms(origin, inst.region) / 2000.0
+                bound = min(bound, t)
+        return bound
+
+    def _on_arrival(self, index: int) -> None:
+        requests = self.trace.requests
+        tr = requests[index]
+        try:
+            self._decide(index, tr)
+        finally:
+            # Until decided, the request may still go anywhere (see _next_input_s).
+            self.origin_cursor[tr.origin_region] += 1
+
+    def _decide(self, index: int, tr: TraceRequest) -> None:
+        requests = self.trace.requests
+        if index + 1 < len(requests):
+            self._push(requests[index + 1].arrival_s, _ARRIVAL, index + 1)
+        else:
+            self.arrivals_done = True
+        if self.progress is not None and index % 500 == 0:
+            self.progress(index, len(requests))
+        now = self.now
+        # Any instance may receive this request without delay (a placement in the origin's
+        # region), and the scheduler must have seen every stream that ended before now.
+        for inst in self.instances:
+            self._advance(inst, now)
+        rec = SimRecord(
+            request_id=tr.request_id,
+            arrival_s=tr.arrival_s,
+            origin_region=tr.origin_region,
+            slo_class=tr.slo_class,
+            prompt_tokens=tr.prompt_tokens,
+            output_tokens=tr.output_tokens,
+        )
+        self.records.append(rec)
+        msg = generate_request(tr, self.topology.model.name)
+        tr.release_tokens()
+        scheduler = self.scheduler
+        try:
+            vreq = scheduler.validate(msg)
+        except RequestValidationError as err:
+            rec.error_code = "INVALID_ARGUMENT"
+            rec.error = str(err)
+            return
+        decision = scheduler.place(vreq)
+        self.stats["decisions"] += 1
+        if self.sim.on_decision is not None:
+            self.sim.on_decision(now, vreq, decision, scheduler.view)
+        rec.outcome = decision.outcome
+        rec.policy = decision.policy
+        chosen = decision.chosen
+        if chosen is None or chosen.prediction is None:
+            rec.error_code = "RESOURCE_EXHAUSTED" if decision.outcome == "refused" else "UNAVAILABLE"
+            rec.error = decision.reason
+            return
+        p = chosen.prediction
+        rec.region = chosen.region
+        rec.instance_id = chosen.instance_id
+        rec.predicted_cost_usd = p.cost_usd
+        rec.predicted_ttft_ms = p.ttft_ms
+        rec.slo_feasible = chosen.feasible
+        rec.wan_rtt_ms = self._rtt_ms(tr.origin_region, chosen.region)
+        rec._tokens = vreq.prompt_token_ids  # type: ignore[assignment]
+        rec._request = vreq
+        scheduler.forwarded(vreq, chosen.region, chosen.instance_id)
+        self.in_flight += 1
+        at_agent_s = now + rec.wan_rtt_ms / 2000.0
+        heapq.heappush(self.incoming[chosen.instance_id], at_agent_s)
+        self._push(at_agent_s, _AT_AGENT, rec)
+
+    def _on_at_agent(self, rec: SimRecord) -> None:
+        now = self.now
+        inst = self.instance_by_id[rec.instance_id]
+        region = self.region_by_name[inst.region]
+        self._advance(inst, now)
+        heapq.heappop(self.incoming[inst.instance_id])  # after advancing: it bounds the run
+        tokens = rec._tokens or []
+        rec._tokens = None
+        rec.at_agent_s = now
+        cached = region.cached_prefix_tokens(inst, tokens)
+        inst.start_request(rec.request_id, rec.prompt_tokens, cached, rec.output_tokens, now)
+        try:
+            inst.engine.add_request(
+                EngineRequest(rec.request_id, tokens, rec.output_tokens, ignore_eos=True),
+                now_s=now,
+            )
+        except ValueError as err:
+            # The engine answers HTTP 400; the agent and the scheduler pass INVALID_ARGUMENT on.
+            inst.finish_request(rec.request_id)
+            rec.error_code = "INVALID_ARGUMENT"
+            rec.error = str(err)
+            self.in_flight -= 1
+            self._stream_end(rec, now)
+            return
+        self.live[rec.request_id] = rec
+        if inst.next_start_s is None:
+            inst.next_start_s = now
+
+    def _on_state_tick(self, region_index: int) -> None:
+        now = self.now
+        region = self.regions[region_index]
+        gauges = []
+        for inst in region.instances:
+            self._advance(inst, now)
+            inst.tick(now)
+            gauges.append(self._gauges(inst))
+        state = region.region_state(self._clock_ns(), gauges)
+        self._push(now + self.cfg.state_delay_ms / 1000.0, _DELIVER_STATE, state)
+        if not self._done():
+            self._push(now + self.cfg.state_period_ms / 1000.0, _STATE_TICK, region_index)
+
+    def _on_kv_tick(self, region_index: int) -> None:
+        now = self.now
+        region = self.regions[region_index]
+        for inst in region.instances:
+            self._advance(inst, now)
+        delta = region.take_kv_delta(self._clock_ns())
+        if delta is not None:
+            self._push(now + self.cfg.state_delay_ms / 1000.0, _DELIVER_KV, delta)
+        if not self._done():
+            self._push(now + self.cfg.kv_flush_period_ms / 1000.0, _KV_TICK, region_index)
+
+    # -- engines -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _gauges(inst: SimInstance) -> tuple[int, int, float]:
+        """(running, waiting, KV usage) of the engine after its step in flight."""
+        engine = inst.engine
+        run = inst.pending
+        if type(run) is DecodeRun:
+            j = inst.pending_step
+            running = run.batch_size
+            if j == run.num_steps - 1:
+                running -= len(run.finished)
+            usage = 1.0 - run.num_free_blocks[j] / engine.num_gpu_blocks
+            return running, engine.num_waiting, usage
+        return engine.num_running, engine.num_waiting, engine.kv.usage
+
+    def _advance(self, inst: SimInstance, t: float) -> None:
+        """Computes every step of ``inst`` that starts before ``t`` and delivers every output
+        that exists by ``t`` (module docstring: lazy advancement)."""
+        engine = inst.engine
+        stats = self.stats
+        while True:
+            p = inst.pending
+            if p is not None:
+                if type(p) is DecodeRun:
+                    j0 = j = inst.pending_step
+                    k = len(p.start_s)
+                    starts, durations = p.start_s, p.duration_s
+                    while j < k and starts[j] + durations[j] <= t:
+                        j += 1
+                    if j > j0:
+                        self._deliver_run(inst, p, j0, j)
+                    if j < k:
+                        inst.pending_step = j
+                        return
+                else:
+                    if p.start_s + p.duration_s > t:
+                        return
+                    self._deliver_step(inst, p)
+                inst.pending = None
+                if not engine.has_work():
+                    inst.next_start_s = None
+                    return
+            s = inst.next_start_s
+            if s is None or s >= t:
+                return
+            # A run may go on past t: nothing can reach the engine before _next_input_s.
+            run = (
+                engine.run_decode_steps(s, until_s=max(t, self._next_input_s(inst)))
+                if self.cfg.decode_runs
+                else None
+            )
+            if run is not None:
+                inst.pending = run
+                inst.pending_step = 0
+                inst.next_start_s = run.end_s
+                stats["decode_runs"] += 1
+                stats["decode_run_steps"] += len(run.start_s)
+                stats["engine_steps"] += len(run.start_s)
+                continue
+            res = engine.step(s)
+            if res.num_scheduled_tokens == 0:
+                # Nothing schedulable (the emulator's runner then waits for a new request).
+                self._deliver_step(inst, res)
+                inst.next_start_s = None
+                return
+            stats["engine_steps"] += 1
+            inst.pending = res
+            inst.next_start_s = res.end_s
+
+    def _deliver_step(self, inst: SimInstance, res: StepResult) -> None:
+        end_s = res.start_s + res.duration_s
+        live = self.live
+        for fs in res.first_scheduled:
+            rec = live.get(fs.request_id)
+            if rec is not None:
+                rec.cached_prompt_tokens = fs.num_cached_tokens
+        for out in res.outputs:
+            rec = live[out.request_id]
+            n = len(out.new_token_ids)
+            inst.tokens_received(out.request_id, n, end_s)
+            if rec.first_token_s is None:
+                rec.first_token_s = end_s
+            rec.completion_tokens += n
+            if out.finished:
+                self._finish(inst, rec, end_s)
+        if res.kv_events:
+            self.region_by_name[inst.region].on_kv_events(inst, res.kv_events)
+
+    def _deliver_run(self, inst: SimInstance, run: DecodeRun, j0: int, j1: int) -> None:
+        n = j1 - j0
+        live = self.live
+        ids = run.request_ids
+        inst.decode_tokens_received(ids, n)
+        for rid in ids:
+            live[rid].completion_tokens += n
+        batch: list = []
+        for evs in run.kv_events[j0:j1]:
+            if evs:
+                batch.extend(evs)
+        if batch:
+            self.region_by_name[inst.region].on_kv_events(inst, batch)
+        if j1 == len(run.start_s) and run.finished:
+            end_s = run.end_s
+            for m in run.finished:
+                self._finish(inst, live[m.request_id], end_s)
+
+    def _finish(self, inst: SimInstance, rec: SimRecord, end_s: float) -> None:
+        rec.finish_s = end_s
+        inst.finish_request(rec.request_id)
+        del self.live[rec.request_id]
+        rec._request = None
+        self.in_flight -= 1
+        self._stream_end(rec, end_s)
+
+    def _stream_end(self, rec: SimRecord, engine_s: float) -> None:
+        """The end of the request's stream reaches the scheduler ``rtt/2`` after the engine."""
+        at = engine_s + rec.wan_rtt_ms / 2000.0
+        if at <= self.now:
+            # Found while advancing past it; no decision was taken in between (decisions
+            # advance every engine first), so applying it now keeps the order decisions see.
+            self.scheduler.stream_ended(rec.region, rec.instance_id, rec.request_id)
+        else:
+            self._push(at, _STREAM_END, rec)
