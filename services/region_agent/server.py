@@ -289,12 +289,11 @@ class RegionAgent:
         instances = []
         cloud_region = self.region_spec.cloud_region
         for rt in self.runtimes.values():
+            # An instance whose GPU type has no catalog price (e.g. "CPU") is published at 0.
             price = spot = 0.0
             if rt.gpu_type:
-                try:
+                with contextlib.suppress(KeyError):
                     price, spot = self.topology.gpu_price_usd_per_hour(rt.gpu_type, cloud_region)
-                except KeyError:
-                    pass
             state = rt.to_proto(price, spot, self.index.num_blocks(rt.instance_id))
             if not state.max_model_len:
                 spec = next((i for i in self.region_spec.instances if i.id == rt.instance_id), None)
