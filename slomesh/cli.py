@@ -10,6 +10,7 @@ Subcommands::
     slomesh health (--grpc HOST:PORT | --http URL | --tcp HOST:PORT)   # for healthchecks
     slomesh sim --trace PATH --policy NAME --report-json PATH [--rate-scale X] [--limit N] ...
     slomesh bench --trace PATH --policies a,b,... --report-json PATH [--plot PATH.png] ...
+    slomesh sim|bench|fidelity|study-prefix-wan|study-heterogeneity ARGS...  # measure policies
     slomesh emulator|agent|scheduler|wan-relay|kv-transfer|bench-place ARGS...
 
 Imports are lazy so that ``slomesh --help`` stays fast.
@@ -31,6 +32,8 @@ PASS_THROUGH: dict[str, tuple[str, str, str]] = {
     "sim": ("slomesh.sim.cli", "main", "simulate a trace in virtual time"),
     "bench": ("slomesh.benchmarks.capacity", "main", "capacity benchmark of policies (sim)"),
     "fidelity": ("slomesh.fidelity", "main", "simulator vs live mesh on one trace slice"),
+    "study-prefix-wan": ("slomesh.research", "prefix_wan_main", "is the WAN to a prefix worth it"),
+    "study-heterogeneity": ("slomesh.research", "heterogeneity_main", "GPU mix vs. SLO and cost"),
 }
 
 
