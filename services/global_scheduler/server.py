@@ -310,15 +310,7 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
                 endpoint = self.routes.resolve(
                     request.origin_region, chosen.region, chosen.instance.agent_endpoint
                 )
-                self.view.record_placement(
-                    chosen.region,
-                    chosen.instance_id,
-                    request.request_id,
-                    prefill_tokens=chosen.prediction.uncached_prompt_tokens,
-                    decode_tokens=chosen.prediction.output_tokens,
-                    placed_unix_ns=decision.decided_unix_ns,
-                    one_way_ms=chosen.prediction.rtt_ms / 2.0,
-                )
+            decision.record_in(self.view)
             self.ledger.record_decision(decision, endpoint)
             self.metrics.place_latency.labels(decision.policy).observe(time.perf_counter() - t0)
             self.metrics.placements.labels(

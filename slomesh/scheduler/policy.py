@@ -214,6 +214,23 @@ class PlacementDecision:
         """Whether the chosen candidate is predicted to meet the SLO with the margin."""
         return self.chosen is not None and self.chosen.feasible
 
+    def record_in(self, view: ClusterView) -> None:
+        """Adds the chosen placement to `view`'s optimistic load until the serving agent's
+        state reflects it (no-op when nothing was chosen). The live scheduler and the
+        simulator both call this after every decision."""
+        chosen = self.chosen
+        if chosen is None or chosen.prediction is None:
+            return
+        view.record_placement(
+            chosen.region,
+            chosen.instance_id,
+            self.request.request_id,
+            prefill_tokens=chosen.prediction.uncached_prompt_tokens,
+            decode_tokens=chosen.prediction.output_tokens,
+            placed_unix_ns=self.decided_unix_ns,
+            one_way_ms=chosen.prediction.rtt_ms / 2.0,
+        )
+
     def to_placement(self, agent_endpoint: str) -> scheduler_pb2.Placement:
         """The `Placement` message for the chosen candidate.
 

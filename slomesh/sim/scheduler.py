@@ -84,17 +84,7 @@ class SimScheduler:
     def place(self, request: ValidatedRequest) -> PlacementDecision:
         """Runs the policy; records a chosen placement in the view (optimistic load)."""
         decision = self.policy.place(request, self.view)
-        chosen = decision.chosen
-        if chosen is not None and chosen.prediction is not None:
-            self.view.record_placement(
-                chosen.region,
-                chosen.instance_id,
-                request.request_id,
-                prefill_tokens=chosen.prediction.uncached_prompt_tokens,
-                decode_tokens=chosen.prediction.output_tokens,
-                placed_unix_ns=decision.decided_unix_ns,
-                one_way_ms=chosen.prediction.rtt_ms / 2.0,
-            )
+        decision.record_in(self.view)
         return decision
 
     def forwarded(self, request: ValidatedRequest, region: str, instance_id: str) -> None:
