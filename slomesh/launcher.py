@@ -270,7 +270,8 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` is running (a zombie counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -305,19 +306,19 @@ def stop_pids(entries: Sequence[tuple[int, Sequence[str]]], timeout_s: float = S
     Returns:
         The pids that were still alive after SIGKILL (empty on success).
     """
-    targets = [pid for pid, cmd in entries if _pid_alive(pid) and _pid_matches(pid, cmd)]
+    targets = [pid for pid, cmd in entries if pid_alive(pid) and _pid_matches(pid, cmd)]
     for pid in targets:
         _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_pid_alive(p) for p in targets):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in targets):
         time.sleep(0.05)
     for pid in targets:
-        if _pid_alive(pid):
+        if pid_alive(pid):
             _signal_group(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline and any(_pid_alive(p) for p in targets):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in targets):
         time.sleep(0.05)
-    return [p for p in targets if _pid_alive(p)]
+    return [p for p in targets if pid_alive(p)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -833,7 +834,7 @@ def mesh_running(run_dir: str | Path) -> bool:
     return (
         info.get("status") == "ready"
         and sup != os.getpid()
-        and _pid_alive(sup)
+        and pid_alive(sup)
         and _pid_matches(sup, info.get("supervisor_cmd") or [])
     )
 
@@ -998,10 +999,10 @@ def down_from_info(info: dict[str, Any], timeout_s: float = STOP_TIMEOUT_S) -> l
     """
     sup = int(info.get("supervisor_pid") or 0)
     sup_cmd = info.get("supervisor_cmd") or []
-    if sup and sup != os.getpid() and _pid_alive(sup) and _pid_matches(sup, sup_cmd):
+    if sup and sup != os.getpid() and pid_alive(sup) and _pid_matches(sup, sup_cmd):
         os.kill(sup, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s * 5 + 10
-        while time.monotonic() < deadline and _pid_alive(sup):
+        while time.monotonic() < deadline and pid_alive(sup):
             time.sleep(0.1)
     entries = [(int(p["pid"]), p.get("cmd") or []) for p in info.get("processes", [])]
     if sup and sup != os.getpid():

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import subprocess
 import sys
 import time
 
 import pytest
 
+from slomesh.launcher import pid_alive
 from slomesh.topology import shared_data_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -28,18 +28,6 @@ SECTION6_KEYS = {
     "trace", "policy", "requests", "completed", "failed", "slo_attainment", "ttft_ms", "tpot_ms",
     "e2e_ms", "cost_usd", "cost_per_mtok_usd", "cross_region_bytes", "per_region",
 }
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -147,9 +135,9 @@ def test_no_process_left_behind(demo_run: dict) -> None:
     pids = [p["pid"] for p in info["processes"]]
     assert len(pids) >= 13  # nats, redis, 6 emulators, 3 agents, relay, scheduler
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.2)
-    assert [p for p in pids if _alive(p)] == []
+    assert [p for p in pids if pid_alive(p)] == []
     assert info["status"] == "stopped"
 
 

@@ -8,7 +8,6 @@ and a Redis given by URL (the fixtures' servers), which `down` must leave runnin
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,21 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from slomesh.launcher import pid_alive
 from slomesh.topology import shared_data_dir
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _slomesh(args: list[str], cwd: Path, timeout_s: float) -> subprocess.CompletedProcess:
@@ -54,7 +42,7 @@ def test_up_replay_down(tmp_path: Path, nats_server, redis_server) -> None:
         assert (info["nats_url"], info["redis_url"]) == (nats_server.url, redis_server.url)
         assert {p["kind"] for p in info["processes"]}.isdisjoint({"nats", "redis"})
         assert set(info["regions"]) == {"washington-dc", "frankfurt", "tokyo"}
-        assert all(_alive(p) for p in pids)
+        assert all(pid_alive(p) for p in pids)
         # A second `up` in the same run dir refuses instead of starting a second mesh.
         again = _slomesh(["up", "--detach"], tmp_path, 60)
         assert again.returncode == 1
@@ -81,9 +69,9 @@ def test_up_replay_down(tmp_path: Path, nats_server, redis_server) -> None:
         down = _slomesh(["down"], tmp_path, 120)
     assert down.returncode == 0, down.stderr[-3000:]
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
         time.sleep(0.2)
-    assert [p for p in pids if _alive(p)] == []
+    assert [p for p in pids if pid_alive(p)] == []
     assert nats_server.running and redis_server.running
     assert json.loads((run_dir / "mesh.json").read_text())["status"] == "stopped"
 
