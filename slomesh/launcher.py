@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from slomesh.procs import NatsServerProcess, RedisServerProcess, free_port
+from slomesh.procs import NatsServerProcess, RedisServerProcess, free_ports
 from slomesh.topology import DEFAULT_TOPOLOGY_PATH, Topology
 
 logger = logging.getLogger(__name__)
@@ -160,38 +160,43 @@ class MeshPlan:
     relay_metrics_port: int
     scheduler_port: int
     scheduler_metrics_port: int
+    nats_port: int
+    redis_port: int
 
     @classmethod
     def build(cls, topology: Topology, topology_path: Path) -> MeshPlan:
-        """Picks free loopback ports for every service of `topology`."""
+        """Picks distinct free loopback ports for every service of `topology`."""
+        regions = topology.regions
+        specs = [(region, inst) for region in regions for inst in region.instances]
+        pairs = [(o, t) for o in regions for t in regions if o.name != t.name]
+        ports = iter(free_ports(2 * len(specs) + 2 * len(regions) + len(pairs) + 5))
         instances = {
-            inst.id: InstancePlan(inst.id, region.name, inst.gpu_type, free_port(), free_port())
-            for region in topology.regions
-            for inst in region.instances
+            inst.id: InstancePlan(inst.id, region.name, inst.gpu_type, next(ports), next(ports))
+            for region, inst in specs
         }
-        agent_ports = {r.name: free_port() for r in topology.regions}
+        agent_ports = {r.name: next(ports) for r in regions}
         relays = [
             RelayPlan(
                 origin=o.name,
                 target=t.name,
-                listen_port=free_port(),
+                listen_port=next(ports),
                 target_address=f"127.0.0.1:{agent_ports[t.name]}",
                 one_way_delay_ms=topology.rtt_ms(o.name, t.name) / 2.0,
             )
-            for o in topology.regions
-            for t in topology.regions
-            if o.name != t.name
+            for o, t in pairs
         ]
         return cls(
             topology=topology,
             topology_path=topology_path,
             instances=instances,
             agent_ports=agent_ports,
-            agent_metrics_ports={r.name: free_port() for r in topology.regions},
+            agent_metrics_ports={r.name: next(ports) for r in regions},
             relays=relays,
-            relay_metrics_port=free_port(),
-            scheduler_port=free_port(),
-            scheduler_metrics_port=free_port(),
+            relay_metrics_port=next(ports),
+            scheduler_port=next(ports),
+            scheduler_metrics_port=next(ports),
+            nats_port=next(ports),
+            redis_port=next(ports),
         )
 
     def agent_address(self, region: str) -> str:
@@ -562,12 +567,15 @@ class Mesh:
 
         if not self._external_nats_url:
             self.nats = NatsServerProcess(
+                port=plan.nats_port,
                 jetstream=True,
                 store_dir=str(self.run_dir / "nats-store"),
                 log_path=str(self.logs_dir / "nats.log"),
             )
         if not self._external_redis_url:
-            self.redis = RedisServerProcess(log_path=str(self.logs_dir / "redis.log"))
+            self.redis = RedisServerProcess(
+                port=plan.redis_port, log_path=str(self.logs_dir / "redis.log")
+            )
         for name, server in (("nats", self.nats), ("redis", self.redis)):
             if server is None:
                 continue

@@ -33,6 +33,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct TCP ports that are free on `host` right now.
+
+    All sockets are held open until every port is picked, so the OS cannot hand the same port
+    out twice (as consecutive `free_port()` calls may).
+    """
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
     """Blocks until a TCP connection to host:port succeeds.
 

@@ -174,10 +174,13 @@ def test_local_plan_routes_through_relays(topology: Topology) -> None:
     names = topology.region_names
     assert len(plan.relays) == len(names) * (len(names) - 1)
     routes = plan.routes()
-    ports = {*plan.agent_ports.values(), *(r.listen_port for r in plan.relays),
+    ports = [*plan.agent_ports.values(), *plan.agent_metrics_ports.values(),
+             *(r.listen_port for r in plan.relays),
              *(i.http_port for i in plan.instances.values()),
-             *(i.kv_events_port for i in plan.instances.values())}
-    assert len(ports) == len(plan.agent_ports) + len(plan.relays) + 2 * len(plan.instances)
+             *(i.kv_events_port for i in plan.instances.values()),
+             plan.relay_metrics_port, plan.scheduler_port, plan.scheduler_metrics_port,
+             plan.nats_port, plan.redis_port]
+    assert len(set(ports)) == len(ports)
     for origin in names:
         assert routes[origin][origin] == plan.agent_address(origin)
         for target in names:
