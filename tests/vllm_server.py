@@ -12,6 +12,7 @@ of any region agent) and keeps every decoded batch; `scrape_metrics` reads `/met
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -291,10 +292,8 @@ class VllmServer:
         proc, self._proc = self._proc, None
         if proc is not None:
             _kill_group(proc, signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
             # Children (EngineCore, workers) may outlive the API server: kill what is left.
             _kill_group(proc, signal.SIGKILL)
             proc.wait()
@@ -324,10 +323,8 @@ class VllmServer:
 
 
 def _kill_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def scrape_metrics(base_url: str, timeout_s: float = 10.0) -> dict[str, list[tuple[dict, float]]]:
