@@ -70,6 +70,7 @@ from typing import Any
 import numpy as np
 
 from slomesh.engine.profiles import get_profile
+from slomesh.plots import save_figure
 from slomesh.sim.simulator import SimConfig, Simulator
 from slomesh.topology import DEFAULT_MODEL_NAME, Topology, shared_data_dir
 from slomesh.traces import TOKEN_ID_HIGH, TOKEN_ID_LOW, Trace, TraceRequest
@@ -351,12 +352,7 @@ def plot_prefix_wan(rows: Sequence[dict[str, Any]], path: str | Path, gpu_type: 
     ax.set_title(f"When is crossing the WAN to the prefix worth it? (1x {gpu_type} per region)")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _fmt(value: float | None, spec: str = ".0f") -> str:
@@ -604,12 +600,7 @@ def plot_heterogeneity(rows: Sequence[dict[str, Any]], path: str | Path, title: 
         ax.grid(True, alpha=0.3)
         ax.legend()
     ax_att.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def heterogeneity_table(rows: Sequence[dict[str, Any]]):

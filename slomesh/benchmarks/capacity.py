@@ -54,6 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slomesh.plots import save_figure
+
 __all__ = [
     "NOT_BASELINES",
     "BenchSettings",
@@ -496,12 +498,7 @@ def plot_attainment(bench: dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"{bench['trace']}: SLO attainment vs. request rate ({bench['requests']} req)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 DEFAULT_LIMIT = 2000
