@@ -599,6 +599,7 @@ class Mesh:
                     "--model", model,
                     "--served-model-name", model,
                     "--max-model-len", str(self._max_model_len(inst.id)),
+                    "--stream-interval", str(topo.model.stream_interval),
                 ],
                 inst.url,
             ).start(env)
@@ -1150,6 +1151,7 @@ def compose_from_topology(
                     "--model", topology.model.name,
                     "--served-model-name", topology.model.name,
                     "--max-model-len", str(inst.max_model_len or topology.model.max_model_len),
+                    "--stream-interval", str(topology.model.stream_interval),
                 ],
                 ["slomesh", "health", "--http",
                  f"http://127.0.0.1:{COMPOSE_EMULATOR_PORT}/health"],

@@ -109,6 +109,12 @@ class ModelSpecRef(BaseModel):
 
     name: str = DEFAULT_MODEL_NAME
     max_model_len: int = Field(default=32768, ge=16)
+    stream_interval: int = Field(
+        default=1,
+        ge=1,
+        description="Tokens per streamed chunk after the first, set on every engine "
+        "(vLLM's --stream-interval): larger values cut per-token host work on every hop.",
+    )
 
 
 class Topology(BaseModel):

@@ -450,7 +450,6 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
                     failure.message = f"{failure_note}; {failure.message}"
                 raise failure
             chosen = decision.chosen
-            yield scheduler_pb2.GenerateResponse(placement=decision.to_placement(endpoint))
             progress = _StreamProgress()
             try:
                 # aclosing: a client that goes away closes the upstream call at once.
@@ -547,6 +546,9 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
                 chosen.region, chosen.instance_id, vreq.request_id, vreq.slo.tpot_target_ms()
             )
             try:
+                # The upstream call is under way (grpc.aio sends it from a task of its own)
+                # before the placement goes to the client: the client's write does not delay it.
+                yield scheduler_pb2.GenerateResponse(placement=decision.to_placement(endpoint))
                 async for message in call:
                     kind = message.WhichOneof("event")
                     if kind == "tokens":

@@ -37,6 +37,8 @@ def build_parser(prog: str = "python -m slomesh.emulator") -> argparse.ArgumentP
     p.add_argument("--num-gpu-blocks", type=int, default=None, help="KV blocks (default: from GPU)")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="token budget per step")
     p.add_argument("--max-num-seqs", type=int, default=256, help="most running requests")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens per streamed chunk after the first (vLLM's --stream-interval)")
     p.add_argument(
         "--no-enable-prefix-caching",
         dest="enable_prefix_caching",
@@ -90,6 +92,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         num_gpu_blocks=args.num_gpu_blocks,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
+        stream_interval=args.stream_interval,
         enable_prefix_caching=args.enable_prefix_caching,
         kv_events_endpoint=args.kv_events_endpoint,
         kv_events_mode=args.kv_events_mode,

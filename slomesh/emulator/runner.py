@@ -61,7 +61,18 @@ class TokenEvent:
 
 
 class RequestStream:
-    """Handle of one submitted request: its token events, in order, until finished."""
+    """Handle of one submitted request: its token events, in order, until finished.
+
+    Delivery follows vLLM v1's output path: with a stream interval ``N > 1`` new tokens are
+    held back until ``N`` have gathered since the last delivered event (the first token and
+    the finishing event always go out at once: vLLM's ``--stream-interval`` /
+    ``SamplingParams.stream_interval``, ``RequestState.make_request_output``), and an event
+    the consumer has not taken yet absorbs the next one (vLLM's ``RequestOutputCollector``),
+    so a slow consumer gets fewer, larger events instead of a growing backlog.
+
+    Args:
+        stream_interval: Tokens per delivered event (>= 1).
+    """
 
     def __init__(
         self,
@@ -70,16 +81,23 @@ class RequestStream:
         max_tokens: int,
         arrival_s: float,
         span: trace.Span | None,
+        stream_interval: int = 1,
     ) -> None:
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         self.request_id = request_id
         self.num_prompt_tokens = num_prompt_tokens
         self.max_tokens = max_tokens
         self.arrival_s = arrival_s
+        self.stream_interval = stream_interval
         self.num_cached_tokens = 0
         self.num_output_tokens = 0
         self.finished = False
         self.finish_reason: str | None = None
-        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._held: list[int] = []  # tokens waiting for the stream interval
+        self._num_sent_tokens = 0
+        self._pending: TokenEvent | None = None  # delivered, not yet taken by the consumer
+        self._ready = asyncio.Event()
         self._span = span
         self._last_token_s: float | None = None
 
@@ -88,7 +106,10 @@ class RequestStream:
 
     async def _iterate(self) -> AsyncIterator[TokenEvent]:
         while True:
-            event = await self._queue.get()
+            await self._ready.wait()
+            event, self._pending = self._pending, None
+            self._ready.clear()
+            assert event is not None
             yield event
             if event.finished:
                 return
@@ -98,7 +119,19 @@ class RequestStream:
         if event.finished:
             self.finished = True
             self.finish_reason = event.finish_reason
-        self._queue.put_nowait(event)
+        self._held.extend(event.token_ids)
+        if not (
+            event.finished
+            or (self._num_sent_tokens == 0 and self._held)
+            or len(self._held) >= self.stream_interval
+        ):
+            return
+        tokens, self._held = self._held, []
+        self._num_sent_tokens += len(tokens)
+        if self._pending is not None:
+            tokens = self._pending.token_ids + tokens
+        self._pending = TokenEvent(tokens, event.finished, event.finish_reason, event.time_unix_s)
+        self._ready.set()
 
 
 class EngineRunner:
@@ -193,20 +226,27 @@ class EngineRunner:
     # ------------------------------------------------------------------ requests
 
     def submit(
-        self, request: EngineRequest, parent_context: Context | None = None
+        self,
+        request: EngineRequest,
+        parent_context: Context | None = None,
+        stream_interval: int = 1,
     ) -> RequestStream:
         """Hand a request to the engine now.
 
         Args:
             request: The request (its ``arrival_time_s`` is set to now).
             parent_context: Trace context the ``engine.request`` span is a child of.
+            stream_interval: Tokens per delivered event (see :class:`RequestStream`).
 
         Returns:
             The request's stream of token events.
 
         Raises:
-            ValueError: the engine rejects the request (see ``Engine.add_request``).
+            ValueError: the engine rejects the request (see ``Engine.add_request``), or
+                ``stream_interval`` < 1.
         """
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         now = self.engine_now()
         self.engine.add_request(request, now_s=now)
         span = None
@@ -224,7 +264,12 @@ class EngineRunner:
                 },
             )
         stream = RequestStream(
-            request.request_id, len(request.prompt_token_ids), request.max_tokens, now, span
+            request.request_id,
+            len(request.prompt_token_ids),
+            request.max_tokens,
+            now,
+            span,
+            stream_interval,
         )
         self._streams[request.request_id] = stream
         self._wake.set()

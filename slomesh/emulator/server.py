@@ -5,7 +5,9 @@ Endpoints (vLLM-compatible unless marked):
 
 - ``POST /v1/completions``: ``model``, ``prompt`` (string, token-id list, or a list of either),
   ``max_tokens`` (default 16), ``stream``, ``stream_options`` (``include_usage``,
-  ``continuous_usage_stats``), ``ignore_eos``, ``return_token_ids``. Header ``X-Request-Id``
+  ``continuous_usage_stats``), ``ignore_eos``, ``return_token_ids``, ``stream_interval``
+  (vLLM >= 0.11 per-request field; raises the ``--stream-interval`` of the config). Header
+  ``X-Request-Id``
   sets the request id (echoed back). Errors are vLLM's JSON
   ``{"error": {"message", "type", "param", "code"}}``: 404 ``NotFoundError`` for an unknown
   model, 400 ``BadRequestError`` for a bad field (``param`` names it).
@@ -14,7 +16,8 @@ Endpoints (vLLM-compatible unless marked):
 - ``GET /slomesh/info`` (emulator only; real vLLM lacks it): GPU type, model, cache geometry,
   KV-event endpoints, GPU profile.
 
-Streaming chunk (SSE ``data: <json>\\n\\n``, one per engine step that produced a token, then
+Streaming chunk (SSE ``data: <json>\\n\\n``, one per delivered token event -- the first token,
+then every ``stream_interval`` tokens, the last one, and fewer when the reader lags -- then
 ``data: [DONE]\\n\\n``)::
 
     {"id": "cmpl-<rid>", "object": "text_completion", "created": 1700000000, "model": "<name>",
@@ -85,6 +88,9 @@ class EmulatorConfig:
     """Token budget per engine step."""
     max_num_seqs: int = 256
     """Most running requests."""
+    stream_interval: int = 1
+    """Tokens per streamed chunk after the first (vLLM's ``--stream-interval``); a request's
+    ``stream_interval`` field can raise it, not lower it."""
     enable_prefix_caching: bool = True
     """Reuse cached prefixes."""
     kv_events_endpoint: str | None = None
@@ -112,6 +118,8 @@ class EmulatorConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.time_scale <= 0:
             raise ValueError(f"time_scale must be > 0, got {self.time_scale}")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if self.kv_events_encoding not in ("map", "array"):
             raise ValueError(
                 f"kv_events_encoding must be 'map' or 'array', got {self.kv_events_encoding!r}"
@@ -166,6 +174,7 @@ class CompletionParams:
     continuous_usage_stats: bool
     ignore_eos: bool
     return_token_ids: bool
+    stream_interval: int
 
 
 class EmulatorServer:
@@ -339,6 +348,7 @@ class EmulatorServer:
             "max_model_len": self.max_model_len,
             "max_num_batched_tokens": self.config.max_num_batched_tokens,
             "max_num_seqs": self.config.max_num_seqs,
+            "stream_interval": self.config.stream_interval,
             "enable_prefix_caching": self.config.enable_prefix_caching,
             "time_scale": self.config.time_scale,
             "kv_events_endpoint": self.publisher.endpoint if self.publisher else None,
@@ -383,6 +393,15 @@ class EmulatorServer:
             raise RequestError("max_tokens must be an integer", "max_tokens")
         if max_tokens < 1:
             raise RequestError(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
+        stream_interval = body.get("stream_interval")
+        if stream_interval is None:
+            stream_interval = 1
+        if (
+            not isinstance(stream_interval, int)
+            or isinstance(stream_interval, bool)
+            or stream_interval < 1
+        ):
+            raise RequestError("stream_interval must be an integer >= 1", "stream_interval")
         n = body.get("n", 1)
         if n != 1:
             raise RequestError("only n=1 is supported by the emulator", "n")
@@ -417,6 +436,7 @@ class EmulatorServer:
             continuous_usage_stats=continuous,
             ignore_eos=_get_bool(body, "ignore_eos", False),
             return_token_ids=_get_bool(body, "return_token_ids", False),
+            stream_interval=max(self.config.stream_interval, stream_interval),
         )
 
     def _parse_prompts(self, prompt: Any) -> list[list[int]]:
@@ -595,6 +615,7 @@ def build_app(server: EmulatorServer | EmulatorConfig) -> web.Application:
                             ignore_eos=params.ignore_eos,
                         ),
                         parent_context=parent_ctx,
+                        stream_interval=params.stream_interval,
                     )
                 )
         except ValueError as e:

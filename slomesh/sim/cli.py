@@ -4,7 +4,7 @@
 
     slomesh sim --trace PATH --policy NAME --report-json PATH [--rate-scale X] [--limit N]
                 [--topology FILE] [--seed S] [--state-delay-ms D] [--state-period-ms P]
-                [--kv-flush-ms F] [--staleness-ms S] [--slo-config FILE] [--slo-class NAME]
+                [--kv-flush-ms F] [--request-path-ms R] [--token-path-ms T] [--staleness-ms S] [--slo-config FILE] [--slo-class NAME]
                 [--region-shares R=W,...] [--fit-context] [--results-jsonl PATH] [--no-progress]
 
 The trace is loaded as ``slomesh replay`` loads it (same origins, SLO classes and token ids),
@@ -207,6 +207,12 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
                         help="RegionState publication period (default 100, the agent's 10 Hz)")
     parser.add_argument("--state-delay-ms", type=float, default=5.0,
                         help="delay from a state/KV publication to the scheduler (default 5)")
+    parser.add_argument("--request-path-ms", type=float, default=SimConfig.request_path_ms,
+                        help="serving-stack latency client->engine beyond the WAN "
+                             f"(default {SimConfig.request_path_ms:g})")
+    parser.add_argument("--token-path-ms", type=float, default=SimConfig.token_path_ms,
+                        help="serving-stack latency engine->client beyond the WAN "
+                             f"(default {SimConfig.token_path_ms:g})")
     parser.add_argument("--kv-flush-ms", type=float, default=50.0,
                         help="KV index delta publication period (default 50, as the agent)")
     parser.add_argument("--staleness-ms", type=float, default=1000.0,
@@ -228,6 +234,8 @@ def sim_config_from_args(args: argparse.Namespace) -> SimConfig:
         state_period_ms=args.state_period_ms,
         state_delay_ms=args.state_delay_ms,
         kv_flush_period_ms=args.kv_flush_ms,
+        request_path_ms=args.request_path_ms,
+        token_path_ms=args.token_path_ms,
         staleness_ms=args.staleness_ms,
         warmup_ms=args.warmup_ms,
         seed=args.seed,

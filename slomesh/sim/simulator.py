@@ -119,6 +119,18 @@ class SimConfig:
         decode_runs: Run steady decode phases many steps at a time
             (`Engine.run_decode_steps`); False steps one by one, with the same results,
             slower (for verification).
+        request_path_ms: Latency of the serving stack on a request's way in, beyond the WAN:
+            from the client's send to the engine's receipt (scheduler decision and forward,
+            relay, agent, engine HTTP), ms (>= 0).
+        token_path_ms: Latency of the serving stack on a token's way out, beyond the WAN: from
+            the engine's step end to the client (engine HTTP stream, agent, relay, scheduler),
+            ms (>= 0).
+
+    The two path latencies default to what the spans of the local mesh (`slomesh up`, one
+    host, Python services) show at their medians: 7 ms in, 7 ms out -- the per-service
+    processing of every real deployment, which Vidur likewise models as CPU overhead next to
+    the GPU's step time. Set them to 0 for an idealised stack, or to a deployment's own
+    measurements.
     """
 
     state_period_ms: float = 100.0
@@ -132,13 +144,15 @@ class SimConfig:
     block_size: int = 16
     enable_prefix_caching: bool = True
     decode_runs: bool = True
+    request_path_ms: float = 7.0
+    token_path_ms: float = 7.0
 
     def __post_init__(self) -> None:
         for name in ("state_period_ms", "kv_flush_period_ms", "staleness_ms"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name}: must be > 0, got {value}")
-        for name in ("state_delay_ms", "warmup_ms"):
+        for name in ("state_delay_ms", "warmup_ms", "request_path_ms", "token_path_ms"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name}: must be >= 0, got {value}")
@@ -164,6 +178,8 @@ class SimRecord:
         region: Serving region ("" when not placed).
         instance_id: Serving instance ("" when not placed).
         wan_rtt_ms: RTT between origin and serving region, ms.
+        return_delay_s: From the engine producing a token to the client seeing it: RTT/2
+            plus `SimConfig.token_path_ms`, seconds.
         at_agent_s: When it reached the serving region's agent (and engine).
         first_token_s: When the engine produced its first token (engine side).
         finish_s: When the engine produced its last token (engine side).
@@ -188,6 +204,7 @@ class SimRecord:
     region: str = ""
     instance_id: str = ""
     wan_rtt_ms: float = 0.0
+    return_delay_s: float = 0.0
     at_agent_s: float | None = None
     first_token_s: float | None = None
     finish_s: float | None = None
@@ -212,7 +229,7 @@ class SimRecord:
     def client_end_s(self) -> float:
         """When the client saw the last token (or the failure)."""
         if self.finish_s is not None:
-            return self.finish_s + self.wan_rtt_ms / 2000.0
+            return self.finish_s + self.return_delay_s
         return self.arrival_s
 
     def result(self) -> RequestResult:
@@ -234,12 +251,12 @@ class SimRecord:
         )
         if self.ok:
             assert self.first_token_s is not None and self.finish_s is not None
-            half_rtt_s = self.wan_rtt_ms / 2000.0
+            back_s = self.return_delay_s
             r.ok = True
             r.completion_tokens = self.completion_tokens
             r.cached_prompt_tokens = self.cached_prompt_tokens
-            r.ttft_ms = (self.first_token_s + half_rtt_s - self.arrival_s) * 1000.0
-            r.e2e_ms = (self.finish_s + half_rtt_s - self.arrival_s) * 1000.0
+            r.ttft_ms = (self.first_token_s + back_s - self.arrival_s) * 1000.0
+            r.e2e_ms = (self.finish_s + back_s - self.arrival_s) * 1000.0
             n = self.completion_tokens
             r.tpot_ms = (r.e2e_ms - r.ttft_ms) / (n - 1) if n > 1 else 0.0
         return r
@@ -576,7 +593,8 @@ class _Run:
         rec._request = vreq
         scheduler.forwarded(vreq, chosen.region, chosen.instance_id)
         self.in_flight += 1
-        at_agent_s = now + rec.wan_rtt_ms / 2000.0
+        rec.return_delay_s = (rec.wan_rtt_ms / 2 + self.cfg.token_path_ms) / 1000.0
+        at_agent_s = now + (rec.wan_rtt_ms / 2 + self.cfg.request_path_ms) / 1000.0
         heapq.heappush(self.incoming[chosen.instance_id], at_agent_s)
         self._push(at_agent_s, _AT_AGENT, rec)
 
@@ -748,8 +766,9 @@ class _Run:
         self._stream_end(rec, end_s)
 
     def _stream_end(self, rec: SimRecord, engine_s: float) -> None:
-        """The end of the request's stream reaches the scheduler ``rtt/2`` after the engine."""
-        at = engine_s + rec.wan_rtt_ms / 2000.0
+        """The end of the request's stream reaches the scheduler (and the client) its
+        ``return_delay_s`` after the engine."""
+        at = engine_s + rec.return_delay_s
         if at <= self.now:
             # Found while advancing past it; no decision was taken in between (decisions
             # advance every engine first), so applying it now keeps the order decisions see.

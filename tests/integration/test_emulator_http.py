@@ -169,6 +169,27 @@ async def test_streaming_without_usage_and_continuous_usage(emulator, http):
     assert [c["usage"]["completion_tokens"] for c in chunks] == [1, 2, 3, 3]
 
 
+async def test_stream_interval_chunks_tokens_after_the_first(emulator, http):
+    body = {"prompt": [1, 2, 3], "max_tokens": 7, "stream": True, "ignore_eos": True,
+            "return_token_ids": True, "stream_interval": 4}
+    chunks = await post_stream(http, emulator, body)
+    assert [len(c["choices"][0]["token_ids"]) for c in chunks] == [1, 4, 2]
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None, None, "length"]
+
+
+async def test_engine_stream_interval_is_a_floor_for_requests(http):
+    server, _ = await start_emulator(max_model_len=4096, stream_interval=3)
+    try:
+        body = {"prompt": [1, 2, 3], "max_tokens": 5, "stream": True, "ignore_eos": True,
+                "return_token_ids": True}
+        chunks = await post_stream(http, server, body)
+        assert [len(c["choices"][0]["token_ids"]) for c in chunks] == [1, 3, 1]
+        chunks = await post_stream(http, server, {**body, "stream_interval": 1})
+        assert [len(c["choices"][0]["token_ids"]) for c in chunks] == [1, 3, 1]
+    finally:
+        await server.stop()
+
+
 async def test_repeated_prompt_reports_cached_tokens(emulator, http):
     prompt = list(range(1000, 1000 + 300))
     _, first, _ = await post(http, emulator, {"prompt": prompt, "max_tokens": 2})
@@ -238,6 +259,8 @@ async def test_metrics_have_vllm_names_and_labels(emulator, http):
         ({"prompt": [1], "stream_options": {"include_usage": True}}, "stream_options"),
         ({"prompt": [1], "stream": "yes"}, "stream"),
         ({"prompt": [1], "n": 2}, "n"),
+        ({"prompt": [1], "stream_interval": 0}, "stream_interval"),
+        ({"prompt": [1], "stream_interval": "4"}, "stream_interval"),
     ],
 )
 async def test_bad_requests_return_400_naming_the_field(emulator, http, body, param):

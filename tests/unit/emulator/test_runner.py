@@ -9,7 +9,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 
 from slomesh.emulator.metrics import EmulatorMetrics, build_1_2_5_buckets
-from slomesh.emulator.runner import EngineRunner
+from slomesh.emulator.runner import EngineRunner, RequestStream, TokenEvent
 from slomesh.engine.model import Engine, EngineConfig, EngineRequest
 from slomesh.engine.profiles import DEFAULT_MODEL, get_profile
 
@@ -183,3 +183,49 @@ async def test_engine_failure_aborts_live_requests_and_keeps_serving(monkeypatch
         assert events[-1].finish_reason == "length"
     finally:
         await runner.stop()
+
+
+def _event(tokens, finished=False):
+    return TokenEvent(list(tokens), finished, "length" if finished else None, 0.0)
+
+
+async def test_stream_interval_sends_first_token_then_every_n_then_the_rest():
+    stream = RequestStream("r", 10, 8, 0.0, None, stream_interval=3)
+    received = []
+    for i in range(8):
+        stream._put(_event([i], finished=i == 7))
+        # A consumer that keeps up takes each event as soon as it is delivered.
+        while stream._ready.is_set():
+            received.append(await anext(stream.__aiter__()))
+    assert [e.token_ids for e in received] == [[0], [1, 2, 3], [4, 5, 6], [7]]
+    assert [e.finished for e in received] == [False, False, False, True]
+    assert stream.num_output_tokens == 8
+
+
+async def test_a_lagging_consumer_gets_merged_events_in_order():
+    stream = RequestStream("r", 10, 6, 0.0, None)
+    for i in range(6):
+        stream._put(TokenEvent([i], i == 5, "length" if i == 5 else None, float(i)))
+    events = await collect(stream)
+    # vLLM's RequestOutputCollector: an event not yet taken absorbs the later ones.
+    assert [e.token_ids for e in events] == [[0, 1, 2, 3, 4, 5]]
+    assert events[0].finished and events[0].finish_reason == "length"
+    assert events[0].time_unix_s == 5.0
+
+
+async def test_runner_streams_with_an_interval_end_to_end():
+    runner, _metrics, _exporter = create_runner()
+    runner.start()
+    try:
+        stream = runner.submit(EngineRequest("a", list(range(64)), max_tokens=7),
+                               stream_interval=4)
+        events = await asyncio.wait_for(collect(stream), 10)
+    finally:
+        await runner.stop()
+    assert [len(e.token_ids) for e in events] == [1, 4, 2]
+    assert events[-1].finished
+
+
+def test_bad_stream_interval():
+    with pytest.raises(ValueError, match="stream_interval"):
+        RequestStream("r", 1, 1, 0.0, None, stream_interval=0)

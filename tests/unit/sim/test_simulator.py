@@ -15,6 +15,8 @@ from slomesh.traces import load_trace
 from tests.unit.sim.helpers import azure_trace, mooncake_trace, one_h100, wdc_and_tokyo
 
 H100 = get_profile("H100")
+IDEAL_STACK = SimConfig(request_path_ms=0, token_path_ms=0)
+"""No serving-stack latency: timings are the engine's steps and the WAN alone."""
 
 
 def prefill_s(n: int, cached: int = 0, decode_seqs: int = 0, decode_context: int = 0) -> float:
@@ -38,7 +40,7 @@ class TestOneInstance:
     def test_ttft_tpot_e2e_are_the_step_times(self, tmp_path):
         topo = one_h100(tmp_path)
         trace = azure_trace(tmp_path, [(0.0, 100, 5)], topo)
-        out = Simulator(topo, "round-robin").run(trace)
+        out = Simulator(topo, "round-robin", IDEAL_STACK).run(trace)
         (res,) = out.results
         # Prefill of 100 tokens (first token), then 4 decode steps over 101..104 tokens.
         d0 = prefill_s(100)
@@ -55,7 +57,7 @@ class TestOneInstance:
         d_a = prefill_s(200)
         t_b = d_a / 2  # B arrives while A's prefill runs
         trace = azure_trace(tmp_path, [(0.0, 200, 3), (t_b, 64, 2)], topo)
-        out = Simulator(topo, "round-robin").run(trace)
+        out = Simulator(topo, "round-robin", IDEAL_STACK).run(trace)
         a, b = out.results
         # Step 2 starts when A's prefill ends: A's first decode (context 201) beside B's whole
         # prefill of 64 tokens; it produces B's first token.
@@ -102,7 +104,7 @@ class TestWan:
         trace = azure_trace(
             tmp_path, [(0.0, 100, 5)], topo, shares={"tokyo": 1.0, "washington-dc": 0.0}
         )
-        out = Simulator(topo, only_wdc).run(trace)
+        out = Simulator(topo, only_wdc, IDEAL_STACK).run(trace)
         (res,) = out.results
         assert res.origin_region == "tokyo" and res.region == "washington-dc"
         d0 = prefill_s(100)
@@ -114,6 +116,24 @@ class TestWan:
         assert rec.at_agent_s == pytest.approx(rtt_ms / 2000, rel=1e-12)
         report = build_report(out.results, trace="t", policy="p", duration_s=1.0, topology=topo)
         assert report["cross_region_bytes"] == (100 + 5) * 4
+
+
+    def test_stack_latencies_add_to_ttft_and_e2e_once_each_way(self, tmp_path):
+        topo = one_h100(tmp_path)
+        trace = azure_trace(tmp_path, [(0.0, 100, 5)], topo)
+        config = SimConfig(request_path_ms=3.0, token_path_ms=4.0)
+        out = Simulator(topo, "round-robin", config).run(trace)
+        (res,) = out.results
+        d0 = prefill_s(100)
+        decodes = sum(decode_s(101 + j) for j in range(4))
+        assert out.records[0].at_agent_s == pytest.approx(0.003, rel=1e-12)
+        assert res.ttft_ms == pytest.approx(3.0 + d0 * 1000 + 4.0, rel=1e-12)
+        assert res.e2e_ms == pytest.approx(3.0 + (d0 + decodes) * 1000 + 4.0, rel=1e-12)
+        assert res.tpot_ms == pytest.approx(decodes / 4 * 1000, rel=1e-12)
+
+    def test_negative_stack_latency_is_rejected(self):
+        with pytest.raises(ValueError, match="token_path_ms"):
+            SimConfig(token_path_ms=-1)
 
 
 class TestFailures:
