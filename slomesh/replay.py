@@ -349,6 +349,7 @@ def run_replay(
             region_shares=shares,
             slo_class=args.slo_class,
             system_prompt_tokens=args.system_prompt_tokens,
+            spread_binned_arrivals=not args.burst_bins,
         )
     except (OSError, ValueError) as exc:
         raise SetupError(f"cannot load trace {args.trace}: {exc}") from None
@@ -409,6 +410,9 @@ def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
                         help="origin weights, e.g. washington-dc=2,frankfurt=1,tokyo=1")
     parser.add_argument("--system-prompt-tokens", type=int, default=0,
                         help="Azure only: a shared system prompt of N tokens (default none)")
+    parser.add_argument("--burst-bins", action="store_true",
+                        help="replay a binned trace's timestamp bins as bursts "
+                             "(default: spread each bin's requests over it)")
     parser.add_argument("--concurrency-limit", type=int, default=None,
                         help="most requests in flight (default: unlimited, open loop)")
     parser.add_argument("--request-timeout-s", type=float, default=600.0)

@@ -8,6 +8,16 @@ Two trace formats are read (see `../shared/data/traces/SOURCES.md`):
   ``output_length`` and ``hash_ids``, one id per 512-token prompt block; equal ids mean equal
   block content).
 
+Binned arrival times: the Mooncake conversation trace gives timestamps on a 3 s grid (its
+~5.6k requests fall on ~590 distinct timestamps, ~10 to a bin). Replaying each bin as one burst
+of simultaneous requests would be an artefact of that rounding, not the service's load, and no
+rate scale spreads it. So a Mooncake trace whose requests mostly share their timestamp (median
+requests per distinct timestamp > 1) has the requests of each bin spread evenly over the bin,
+in file order: the k-th of n requests stamped t arrives at ``t + k * q / n``, where the bin
+width ``q`` is the most common gap between consecutive distinct timestamps. Traces with
+distinct timestamps (Mooncake's synthetic trace, Azure) are left as they are;
+``spread_binned_arrivals=False`` keeps the bins as bursts.
+
 Neither trace carries token ids, so they are synthesised deterministically:
 
 - Mooncake: each hash id yields 512 token ids drawn from a numpy ``Generator`` seeded with
@@ -42,6 +52,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import itertools
 import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -272,6 +283,7 @@ def load_trace(
     region_shares: Mapping[str, float] | None = None,
     slo_class: str | None = None,
     system_prompt_tokens: int = 0,
+    spread_binned_arrivals: bool = True,
 ) -> Trace:
     """Loads a trace file into replayable requests.
 
@@ -285,6 +297,8 @@ def load_trace(
         slo_class: SLO class of every request; None = `default_slo_class(path)`.
         system_prompt_tokens: Azure only: length of a shared system prompt that replaces the
             first tokens of every prompt (0 = none, the default). Ignored for Mooncake.
+        spread_binned_arrivals: spread the requests of a binned Mooncake trace over their
+            bins (see the module docstring); False replays each bin as one burst.
 
     Returns:
         The trace, requests sorted by arrival time (stable).
@@ -351,7 +365,9 @@ def load_trace(
                 hash_ids=hash_ids,
                 _source=cache,
             )
-            for i, (arrival, prompt, output, hash_ids) in enumerate(_read_mooncake(path, limit))
+            for i, (arrival, prompt, output, hash_ids) in enumerate(
+                _read_mooncake(path, limit, spread_binned_arrivals)
+            )
         ]
     requests.sort(key=lambda r: r.arrival_s)
     return Trace(name=stem, path=path, format=fmt, requests=requests, rate_scale=rate_scale)
@@ -393,10 +409,37 @@ def _read_azure(path: Path, limit: int | None) -> list[tuple[float, int, int]]:
     return list(zip(arrivals_s.tolist(), prompts, outputs, strict=True))
 
 
+def spread_binned(arrivals_s: Sequence[float]) -> list[float]:
+    """Arrival times with the requests of each timestamp bin spread evenly over the bin.
+
+    Args:
+        arrivals_s: arrival times in file order, seconds (non-decreasing or not).
+
+    Returns:
+        The same times when most requests have a timestamp of their own (median requests per
+        distinct timestamp <= 1); otherwise the k-th of the n requests stamped ``t`` (in file
+        order) gets ``t + k * q / n``, where ``q`` is the most common gap between consecutive
+        distinct timestamps (the bin width).
+    """
+    counts = collections.Counter(arrivals_s)
+    if len(counts) < 2 or float(np.median(list(counts.values()))) <= 1:
+        return list(arrivals_s)
+    stamps = sorted(counts)
+    gaps = collections.Counter(round(b - a, 6) for a, b in itertools.pairwise(stamps))
+    width_s = gaps.most_common(1)[0][0]
+    seen: collections.Counter[float] = collections.Counter()
+    out = []
+    for t in arrivals_s:
+        out.append(t + seen[t] * width_s / counts[t])
+        seen[t] += 1
+    return out
+
+
 def _read_mooncake(
-    path: Path, limit: int | None
+    path: Path, limit: int | None, spread_binned_arrivals: bool = True
 ) -> list[tuple[float, int, int, tuple[int, ...]]]:
-    """Lines of a Mooncake trace as (arrival_s since the first line, prompt, output, hash_ids)."""
+    """Lines of a Mooncake trace as (arrival_s since the first line, prompt, output, hash_ids),
+    binned arrivals spread over their bins unless ``spread_binned_arrivals`` is False."""
     out: list[tuple[float, int, int, tuple[int, ...]]] = []
     first_ms: float | None = None
     with open(path, encoding="utf-8") as f:
@@ -422,6 +465,9 @@ def _read_mooncake(
             if first_ms is None:
                 first_ms = ts_ms
             out.append(((ts_ms - first_ms) / 1000.0, prompt, output, hash_ids))
+    if spread_binned_arrivals:
+        arrivals = spread_binned([row[0] for row in out])
+        out = [(a, *row[1:]) for a, row in zip(arrivals, out, strict=True)]
     return out
 
 
@@ -454,5 +500,6 @@ __all__ = [
     "default_slo_class",
     "detect_format",
     "load_trace",
+    "spread_binned",
     "trace_summary",
 ]

@@ -31,8 +31,9 @@ against the rate scale for all policies.
 
 Requests longer than every instance's context fail under any policy and count against the
 target; the report gives their number (``oversized_requests``), and ``--fit-context`` drops them
-from the trace first (``dropped_oversized_requests``). Rate scaling does not spread arrivals
-that share a timestamp (the Mooncake traces arrive in bursts of ~10 every 3 s).
+from the trace first (``dropped_oversized_requests``). The Mooncake conversation trace's
+3 s timestamp bins are spread over each bin when it is loaded (`slomesh.traces`); with
+``--burst-bins`` each bin arrives as one burst, which no rate scale spreads.
 
 Points run in parallel worker processes (``--jobs``, default 2): the bisections of different
 policies advance side by side.
@@ -176,6 +177,7 @@ class BenchSettings:
         region_shares: Origin weights (None = equal).
         system_prompt_tokens: Azure only: shared system prompt length.
         fit_context: Drop requests no instance's context can hold (`load_sim_trace`).
+        burst_bins: Replay a binned trace's timestamp bins as bursts (`load_sim_trace`).
         sim: `SimConfig` fields.
     """
 
@@ -188,6 +190,7 @@ class BenchSettings:
     region_shares: tuple[tuple[str, float], ...] | None = None
     system_prompt_tokens: int = 0
     fit_context: bool = False
+    burst_bins: bool = False
     sim: tuple[tuple[str, Any], ...] = ()
 
 
@@ -210,6 +213,7 @@ def _load(settings: BenchSettings, rate_scale: float):
         slo_class=settings.slo_class,
         region_shares=dict(settings.region_shares) if settings.region_shares else None,
         system_prompt_tokens=settings.system_prompt_tokens,
+        burst_bins=settings.burst_bins,
     )
     if settings.fit_context:
         drop_oversized(trace, topology)
@@ -559,6 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             region_shares=tuple(sorted(shares.items())) if shares else None,
             system_prompt_tokens=args.system_prompt_tokens,
             fit_context=args.fit_context,
+            burst_bins=args.burst_bins,
             sim=tuple(dataclasses.asdict(config).items()),
         )
         progress = Progress(

@@ -5,7 +5,7 @@
     slomesh sim --trace PATH --policy NAME --report-json PATH [--rate-scale X] [--limit N]
                 [--topology FILE] [--seed S] [--state-delay-ms D] [--state-period-ms P]
                 [--kv-flush-ms F] [--request-path-ms R] [--token-path-ms T] [--staleness-ms S] [--slo-config FILE] [--slo-class NAME]
-                [--region-shares R=W,...] [--fit-context] [--results-jsonl PATH] [--no-progress]
+                [--region-shares R=W,...] [--fit-context] [--burst-bins] [--results-jsonl PATH] [--no-progress]
 
 The trace is loaded as ``slomesh replay`` loads it (same origins, SLO classes and token ids),
 the report has every key of the replay report (DESIGN.md section 6) plus:
@@ -80,6 +80,7 @@ def load_sim_trace(
     slo_class: str | None = None,
     region_shares: Mapping[str, float] | None = None,
     system_prompt_tokens: int = 0,
+    burst_bins: bool = False,
 ) -> Trace:
     """Loads a trace exactly as ``slomesh replay`` does for ``topology``'s regions.
 
@@ -95,6 +96,7 @@ def load_sim_trace(
         region_shares=region_shares,
         slo_class=slo_class,
         system_prompt_tokens=system_prompt_tokens,
+        spread_binned_arrivals=not burst_bins,
     )
 
 
@@ -219,6 +221,9 @@ def add_sim_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scheduler's staleness bound (default 1000)")
     parser.add_argument("--warmup-ms", type=float, default=500.0,
                         help="regions publish this long before the first request")
+    parser.add_argument("--burst-bins", action="store_true",
+                        help="replay a binned trace's timestamp bins as bursts "
+                             "(default: spread each bin's requests over it)")
     parser.add_argument("--fit-context", action="store_true",
                         help="drop requests longer than every instance's max_model_len "
                              "(default: send them; they fail with INVALID_ARGUMENT)")
@@ -281,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             slo_class=args.slo_class,
             region_shares=parse_region_shares(args.region_shares),
             system_prompt_tokens=args.system_prompt_tokens,
+            burst_bins=args.burst_bins,
         )
         dropped = drop_oversized(trace, topology) if args.fit_context else 0
         if not trace.requests:

@@ -18,6 +18,7 @@ from slomesh.traces import (
     default_slo_class,
     detect_format,
     load_trace,
+    spread_binned,
 )
 
 REGIONS = ["washington-dc", "frankfurt", "tokyo"]
@@ -148,6 +149,28 @@ class TestMooncake:
             common += 1
         n = min(common * MOONCAKE_BLOCK_TOKENS, a.prompt_tokens, b.prompt_tokens)
         np.testing.assert_array_equal(a.prompt_token_ids[:n], b.prompt_token_ids[:n])
+
+
+class TestBinnedArrivals:
+    def test_bins_are_spread_evenly_in_file_order(self) -> None:
+        # Bins of width 3: three requests at 0, two at 3, one at 6.
+        assert spread_binned([0.0, 0.0, 0.0, 3.0, 3.0, 6.0]) == pytest.approx(
+            [0.0, 1.0, 2.0, 3.0, 4.5, 6.0]
+        )
+
+    def test_distinct_timestamps_are_left_alone(self) -> None:
+        times = [0.0, 0.0, 0.04, 0.277, 0.471]  # Mooncake's synthetic trace: few repeats
+        assert spread_binned(times) == times
+
+    def test_real_conversation_trace_is_spread_and_burst_bins_keep_it(self) -> None:
+        path = shared_data_dir() / "traces" / "mooncake_conversation_part1.jsonl"
+        spread = [r.arrival_s for r in load_trace(path, limit=200, regions=REGIONS)]
+        bursts = [r.arrival_s for r in load_trace(path, limit=200, regions=REGIONS,
+                                                  spread_binned_arrivals=False)]
+        assert len(set(bursts)) < 40  # ~10 requests to a 3 s bin
+        assert len(set(spread)) == 200
+        # Each request stays inside its own bin.
+        assert all(b <= s < b + 3.0 for s, b in zip(sorted(spread), sorted(bursts), strict=True))
 
 
 class TestFormatAndOrigins:
