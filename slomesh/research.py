@@ -69,7 +69,7 @@ from typing import Any
 
 import numpy as np
 
-from slomesh.engine.profiles import get_profile
+from slomesh.engine.profiles import get_model_spec, get_profile
 from slomesh.plots import save_figure
 from slomesh.sim.simulator import SimConfig, Simulator
 from slomesh.topology import DEFAULT_MODEL_NAME, Topology, shared_data_dir
@@ -487,13 +487,24 @@ def heterogeneity_ladder(base: Topology | None = None) -> list[tuple[Rung, Topol
     base = base if base is not None else Topology.default()
     if len(base.regions) != len(HETEROGENEITY_LADDER[0].gpus):
         raise ValueError(f"the ladder needs {len(HETEROGENEITY_LADDER[0].gpus)} regions")
+    model = get_model_spec(base.model.name)
+
+    def context(gpu_type: str) -> int:
+        # The model's context where the GPU's KV cache holds it, else the largest power of two
+        # it holds (vLLM refuses to start otherwise; the default topology does the same).
+        capacity = get_profile(gpu_type).num_gpu_blocks(model, 16) * 16
+        if capacity >= base.model.max_model_len:
+            return base.model.max_model_len
+        return 1 << (capacity.bit_length() - 1)
+
     out = []
     for rung in HETEROGENEITY_LADDER:
         data = base.model_dump(mode="json")
         for region, gpus in zip(data["regions"], rung.gpus, strict=True):
             prefix = region["name"][:3]
             region["instances"] = [
-                {"id": f"{prefix}-{g.lower()}-{k}", "gpu_type": g} for k, g in enumerate(gpus)
+                {"id": f"{prefix}-{g.lower()}-{k}", "gpu_type": g, "max_model_len": context(g)}
+                for k, g in enumerate(gpus)
             ]
         out.append((rung, Topology.model_validate(data)))
     return out

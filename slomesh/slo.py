@@ -15,7 +15,9 @@ summarization) with prefill targets proportional to prompt length.
 
 The classes are configuration: ``load_slo_config(path)`` reads a YAML file whose classes are
 merged field by field over the built-in defaults (``configs/slo_classes.yaml`` spells the
-defaults out). Example::
+defaults out). The same file names tenants (`TenantPolicy`): the regions that may serve a
+tenant's requests (data residency) and its tier (what happens to its requests when no region
+can meet their SLO). Example::
 
     default_class: chat
     classes:
@@ -24,6 +26,9 @@ defaults out). Example::
         ttft_base_ms: 300
         ttft_per_prompt_token_ms: 0.1
         tpot_ms: 50
+    tenants:
+      acme-eu: {allowed_regions: [frankfurt]}     # served in Frankfurt only
+      nightly-jobs: {on_infeasible: best_effort} # never refused, placed best effort
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ __all__ = [
     "SloClass",
     "SloConfig",
     "SloConfigError",
+    "TenantPolicy",
     "load_slo_classes",
     "load_slo_config",
 ]
@@ -67,8 +73,9 @@ class SloClass(BaseModel):
             ``None`` = no TPOT target.
         e2e_ms: Target of the end-to-end latency in milliseconds; ``None`` = no E2E target.
         default_output_tokens: Output length in tokens the scheduler assumes when a request
-            gives no hint (``expected_output_tokens``); a high quantile of the class's output
-            lengths, so that predictions err on the safe side.
+            gives no hint (``expected_output_tokens``) and it has not yet seen enough completed
+            requests of the class to use their learned quantile
+            (`slomesh.scheduler.output_length`).
         on_infeasible: What the scheduler does when no placement is predicted to meet the SLO:
             ``"refuse"`` (RESOURCE_EXHAUSTED with a retry hint; latency tiers) or
             ``"best_effort"`` (place on the candidate with the lowest predicted TTFT).
@@ -196,19 +203,44 @@ DEFAULT_SLO_CLASSES: dict[str, dict[str, Any]] = {
 }
 
 
+class TenantPolicy(BaseModel):
+    """What one tenant's requests may use, and how they are admitted.
+
+    Attributes:
+        name: Tenant name, as requests carry it in ``tenant``.
+        allowed_regions: Regions that may serve the tenant's requests (data residency); empty
+            = any region. Every placement policy honours it as a hard constraint; a request no
+            allowed region can serve is UNAVAILABLE.
+        on_infeasible: The tenant's tier: overrides its requests' SLO class ``on_infeasible``
+            (``"refuse"`` or ``"best_effort"``); ``None`` = the class's.
+
+    Raises:
+        pydantic.ValidationError: (a ``ValueError``) a bad name or value; the error names it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=_NAME_PATTERN)
+    allowed_regions: frozenset[str] = frozenset()
+    on_infeasible: Literal["refuse", "best_effort"] | None = None
+
+
 class SloConfig(BaseModel):
-    """A set of SLO classes and the default class.
+    """A set of SLO classes, the default class, and the tenants' policies.
 
     Attributes:
         classes: Class name -> class.
         default_class: Name of the class used for requests that name none; must be in
             ``classes``.
+        tenants: Tenant name -> policy. A request of a tenant not listed (or of none) has no
+            region constraint and its class's ``on_infeasible``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     classes: dict[str, SloClass]
     default_class: str = DEFAULT_SLO_CLASS
+    tenants: dict[str, TenantPolicy] = Field(default_factory=dict)
 
     @field_validator("classes")
     @classmethod
@@ -250,8 +282,9 @@ def _build_class(name: str, fields: dict[str, Any]) -> SloClass:
 def load_slo_config(path: str | Path | None = None) -> SloConfig:
     """Load SLO classes from a YAML file merged over the built-in defaults.
 
-    File format: a mapping with optional ``default_class`` (str) and ``classes`` (mapping of
-    class name -> mapping of ``SloClass`` fields). A class that exists among the defaults is
+    File format: a mapping with optional ``default_class`` (str), ``classes`` (mapping of
+    class name -> mapping of ``SloClass`` fields) and ``tenants`` (mapping of tenant name ->
+    mapping of ``TenantPolicy`` fields). A class that exists among the defaults is
     overridden field by field (``null`` removes a target); a new class must give its fields in
     full (missing fields take the ``SloClass`` defaults). ``replace_defaults: true`` drops the
     built-in classes first.
@@ -280,7 +313,7 @@ def load_slo_config(path: str | Path | None = None) -> SloConfig:
             loaded = {}
         if not isinstance(loaded, dict):
             raise SloConfigError(f"SLO config {path}: top level must be a mapping")
-        unknown = set(loaded) - {"default_class", "classes", "replace_defaults"}
+        unknown = set(loaded) - {"default_class", "classes", "replace_defaults", "tenants"}
         if unknown:
             raise SloConfigError(f"{min(unknown)}: unknown key in SLO config {path}")
         raw = loaded
@@ -307,8 +340,21 @@ def load_slo_config(path: str | Path | None = None) -> SloConfig:
 
     classes = {name: _build_class(name, fields) for name, fields in merged.items()}
     default_class = raw.get("default_class", DEFAULT_SLO_CLASS)
+    file_tenants = raw.get("tenants") or {}
+    if not isinstance(file_tenants, dict):
+        raise SloConfigError("tenants: must be a mapping of tenant name -> fields")
+    tenants = {}
+    for name, fields in file_tenants.items():
+        if not isinstance(fields, dict):
+            raise SloConfigError(f"tenants.{name}: must be a mapping of fields")
+        try:
+            tenants[str(name)] = TenantPolicy(name=str(name), **fields)
+        except ValidationError as err:
+            raise SloConfigError(_format_validation_error(err, f"tenants.{name}")) from None
+        except TypeError as err:
+            raise SloConfigError(f"tenants.{name}: {err}") from None
     try:
-        return SloConfig(classes=classes, default_class=default_class)
+        return SloConfig(classes=classes, default_class=default_class, tenants=tenants)
     except ValidationError as err:
         raise SloConfigError(_format_validation_error(err, "slo_config")) from None
 

@@ -2,7 +2,8 @@
 
     python -m services.global_scheduler --port P --nats-url URL --redis-url URL \\
         --topology PATH [--routes-json PATH] [--policy NAME|PATH] [--slo-config PATH] \\
-        [--region NAME] [--metrics-port P] [--spans-out PATH] [--staleness-ms 1000]
+        [--region NAME] [--metrics-port P] [--spans-out PATH] [--staleness-ms 1000] \\
+        [--output-length-window 1000]
 
 Runs until SIGINT/SIGTERM, then shuts down gracefully (health NOT_SERVING, in-flight calls
 finish within ``--grace-s``, NATS drained, ledger flushed). Exit status: 0 after a clean
@@ -22,6 +23,7 @@ from pydantic import ValidationError
 from services.global_scheduler.routes import RoutesError, load_routes
 from services.global_scheduler.server import SchedulerConfig, SchedulerService
 from slomesh.logs import setup_logging
+from slomesh.scheduler.output_length import DEFAULT_OUTPUT_LENGTH_WINDOW
 from slomesh.scheduler.policy import PolicyConfigError
 from slomesh.service import install_signal_handlers
 from slomesh.slo import SloConfigError
@@ -63,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a region whose state is older than this is not routable (ms)",
     )
     p.add_argument("--ledger-ttl-s", type=int, default=7 * 24 * 3600, help="ledger request TTL (s)")
+    p.add_argument(
+        "--output-length-window",
+        type=int,
+        default=DEFAULT_OUTPUT_LENGTH_WINDOW,
+        help="completed requests per (model, SLO class) whose output lengths the predictor "
+        "keeps (in memory and in Redis)",
+    )
     p.add_argument("--grace-s", type=float, default=5.0, help="shutdown grace period (s)")
     p.add_argument(
         "--no-forward-retry",
@@ -108,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=args.port,
             metrics_port=args.metrics_port,
             ledger_ttl_s=args.ledger_ttl_s,
+            output_length_window=args.output_length_window,
             grace_s=args.grace_s,
             forward_retry=not args.no_forward_retry,
         )

@@ -37,6 +37,15 @@ Layout:
 - ``slomesh:decisions`` -- a stream (XADD, ``MAXLEN ~`` `stream_maxlen`) with one entry per
   placement decision: request_id, policy, outcome, region, instance_id, origin_region,
   slo_class, decision_ms, and ``candidates`` (JSON list of every candidate's prediction).
+- ``slomesh:outlen:<slo_class>:<model>`` -- a list per (model, SLO class) of the output
+  lengths (tokens, decimal strings) of its last `output_length_window` completed requests,
+  newest first (LPUSH, then LTRIM to the window), expiring `ttl_s` after the last write: the
+  sliding window of `slomesh.scheduler.output_length.OutputLengthPredictor`, shared by
+  scheduler replicas and loaded by a starting one (`load_output_lengths`). SLO class names
+  hold no ``:``, so the key splits unambiguously even when the model name does. Written at
+  least once: a batch retried after a timeout that Redis had in fact applied pushes its
+  lengths twice (as it appends its stream entries twice), which shifts a quantile by at most
+  the batch's share of the window.
 
 Writes stay off the request's critical path: `record_*` methods only append to an in-memory
 queue (no await); a background writer drains it in pipelined batches. When Redis is down the
@@ -61,16 +70,25 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from slomesh.scheduler.output_length import DEFAULT_OUTPUT_LENGTH_WINDOW
 from slomesh.scheduler.policy import PlacementDecision
 from slomesh.scheduler.validation import ValidatedRequest
 from slomesh.v1 import common_pb2
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DECISIONS_STREAM", "REQUEST_KEY_PREFIX", "Ledger", "request_key"]
+__all__ = [
+    "DECISIONS_STREAM",
+    "OUTPUT_LENGTHS_KEY_PREFIX",
+    "REQUEST_KEY_PREFIX",
+    "Ledger",
+    "output_lengths_key",
+    "request_key",
+]
 
 REQUEST_KEY_PREFIX = "slomesh:req:"
 DECISIONS_STREAM = "slomesh:decisions"
+OUTPUT_LENGTHS_KEY_PREFIX = "slomesh:outlen:"
 
 
 def request_key(request_id: str) -> str:
@@ -78,11 +96,16 @@ def request_key(request_id: str) -> str:
     return REQUEST_KEY_PREFIX + request_id
 
 
+def output_lengths_key(model: str, slo_class: str) -> str:
+    """Redis key of the output-length window of (model, SLO class)."""
+    return f"{OUTPUT_LENGTHS_KEY_PREFIX}{slo_class}:{model}"
+
+
 @dataclass(slots=True)
 class _Op:
-    kind: str  # "hset" or "xadd"
+    kind: str  # "hset", "xadd" or "lpush"
     key: str
-    fields: dict[str, str]
+    fields: dict[str, str]  # hset / xadd; for lpush {"value": ...}
 
 
 def _fmt(value: Any) -> str:
@@ -108,6 +131,8 @@ class Ledger:
         retry_max_s: Largest backoff, seconds.
         metrics: Optional `SchedulerMetrics` for backlog/write counters.
         socket_timeout_s: Redis socket timeout, seconds.
+        output_length_window: Output lengths kept per (model, SLO class) list, >= 1 (the
+            window of the scheduler's `OutputLengthPredictor`).
     """
 
     def __init__(
@@ -123,11 +148,15 @@ class Ledger:
         retry_max_s: float = 5.0,
         metrics: Any = None,
         socket_timeout_s: float = 2.0,
+        output_length_window: int = DEFAULT_OUTPUT_LENGTH_WINDOW,
     ):
         if ttl_s <= 0:
             raise ValueError(f"ttl_s: must be > 0, got {ttl_s}")
         if max_backlog < 1:
             raise ValueError(f"max_backlog: must be >= 1, got {max_backlog}")
+        if output_length_window < 1:
+            raise ValueError(f"output_length_window: must be >= 1, got {output_length_window}")
+        self.output_length_window = output_length_window
         self.redis_url = redis_url
         self.ttl_s = ttl_s
         self.stream = stream
@@ -281,6 +310,49 @@ class Ledger:
             fields.update(extra)
         self._hset(request_id, fields)
 
+    def record_output_length(self, model: str, slo_class: str, output_tokens: int) -> None:
+        """Appends a completed request's output length to the (model, class) window in Redis.
+
+        Args:
+            model: Model name.
+            slo_class: SLO class name.
+            output_tokens: Tokens the request generated, >= 1.
+        """
+        self._append(
+            _Op("lpush", output_lengths_key(model, slo_class), {"value": str(int(output_tokens))})
+        )
+
+    async def load_output_lengths(self) -> dict[tuple[str, str], list[int]]:
+        """Reads every output-length window from Redis (one SCAN, one pipelined LRANGE each).
+
+        Entries that are not positive integers are skipped.
+
+        Returns:
+            (model, SLO class) -> output lengths in tokens, oldest first (at most
+            `output_length_window` each).
+
+        Raises:
+            redis.exceptions.RedisError, OSError, TimeoutError: Redis unreachable (the caller
+                logs it and starts with empty windows).
+        """
+        pattern = OUTPUT_LENGTHS_KEY_PREFIX + "*"
+        keys = [key async for key in self._redis.scan_iter(match=pattern, count=1000)]
+        if not keys:
+            return {}
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.lrange(key, 0, self.output_length_window - 1)
+        rows = await pipe.execute()
+        out: dict[tuple[str, str], list[int]] = {}
+        for key, values in zip(keys, rows, strict=True):
+            slo_class, sep, model = key[len(OUTPUT_LENGTHS_KEY_PREFIX) :].partition(":")
+            if not sep:
+                continue
+            lengths = [int(v) for v in reversed(values) if v.isdigit() and int(v) > 0]
+            if lengths:
+                out[(model, slo_class)] = lengths
+        return out
+
     def _hset(self, request_id: str, fields: Mapping[str, Any]) -> None:
         self._append(_Op("hset", request_key(request_id), {k: _fmt(v) for k, v in fields.items()}))
 
@@ -303,8 +375,11 @@ class Ledger:
 
     async def _write_batch(self, batch: list[_Op]) -> None:
         # Writes to the same request hash within a batch are merged (later fields win), so a
-        # request admitted and placed in one batch costs one HSET and one EXPIRE.
+        # request admitted and placed in one batch costs one HSET and one EXPIRE; output
+        # lengths of one (model, class) in a batch cost one LPUSH (in arrival order: the
+        # newest ends up at the head), one LTRIM and one EXPIRE.
         hashes: dict[str, dict[str, str]] = {}
+        lists: dict[str, list[str]] = {}
         streams: list[_Op] = []
         for op in batch:
             if op.kind == "hset":
@@ -313,12 +388,18 @@ class Ledger:
                     hashes[op.key] = dict(op.fields)
                 else:
                     merged.update(op.fields)
+            elif op.kind == "lpush":
+                lists.setdefault(op.key, []).append(op.fields["value"])
             else:
                 streams.append(op)
         pipe = self._redis.pipeline(transaction=False)
         ttl = self.ttl_s
         for key, fields in hashes.items():
             pipe.hset(key, mapping=fields)
+            pipe.expire(key, ttl)
+        for key, values in lists.items():
+            pipe.lpush(key, *values)
+            pipe.ltrim(key, 0, self.output_length_window - 1)
             pipe.expire(key, ttl)
         for op in streams:
             pipe.xadd(op.key, op.fields, maxlen=self.stream_maxlen, approximate=True)

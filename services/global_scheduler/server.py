@@ -13,6 +13,13 @@
     reachable from the request's origin (``--routes-json``) and is recorded in the ledger.
   * ``ReportOutcome``: the client's measured timings of a placed request, for the ledger.
 
+  A completed request teaches the view's output-length predictor (``view.output_lengths``)
+  its ``usage.completion_tokens`` under its (model, SLO class): when a forwarded ``Generate``
+  stream completes, and when a client reports ``ok`` with a completion for a request this
+  replica placed (one it has forgotten, or another replica placed, has no model and class here
+  and teaches nothing). Each length also goes to Redis through the ledger, off the request's
+  path; a starting replica loads the windows from there (`SchedulerService.start`).
+
   Errors: INVALID_ARGUMENT (the message starts with the field), RESOURCE_EXHAUSTED with
   trailing metadata ``retry-after-ms`` (no placement meets the SLO), UNAVAILABLE (no routable
   region, or the serving region failed before the first token and no other could take it).
@@ -44,17 +51,19 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import REGISTRY, CollectorRegistry
+from redis.exceptions import RedisError
 
 from services.global_scheduler.ledger import Ledger
 from services.global_scheduler.metrics import SchedulerMetrics
 from services.global_scheduler.routes import Routes
 from slomesh import bus
+from slomesh.scheduler.output_length import DEFAULT_OUTPUT_LENGTH_WINDOW, OutputLengthPredictor
 from slomesh.scheduler.policy import PlacementDecision, Policy, make_policy
 from slomesh.scheduler.validation import (
     REQUEST_ID_PATTERN,
     RequestValidationError,
     ValidatedRequest,
-    validate_request,
+    validate_for_view,
 )
 from slomesh.scheduler.view import ClusterView
 from slomesh.service import GrpcServerHandle, start_grpc_server, start_metrics_server
@@ -157,6 +166,10 @@ class SchedulerConfig:
         forward_retry: Retry Generate once on another region when the serving region fails
             before the first token.
         registry: Prometheus registry for the metrics (default: the process-wide one).
+        output_length_window: Completed requests per (model, SLO class) whose output lengths
+            the predictor keeps (in memory and in Redis).
+        output_length_load_timeout_s: How long start-up waits for the output-length windows
+            from Redis before starting with empty ones, seconds.
     """
 
     nats_url: str
@@ -179,6 +192,8 @@ class SchedulerConfig:
     nats_connect_timeout_s: float = 30.0
     forward_retry: bool = True
     registry: CollectorRegistry = REGISTRY
+    output_length_window: int = DEFAULT_OUTPUT_LENGTH_WINDOW
+    output_length_load_timeout_s: float = 2.0
 
 
 class _RpcFailure(Exception):
@@ -200,6 +215,7 @@ class _RpcFailure(Exception):
 class _PlacedRequest:
     """What the scheduler remembers of a Place'd request until its outcome is reported."""
 
+    model: str
     slo: SloClass
     prompt_tokens: int
     region: str
@@ -265,14 +281,7 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
         Raises:
             RequestValidationError: (INVALID_ARGUMENT) naming the field.
         """
-        return validate_request(
-            request,
-            models=self.view.known_models(),
-            slo_classes=self.slo.classes,
-            default_slo_class=self.slo.default_class,
-            regions=self.view.known_region_names(),
-            default_origin_region=self.region,
-        )
+        return validate_for_view(request, self.view, self.slo, self.region)
 
     def agent_stub(self, endpoint: str) -> region_agent_pb2_grpc.RegionAgentStub:
         """A cached stub of the region agent at `endpoint` (one channel per address)."""
@@ -361,7 +370,12 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
             return
         p = chosen.prediction
         self._placed[request.request_id] = _PlacedRequest(
-            request.slo, request.prompt_tokens, chosen.region, chosen.instance_id, p.ttft_ms
+            request.model,
+            request.slo,
+            request.prompt_tokens,
+            chosen.region,
+            chosen.instance_id,
+            p.ttft_ms,
         )
         while len(self._placed) > self.max_remembered:
             self._placed.popitem(last=False)
@@ -375,6 +389,13 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
             request.slo.tpot_target_ms(),
             expires_unix_ns=decision.decided_unix_ns + int(hold_s * 1e9),
         )
+
+    def _learn_output_length(self, model: str, slo_class: str, completion_tokens: int) -> None:
+        """A request completed with `completion_tokens`: the view's predictor learns it and the
+        ledger queues it for Redis (no I/O here). Nothing is learned from 0 tokens."""
+        if completion_tokens > 0:
+            self.view.output_lengths.observe(model, slo_class, completion_tokens)
+            self.ledger.record_output_length(model, slo_class, completion_tokens)
 
     def _finish_metrics(
         self,
@@ -513,7 +534,7 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
         agent_request = region_agent_pb2.AgentGenerateRequest(
             request_id=vreq.request_id,
             model=vreq.model,
-            prompt_token_ids=vreq.prompt_token_ids,
+            prompt_token_ids=vreq.prompt_token_ids.tolist(),
             prompt_text=vreq.prompt_text,
             max_tokens=vreq.max_tokens,
             ignore_eos=vreq.ignore_eos,
@@ -569,6 +590,11 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
                         )
                         span.set_attribute("slomesh.ttft_ms", completion.timings.ttft_ms)
                         span.set_attribute("slomesh.e2e_ms", completion.timings.e2e_ms)
+                        # Learned before the yield: a client closing the stream on the
+                        # completion must not keep the scheduler from learning it.
+                        self._learn_output_length(
+                            vreq.model, vreq.slo_class, completion.usage.completion_tokens
+                        )
                         yield scheduler_pb2.GenerateResponse(completion=completion)
                         attained = self._finish_metrics(
                             vreq.slo,
@@ -684,6 +710,9 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
                     placed.predicted_ttft_ms,
                     request.completion.timings,
                 )
+                self._learn_output_length(
+                    placed.model, placed.slo.name, request.completion.usage.completion_tokens
+                )
             self.ledger.record_outcome(
                 request.request_id,
                 outcome,
@@ -726,6 +755,7 @@ class SchedulerService:
             staleness_ms=config.staleness_ms,
             request_snapshot=self._request_snapshot,
             snapshot_retry_ms=max(2000.0, 2 * config.snapshot_timeout_s * 1000.0),
+            output_lengths=OutputLengthPredictor(config.output_length_window),
         )
         self.ledger = Ledger(
             config.redis_url,
@@ -733,6 +763,7 @@ class SchedulerService:
             retry_max_s=config.ledger_retry_max_s,
             max_backlog=config.ledger_max_backlog,
             metrics=self.metrics,
+            output_length_window=config.output_length_window,
         )
         self.servicer = GlobalSchedulerServicer(
             view=self.view,
@@ -759,7 +790,9 @@ class SchedulerService:
         return self.grpc.port
 
     async def start(self) -> None:
-        """Connects NATS, starts the ledger writer, the gRPC server and the metrics server."""
+        """Loads the output-length windows from Redis, connects NATS, starts the ledger writer,
+        the gRPC server and the metrics server."""
+        await self._load_output_lengths()
         self.ledger.start()
         self.nc = await self._connect_nats()
         self._subscriptions = [
@@ -815,6 +848,29 @@ class SchedulerService:
         await self.servicer.close_channels()
         await self.ledger.close(self.config.flush_timeout_s)
         logger.info("global scheduler stopped")
+
+    async def _load_output_lengths(self) -> None:
+        """Seeds the view's output-length predictor from Redis; on any Redis trouble logs and
+        starts with empty windows (placement then uses the SLO classes' defaults)."""
+        timeout_s = self.config.output_length_load_timeout_s
+        try:
+            windows = await asyncio.wait_for(self.ledger.load_output_lengths(), timeout_s)
+        except (TimeoutError, RedisError, OSError) as err:
+            logger.warning(
+                "output-length windows not loaded from Redis; starting empty",
+                extra={"error": f"{type(err).__name__}: {err}", "timeout_s": timeout_s},
+            )
+            return
+        predictor = self.view.output_lengths
+        for (model, slo_class), lengths in windows.items():
+            predictor.observe_many(model, slo_class, lengths)
+        logger.info(
+            "output-length windows loaded from Redis",
+            extra={
+                "windows": len(windows),
+                "observations": sum(len(v) for v in windows.values()),
+            },
+        )
 
     # -- NATS ----------------------------------------------------------------------------------
 

@@ -2,9 +2,11 @@
 
 Block `i` of a prompt (tokens `[i*B, (i+1)*B)` for block size `B`) gets the key
 
-    key_i = xxh3_64( key_{i-1} as 8 little-endian bytes  ||  tokens of block i as uint32 LE )
+    key_i = xxh3_64( tokens of block i as uint32 LE,  seed = key_{i-1} )
 
-with `key_{-1} = ROOT_KEY`. A key therefore names a block *and its whole prefix*, so two
+with `key_{-1} = ROOT_KEY`. (Seeding with the parent key chains the blocks like hashing the
+parent key's bytes in front of the block, without building that buffer: a 32k-token prompt
+hashes in well under a millisecond.) A key therefore names a block *and its whole prefix*, so two
 prompts share key `i` exactly when they share their first `(i+1)*B` tokens. Only full blocks
 get a key (an engine caches only full blocks); a partial last block is ignored.
 
@@ -28,7 +30,7 @@ import xxhash
 
 _xxh3_64 = xxhash.xxh3_64_intdigest
 
-ROOT_KEY: int = _xxh3_64(b"slomesh.kv.block-key.v1")
+ROOT_KEY: int = _xxh3_64(b"slomesh.kv.block-key.v2")
 """Parent key of a sequence's first block (a fixed 64-bit constant)."""
 
 _BYTES_PER_TOKEN = 4
@@ -105,10 +107,10 @@ def chain_keys(
     step = block_size * _BYTES_PER_TOKEN
     keys: list[int] = []
     append = keys.append
-    to_bytes = int.to_bytes
+    hash64 = _xxh3_64
     key = parent_key
     for offset in range(0, num_blocks * step, step):
-        key = _xxh3_64(to_bytes(key, 8, "little") + data[offset : offset + step])
+        key = hash64(data[offset : offset + step], key)
         append(key)
     return keys
 

@@ -593,11 +593,10 @@ def _match_group(
         keys = chain_keys(data[block * step : chunk_end * step], block_size, chunk_end - block, key)
         still = []
         for entry in alive:
-            run = len(list(takewhile(entry[1].__contains__, keys)))
-            if run < len(keys):
-                out.append((entry[0], block + run))
-            else:
+            if entry[1].issuperset(keys):  # the common case, at C speed: the whole chunk hits
                 still.append(entry)
+            else:
+                out.append((entry[0], block + sum(1 for _ in takewhile(entry[1].__contains__, keys))))
         alive = still
         block = chunk_end
         key = keys[-1]

@@ -22,8 +22,10 @@ see ``configs/policies/``) lists them with parameters and weights, as llm-d's sc
 profiles do. Built-in profiles:
 
 - ``slomesh``: SLO-feasible with margin, lowest objective ``E_q``; refuse or best effort.
-  It predicts output lengths from the client's hint or the SLO class default and never reads
-  the true length (see `slomesh.scheduler.predictor.predicted_output_tokens`).
+  It predicts output lengths from the client's hint, else a quantile of the lengths learned
+  from completed requests of the same model and SLO class, else the class default, and never
+  reads the true length (`slomesh.scheduler.output_length.OutputLengthPredictor.predict`, fed
+  through ``ClusterView.output_lengths``).
 - ``oracle``: ``slomesh`` with each request's true output length (``max_tokens`` of an
   ``ignore_eos`` request, as trace replays and the simulator send them): the same profile but
   ``predictor.use_true_output_length``; it bounds what output-length prediction can gain.
@@ -643,13 +645,7 @@ class LowestQueueWaitScorer(Scorer):
     def score(self, ctx: PlacementContext, candidates: Sequence[Candidate]) -> list[float]:
         req = ctx.request
         config = ctx.predictor_config
-        n_out = ctx.output_tokens or pred.predicted_output_tokens(
-            req.slo,
-            req.max_tokens,
-            req.expected_output_tokens,
-            req.ignore_eos,
-            config.use_true_output_length,
-        )
+        n_out = ctx.output_tokens or ctx.view.output_lengths.predict(req, config)
         new_kv_tokens = req.prompt_tokens + n_out
         return lower_is_better(
             [pred.queue_wait_ms(c.instance, new_kv_tokens, config) for c in candidates]
@@ -771,8 +767,8 @@ class PolicyProfile(BaseModel):
         name: Policy name (reported in placements and the ledger).
         description: What the policy does.
         filters: Hard filters, applied in order.
-        admission: SLO filters; when they leave nothing the SLO class's ``on_infeasible``
-            applies.
+        admission: SLO filters; when they leave nothing the request's ``on_infeasible`` (its
+            tenant's tier, else its SLO class's) applies.
         scorers: Weighted scorers over the admitted candidates (may be empty for pickers that
             ignore scores, such as round-robin).
         picker: Chooses among the scored candidates.
@@ -909,28 +905,39 @@ class Policy:
         ctx = PlacementContext(request, view, now, self.profile.slo_margin, self.predictor_config)
         candidates = [Candidate(inst) for inst in view.instances(now_unix_ns=now)]
         alive = candidates
-        if exclude_regions:
+        allowed = request.allowed_regions
+        if exclude_regions or allowed:
+            # Hard constraints of the request itself, honoured under every policy: regions
+            # that just failed it, and its tenant's data residency.
             alive = []
             for cand in candidates:
                 if cand.region in exclude_regions:
                     cand.rejected_by = "excluded"
+                elif allowed and cand.region not in allowed:
+                    cand.rejected_by = "tenant-regions"
                 else:
                     alive.append(cand)
 
         alive = self._apply_filters(ctx, alive, self.filters)
         if not alive:
-            reason = (
-                "no region has published state"
-                if not candidates
-                else f"no healthy instance with fresh state serves model {request.model!r}"
-            )
+            if not candidates:
+                reason = "no region has published state"
+            elif allowed and all(c.rejected_by == "tenant-regions" for c in candidates):
+                reason = (
+                    f"tenant {request.tenant!r} may only be served in {sorted(allowed)}, "
+                    "where no instance has published state"
+                )
+            else:
+                reason = f"no healthy instance with fresh state serves model {request.model!r}"
+                if allowed:
+                    reason += f" in tenant {request.tenant!r}'s regions {sorted(allowed)}"
             return self._decision(ctx, "unavailable", None, candidates, t0, reason=reason)
 
         self._predict(ctx, alive)
 
         admitted = self._apply_filters(ctx, alive, self.admission)
         if not admitted:
-            if request.slo.on_infeasible == "best_effort":
+            if request.on_infeasible == "best_effort":
                 chosen = self._choose(ctx, alive, self.fallback_scorers, self._best_effort_pick)
                 return self._decision(ctx, "best_effort", chosen, candidates, t0)
             retry = self._retry_after_ms(ctx, alive)
@@ -978,13 +985,7 @@ class Policy:
                 [c.instance_id for c in candidates], req.prompt_token_ids
             )
         config = self.predictor_config
-        n_out = pred.predicted_output_tokens(
-            req.slo,
-            req.max_tokens,
-            req.expected_output_tokens,
-            req.ignore_eos,
-            config.use_true_output_length,
-        )
+        n_out = view.output_lengths.predict(req, config)
         ctx.output_tokens = n_out
         alpha = self.profile.alpha_s_per_usd
         margin = ctx.slo_margin
@@ -1236,8 +1237,8 @@ BUILTIN_PROFILES["oracle"] = {
     "name": "oracle",
     "description": (
         "The slomesh policy with the true output length of each request (max_tokens of an "
-        "ignore_eos request) instead of the client's hint or the SLO class default: an upper "
-        "bound on what better output-length prediction can buy."
+        "ignore_eos request) instead of the client's hint, the learned output lengths or the "
+        "SLO class default: an upper bound on what better output-length prediction can buy."
     ),
     "predictor": {"use_true_output_length": True},
 }

@@ -15,8 +15,11 @@ For a request ``q`` from origin region ``o`` on instance ``i`` (GPU type ``k``) 
   where ``h_i(q)`` is the instance's cached prefix, from the GPU profile's roofline with the
   instance's running decodes sharing each step (chunked prefill).
 - ``tpot_ms``: one decode step at the batch the instance will run with ``q`` added.
-- ``N_out``: the client's hint if given, else the SLO class's `default_output_tokens` (see
-  `predicted_output_tokens`). A real client does not know its output length and ``max_tokens``
+- ``N_out``: the predicted output length, from
+  `slomesh.scheduler.output_length.OutputLengthPredictor.predict`: the client's hint if
+  given, else a quantile (`PredictorConfig.output_length_quantile`) of the output lengths of
+  the request's model and SLO class learned from completed requests, else the SLO class's
+  `default_output_tokens`. A real client does not know its output length and ``max_tokens``
   is only an upper bound; with ``ignore_eos`` (how benchmark replays make an engine emit a
   trace's exact output length) ``max_tokens`` *is* the true length, so the honest predictor
   does not read it at all. Only `PredictorConfig.use_true_output_length` (the ``oracle``
@@ -55,7 +58,6 @@ __all__ = [
     "decode_throughput_tokens_per_s",
     "kv_capacity_blocks",
     "predict",
-    "predicted_output_tokens",
     "prefill_ms",
     "prefill_throughput_tokens_per_s",
     "queue_wait_ms",
@@ -79,13 +81,21 @@ class PredictorConfig:
             is knowing the true output length in advance -- what only an oracle can do (trace
             replays and the simulator send every request with ``ignore_eos`` and
             ``max_tokens`` = the trace's output length). False (the default, and the
-            ``slomesh`` policy): ``N_out`` comes from the client's hint or the SLO class
-            default, as for a real client whose ``max_tokens`` is only an upper bound.
+            ``slomesh`` policy): ``N_out`` comes from the client's hint, the learned output
+            lengths or the SLO class default, as for a real client whose ``max_tokens`` is
+            only an upper bound.
+        output_length_quantile: Quantile of the learned output lengths of the request's
+            model and SLO class taken as ``N_out`` when the client gives no hint, in (0, 1]
+            (0.5 = the median; higher predicts longer outputs: safer TPOT/E2E admission, fewer
+            requests admitted). See `slomesh.scheduler.output_length`.
+        output_length_min_samples: Completed requests of a (model, SLO class) needed before
+            the learned quantile replaces the class's ``default_output_tokens``, >= 1.
 
     Raises:
         ValueError: a number is out of range or the fallback GPU type has no profile (the
             message names the field).
-        TypeError: ``use_true_output_length`` is not a bool.
+        TypeError: ``use_true_output_length`` is not a bool, ``output_length_quantile`` not a
+            number or ``output_length_min_samples`` not an integer.
     """
 
     prefill_chunk_tokens: int = 8192
@@ -93,6 +103,8 @@ class PredictorConfig:
     fallback_gpu_type: str = "L4"
     default_block_size: int = 16
     use_true_output_length: bool = False
+    output_length_quantile: float = 0.5
+    output_length_min_samples: int = 20
 
     def __post_init__(self) -> None:
         if self.prefill_chunk_tokens < 1:
@@ -109,6 +121,16 @@ class PredictorConfig:
         if not isinstance(self.use_true_output_length, bool):
             value = self.use_true_output_length
             raise TypeError(f"use_true_output_length: must be true or false, got {value!r}")
+        q = self.output_length_quantile
+        if isinstance(q, bool) or not isinstance(q, int | float):
+            raise TypeError(f"output_length_quantile: must be a number, got {q!r}")
+        if not 0.0 < q <= 1.0:
+            raise ValueError(f"output_length_quantile: must be in (0, 1], got {q}")
+        n = self.output_length_min_samples
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"output_length_min_samples: must be an integer, got {n!r}")
+        if n < 1:
+            raise ValueError(f"output_length_min_samples: must be >= 1, got {n}")
 
 
 @dataclass(slots=True)
@@ -215,43 +237,6 @@ def kv_capacity_blocks(inst: InstanceView, config: PredictorConfig = PredictorCo
         return inst.num_gpu_blocks
     block_size = inst.block_size or config.default_block_size
     return _profile(inst, config).num_gpu_blocks(_model(inst), block_size)
-
-
-def predicted_output_tokens(
-    slo: SloClass,
-    max_tokens: int,
-    expected_output_tokens: int = 0,
-    ignore_eos: bool = False,
-    use_true_output_length: bool = False,
-) -> int:
-    """Predicted output length ``N_out`` in tokens.
-
-    What is honest to read: the client's hint (``expected_output_tokens``) is the client's own
-    estimate and may always be used; ``max_tokens`` is an upper bound a real client picks
-    without knowing the output length, so it caps the guess. Under ``ignore_eos`` the engine
-    generates exactly ``max_tokens`` tokens: benchmark replays (`slomesh.replay`, the
-    simulator) send each trace request that way with ``max_tokens`` = its true output length,
-    so reading ``max_tokens`` -- even as a cap -- would leak the true length. Only an oracle
-    (``use_true_output_length``) does.
-
-    Args:
-        slo: The request's SLO class (its `default_output_tokens` is the fallback).
-        max_tokens: The request's output cap (>= 1).
-        expected_output_tokens: The client's hint; 0 = none.
-        ignore_eos: The engine generates exactly `max_tokens`.
-        use_true_output_length: Oracle knowledge: with `ignore_eos`, return `max_tokens`.
-
-    Returns:
-        With `ignore_eos` and `use_true_output_length`: ``max_tokens``. With `ignore_eos`
-        alone: the hint, else the class default (``max_tokens`` not read). Otherwise: the hint,
-        else the class default, capped at ``max_tokens``. Always at least 1.
-    """
-    if ignore_eos and use_true_output_length:
-        return max(1, max_tokens)
-    guess = expected_output_tokens if expected_output_tokens > 0 else slo.default_output_tokens
-    if ignore_eos:
-        return max(1, guess)
-    return max(1, min(guess, max_tokens))
 
 
 def prefill_throughput_tokens_per_s(

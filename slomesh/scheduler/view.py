@@ -14,7 +14,11 @@
   to that instance's queued tokens until a `RegionState` that reflects it arrives, so that a
   burst of placements does not all land on one instance;
 - the TPOT targets of the requests this scheduler has running on each instance
-  (`track_inflight`), so that a policy can refuse to slow their shared decode step past them.
+  (`track_inflight`), so that a policy can refuse to slow their shared decode step past them;
+- the output lengths of completed requests per (model, SLO class) (`output_lengths`, an
+  `OutputLengthPredictor`), from which policies predict the output length of the next one.
+  Whoever sees a request end feeds it: the live scheduler when a forwarded stream completes
+  or a client reports an outcome, the simulator at the same point in virtual time.
 
 The view does no I/O and takes its clock as an argument, so the simulator can drive it on a
 virtual clock. It is not thread-safe; the scheduler uses it from one asyncio loop.
@@ -30,6 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from slomesh.kv.index import PrefixIndex
+from slomesh.scheduler.output_length import OutputLengthPredictor
 from slomesh.topology import Topology
 from slomesh.v1 import state_pb2
 
@@ -151,6 +156,8 @@ class ClusterView:
         max_buffered_deltas: Deltas kept per region while a snapshot is awaited.
         clock_ns: Wall (or virtual) clock in Unix nanoseconds.
         unknown_rtt_ms: RTT assumed for region pairs nobody knows.
+        output_lengths: Learned output lengths shared by every policy placing on this view;
+            default a new, empty `OutputLengthPredictor`.
     """
 
     def __init__(
@@ -163,6 +170,7 @@ class ClusterView:
         max_buffered_deltas: int = 1024,
         clock_ns: Callable[[], int] = time.time_ns,
         unknown_rtt_ms: float = DEFAULT_UNKNOWN_RTT_MS,
+        output_lengths: OutputLengthPredictor | None = None,
     ):
         if staleness_ms <= 0:
             raise ValueError(f"staleness_ms: must be > 0, got {staleness_ms}")
@@ -174,6 +182,9 @@ class ClusterView:
         self.clock_ns = clock_ns
         self.unknown_rtt_ms = unknown_rtt_ms
         self.prefix_index = PrefixIndex()
+        self.output_lengths = (
+            output_lengths if output_lengths is not None else OutputLengthPredictor()
+        )
         self._regions: dict[str, _Region] = {}
         self._kv: dict[str, _KvTrack] = {}
         self._index_instances: dict[str, set[str]] = {}

@@ -2,12 +2,14 @@
 
 `SimScheduler` does, for each request, what `services.global_scheduler`'s
 ``GlobalSchedulerServicer.Generate`` does before and after forwarding, with the same core
-objects: `slomesh.scheduler.validation.validate_request` against the models, SLO classes and
+objects: `slomesh.scheduler.validation.validate_for_view` against the models, SLO classes and
 regions the view knows; the policy's ``place`` on a `ClusterView`; on a placement,
 ``record_placement`` (optimistic load until a state stamped after the request reached the agent
 arrives, one-way delay = half the predicted RTT) and ``track_inflight`` with the request's TPOT
-target until its stream ends (``untrack_inflight``). The view is fed `RegionState`s and
-`KvIndexDelta`s as they are delivered and reads the simulator's virtual clock.
+target until its stream ends (``untrack_inflight``), when a completed request's output length
+is observed into ``view.output_lengths`` as the live scheduler does when a forwarded stream
+completes. The view is fed `RegionState`s and `KvIndexDelta`s as they are delivered and reads
+the simulator's virtual clock.
 
 The view is built without a snapshot callback: the simulated agents publish every KV delta from
 the first one (seq 1) on, so the view adopts them in order, as a live scheduler does after its
@@ -19,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from slomesh.scheduler.policy import PlacementDecision, Policy
-from slomesh.scheduler.validation import ValidatedRequest, validate_request
+from slomesh.scheduler.validation import ValidatedRequest, validate_for_view
 from slomesh.scheduler.view import ClusterView
 from slomesh.slo import SloConfig
 from slomesh.topology import Topology
@@ -72,14 +74,7 @@ class SimScheduler:
         Raises:
             slomesh.scheduler.validation.RequestValidationError: (INVALID_ARGUMENT).
         """
-        return validate_request(
-            request,
-            models=self.view.known_models(),
-            slo_classes=self.slo.classes,
-            default_slo_class=self.slo.default_class,
-            regions=self.view.known_region_names(),
-            default_origin_region=self.region,
-        )
+        return validate_for_view(request, self.view, self.slo, self.region)
 
     def place(self, request: ValidatedRequest) -> PlacementDecision:
         """Runs the policy; records a chosen placement in the view (optimistic load)."""
@@ -91,6 +86,27 @@ class SimScheduler:
         """The request's stream to its serving region opened: protect its TPOT there."""
         self.view.track_inflight(region, instance_id, request.request_id, request.slo.tpot_target_ms())
 
-    def stream_ended(self, region: str, instance_id: str, request_id: str) -> None:
-        """The request's stream ended (completion or failure) at the scheduler."""
+    def stream_ended(
+        self,
+        region: str,
+        instance_id: str,
+        request_id: str,
+        *,
+        model: str = "",
+        slo_class: str = "",
+        completion_tokens: int = 0,
+    ) -> None:
+        """The request's stream ended (completion or failure) at the scheduler.
+
+        Args:
+            region: Serving region.
+            instance_id: Serving instance.
+            request_id: The request.
+            model: Its model (for a completion).
+            slo_class: Its SLO class name (for a completion).
+            completion_tokens: Tokens it generated when it completed; 0 for a failure (then
+                nothing is learned).
+        """
         self.view.untrack_inflight(region, instance_id, request_id)
+        if completion_tokens > 0:
+            self.view.output_lengths.observe(model, slo_class, completion_tokens)

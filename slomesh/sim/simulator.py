@@ -17,8 +17,9 @@ clock instead of the wall clock:
   state before a replay starts), phase-shifted by ``i / n_regions`` of a period so that
   regions do not publish in lockstep.
 - **Scheduler** (`slomesh.sim.scheduler.SimScheduler`): validation, the policy on a
-  `ClusterView` on the virtual clock, optimistic placement accounting and in-flight TPOT
-  tracking, as `services.global_scheduler`.
+  `ClusterView` on the virtual clock, optimistic placement accounting, in-flight TPOT
+  tracking and the output lengths learned when a completed stream ends at the scheduler, as
+  `services.global_scheduler`.
 - **WAN**: a request placed in region ``j`` from origin ``o`` reaches the agent
   ``rtt_ms(o, j) / 2`` after the decision, and every token reaches the client ``rtt/2`` after
   the step that produced it (`Topology.rtt_ms`, 0 within a region). As in the local mesh, the
@@ -491,8 +492,7 @@ class _Run:
                     self.sim.on_delivery(t, payload)
                 self.scheduler.on_kv(payload)
             elif kind == _STREAM_END:
-                rec = payload
-                self.scheduler.stream_ended(rec.region, rec.instance_id, rec.request_id)
+                self._stream_end_at_scheduler(payload)
         if self.in_flight:
             raise RuntimeError(f"simulation ended with {self.in_flight} requests in flight")
         wall_s = time.perf_counter() - wall0
@@ -589,7 +589,7 @@ class _Run:
         rec.predicted_ttft_ms = p.ttft_ms
         rec.slo_feasible = chosen.feasible
         rec.wan_rtt_ms = self._rtt_ms(tr.origin_region, chosen.region)
-        rec._tokens = vreq.prompt_token_ids  # type: ignore[assignment]
+        rec._tokens = vreq.prompt_token_ids.tolist()
         rec._request = vreq
         scheduler.forwarded(vreq, chosen.region, chosen.instance_id)
         self.in_flight += 1
@@ -772,6 +772,18 @@ class _Run:
         if at <= self.now:
             # Found while advancing past it; no decision was taken in between (decisions
             # advance every engine first), so applying it now keeps the order decisions see.
-            self.scheduler.stream_ended(rec.region, rec.instance_id, rec.request_id)
+            self._stream_end_at_scheduler(rec)
         else:
             self._push(at, _STREAM_END, rec)
+
+    def _stream_end_at_scheduler(self, rec: SimRecord) -> None:
+        """The scheduler sees the stream end: it stops protecting the request's TPOT and, for
+        a completion, learns its output length (trace requests always name their SLO class)."""
+        self.scheduler.stream_ended(
+            rec.region,
+            rec.instance_id,
+            rec.request_id,
+            model=self.topology.model.name,
+            slo_class=rec.slo_class,
+            completion_tokens=rec.completion_tokens if rec.ok else 0,
+        )

@@ -19,7 +19,12 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
-from services.global_scheduler.ledger import DECISIONS_STREAM, request_key
+from services.global_scheduler.ledger import (
+    DECISIONS_STREAM,
+    Ledger,
+    output_lengths_key,
+    request_key,
+)
 from services.global_scheduler.routes import Routes
 from services.global_scheduler.server import SchedulerConfig, SchedulerService
 from slomesh import bus
@@ -486,6 +491,104 @@ async def test_redis_outage_does_not_fail_requests(mesh, redis_server):
         assert row["outcome"] == "ok" and float(row["ttft_ms"]) > 0
 
 
+async def test_output_lengths_are_learned_persisted_and_loaded(mesh, nats_server, redis_server):
+    """Completed Generate streams and a reported Place'd request teach the predictor; the
+    lengths reach Redis; a new scheduler replica starts from the same window and quantiles."""
+    await mesh.start(regions=("washington-dc",))
+    lengths = [3, 9, 4, 7, 5]
+    for i, n in enumerate(lengths):
+        events = [e async for e in mesh.stub.Generate(request(request_id=f"ol-{i}", max_tokens=n))]
+        assert events[-1].completion.usage.completion_tokens == n
+    await mesh.stub.Place(request(request_id="ol-place", max_tokens=50))
+    await mesh.stub.ReportOutcome(
+        scheduler_pb2.OutcomeReport(
+            request_id="ol-place",
+            completion=common_pb2.Completion(
+                timings=common_pb2.Timings(ttft_ms=50.0, tpot_ms=5.0, e2e_ms=300.0),
+                usage=common_pb2.Usage(completion_tokens=11),
+            ),
+        )
+    )
+    # A report of a request this replica never placed has no model or class: nothing learned.
+    await mesh.stub.ReportOutcome(
+        scheduler_pb2.OutcomeReport(
+            request_id="ol-unknown",
+            completion=common_pb2.Completion(usage=common_pb2.Usage(completion_tokens=999)),
+        )
+    )
+    learned = mesh.service.view.output_lengths
+    assert learned.samples(MODEL, "chat") == [*lengths, 11]
+    assert learned.quantile(MODEL, "chat", 0.5) == 5  # 3rd smallest of 3, 4, 5, 7, 9, 11
+    assert await mesh.service.ledger.flush(5)
+    key = output_lengths_key(MODEL, "chat")
+    assert key.startswith("slomesh:")
+    assert await mesh.service.ledger.redis.lrange(key, 0, -1) == ["11", "5", "7", "4", "9", "3"]
+    assert 0 < await mesh.service.ledger.redis.ttl(key) <= 7 * 24 * 3600
+
+    replica = SchedulerService(
+        SchedulerConfig(
+            nats_url=nats_server.url,
+            redis_url=redis_server.url,
+            topology=mesh.topology,
+            registry=CollectorRegistry(),
+            grace_s=0.5,
+        )
+    )
+    await replica.start()
+    try:
+        loaded = replica.view.output_lengths
+        assert loaded.samples(MODEL, "chat") == [*lengths, 11]
+        for q in (0.1, 0.5, 0.9, 1.0):
+            assert loaded.quantile(MODEL, "chat", q) == learned.quantile(MODEL, "chat", q)
+    finally:
+        await replica.stop()
+
+
+async def test_output_length_window_is_trimmed_in_redis(redis_server):
+    ledger = Ledger(redis_server.url, output_length_window=3)
+    ledger.start()
+    try:
+        for n in (10, 20, 30, 40, 50):
+            ledger.record_output_length("m:with:colons", "coding", n)
+        ledger.record_output_length(MODEL, "chat", 8)
+        assert await ledger.flush(5)
+        assert await ledger.redis.lrange(output_lengths_key("m:with:colons", "coding"), 0, -1) == [
+            "50",
+            "40",
+            "30",
+        ]
+        await ledger.redis.rpush(output_lengths_key(MODEL, "chat"), "junk", "0")
+        assert await ledger.load_output_lengths() == {
+            ("m:with:colons", "coding"): [30, 40, 50],
+            (MODEL, "chat"): [8],
+        }
+    finally:
+        await ledger.close(1.0)
+
+
+async def test_scheduler_starts_without_redis(nats_server):
+    from slomesh.procs import free_port
+
+    service = SchedulerService(
+        SchedulerConfig(
+            nats_url=nats_server.url,
+            redis_url=f"redis://127.0.0.1:{free_port()}/0",
+            topology=Topology.default(),
+            registry=CollectorRegistry(),
+            output_length_load_timeout_s=0.5,
+            flush_timeout_s=0.2,
+            grace_s=0.2,
+        )
+    )
+    t0 = time.monotonic()
+    await service.start()
+    try:
+        assert time.monotonic() - t0 < 5.0
+        assert service.view.output_lengths.keys() == []
+    finally:
+        await service.stop()
+
+
 async def test_real_region_agent_and_emulator(nats_server, redis_server):
     """Scheduler -> real RegionAgent -> real emulator; KV events flow back into placement."""
     from services.region_agent.config import AgentConfig, InstanceConfig
@@ -642,6 +745,7 @@ def test_cli_rejects_bad_configuration(tmp_path):
     topo = str(TOPOLOGY_PATH)
     assert main([*common, "--topology", topo, "--policy", "fastest"]) == 2
     assert main([*common, "--topology", topo, "--region", "mars"]) == 2
+    assert main([*common, "--topology", topo, "--output-length-window", "0"]) == 2
     bad_routes = tmp_path / "routes.json"
     bad_routes.write_text('{"tokyo": {"frankfurt": "no-port"}}')
     assert main([*common, "--topology", topo, "--routes-json", str(bad_routes)]) == 2

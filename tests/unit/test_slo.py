@@ -103,6 +103,16 @@ classes:
         config = load_slo_config(write(tmp_path, "classes:\n  chat: {tpot_ms: null}\n"))
         assert config.classes["chat"].tpot_target_ms() == math.inf
 
+    def test_tenants(self, tmp_path):
+        text = ("tenants:\n  acme-eu: {allowed_regions: [frankfurt]}\n"
+                "  nightly: {on_infeasible: best_effort}\n")
+        tenants = load_slo_config(write(tmp_path, text)).tenants
+        assert tenants["acme-eu"].allowed_regions == {"frankfurt"}
+        assert tenants["acme-eu"].on_infeasible is None
+        assert tenants["nightly"].on_infeasible == "best_effort"
+        assert not tenants["nightly"].allowed_regions
+        assert load_slo_config().tenants == {}
+
     def test_replace_defaults(self, tmp_path):
         text = "replace_defaults: true\ndefault_class: only\nclasses:\n  only: {e2e_ms: 1000}\n"
         assert set(load_slo_classes(write(tmp_path, text))) == {"only"}
@@ -128,6 +138,10 @@ class TestBadValues:
             ("classez: {}\n", "classez"),
             ("classes:\n  x: {ttft_per_prompt_token_ms: 1}\n", "classes.x"),
             ("classes:\n  'bad name!': {e2e_ms: 5}\n", "classes.bad name!.name"),
+            ("tenants:\n  t: {on_infeasible: maybe}\n", "tenants.t.on_infeasible"),
+            ("tenants:\n  t: {regions: [x]}\n", "tenants.t.regions"),
+            ("tenants:\n  t: [frankfurt]\n", "tenants.t"),
+            ("tenants: [a]\n", "tenants"),
         ],
     )
     def test_error_names_the_field(self, tmp_path, text, field):

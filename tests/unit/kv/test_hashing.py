@@ -20,12 +20,15 @@ def test_keys_are_deterministic_and_64_bit():
     assert len(set(a)) == 4
 
 
-def test_first_key_is_xxh3_of_root_and_little_endian_tokens():
-    tokens = [1, 2, 3, 258]
-    expected = xxhash.xxh3_64_intdigest(
-        ROOT_KEY.to_bytes(8, "little") + b"".join(t.to_bytes(4, "little") for t in tokens)
+def test_keys_are_xxh3_of_little_endian_tokens_seeded_with_the_parent_key():
+    tokens = [1, 2, 3, 258, 7, 8, 9, 10]
+    first = xxhash.xxh3_64_intdigest(
+        b"".join(t.to_bytes(4, "little") for t in tokens[:4]), ROOT_KEY
     )
-    assert compute_block_keys(tokens, 4) == [expected]
+    second = xxhash.xxh3_64_intdigest(
+        b"".join(t.to_bytes(4, "little") for t in tokens[4:]), first
+    )
+    assert compute_block_keys(tokens, 4) == [first, second]
 
 
 def test_partial_last_block_is_excluded():

@@ -17,6 +17,8 @@ from slomesh.scheduler.policy import (
 from slomesh.scheduler.view import ClusterView
 from slomesh.v1 import state_pb2
 from tests.unit.scheduler.factories import (
+    MODEL,
+    SLO,
     default_topology,
     keys_of,
     make_instance,
@@ -108,6 +110,40 @@ class TestSlomeshPolicy:
         assert decision.retry_after_ms == pytest.approx(excess)
         assert cand.rejected_by == "slo-feasible" and not cand.feasible
         assert "chat" in decision.reason
+
+    def test_a_tenant_tier_overrides_the_class_and_residency_binds_every_policy(self):
+        from slomesh.scheduler.validation import validate_request
+        from slomesh.slo import TenantPolicy
+        from slomesh.v1 import scheduler_pb2
+
+        busy = make_instance(
+            "a", "H100", queued_prefill_tokens=200_000, prefill_tokens_per_s=50_000
+        )
+        view = view_with([make_state("washington-dc", [busy])])
+        tenants = {
+            "nightly": TenantPolicy(name="nightly", on_infeasible="best_effort"),
+            "eu": TenantPolicy(name="eu", allowed_regions=frozenset({"frankfurt"})),
+        }
+
+        def request(tenant):
+            msg = scheduler_pb2.GenerateRequest(
+                request_id="r", model=MODEL, prompt_token_ids=prompt(1000), max_tokens=64,
+                origin_region="washington-dc", tenant=tenant,
+            )
+            return validate_request(
+                msg, models={MODEL: 32768}, slo_classes=SLO.classes, default_slo_class="chat",
+                regions={"washington-dc", "frankfurt", "tokyo"}, tenants=tenants,
+            )
+
+        policy = make_policy("slomesh")
+        assert policy.place(request(""), view).outcome == "refused"  # chat refuses
+        placed = policy.place(request("nightly"), view)
+        assert placed.outcome == "best_effort" and placed.chosen.instance_id == "a"
+        for name in ("slomesh", "round-robin", "least-load", "llm-d"):
+            decision = make_policy(name).place(request("eu"), view)
+            assert decision.outcome == "unavailable", name
+            assert decision.candidates[0].rejected_by == "tenant-regions"
+            assert "frankfurt" in decision.reason and "'eu'" in decision.reason
 
     def test_retry_hint_is_capped_when_waiting_cannot_help(self):
         view = view_with([make_state("washington-dc", [make_instance("a", "L4")])])

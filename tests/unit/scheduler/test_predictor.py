@@ -9,7 +9,6 @@ from slomesh.scheduler.predictor import (
     PredictorConfig,
     decode_throughput_tokens_per_s,
     predict,
-    predicted_output_tokens,
     prefill_ms,
     prefill_throughput_tokens_per_s,
     queue_wait_ms,
@@ -150,18 +149,6 @@ class TestEndToEnd:
         assert not p.meets(chat, 1000, margin=p.ttft_ms / chat.ttft_target_ms(1000) * 0.99)
         pb = p.to_pb()
         assert (pb.ttft_ms, pb.queue_wait_ms, pb.rtt_ms) == (p.ttft_ms, p.queue_wait_ms, 0.0)
-
-
-class TestOutputLength:
-    def test_hint_default_cap_and_ignore_eos(self):
-        chat = SLO["chat"]
-        assert predicted_output_tokens(chat, 1000, 0) == chat.default_output_tokens == 256
-        assert predicted_output_tokens(chat, 1000, 40) == 40
-        assert predicted_output_tokens(chat, 100, 0) == 100
-        # ignore_eos: max_tokens is the true length; only the oracle reads it (not even as a cap).
-        assert predicted_output_tokens(chat, 500, 40, ignore_eos=True) == 40
-        assert predicted_output_tokens(chat, 100, 0, ignore_eos=True) == 256
-        assert predicted_output_tokens(chat, 500, 40, True, use_true_output_length=True) == 500
 
 
 def test_config_validation_names_the_field():

@@ -10,7 +10,7 @@ from slomesh.scheduler.validation import (
     estimate_text_tokens,
     validate_request,
 )
-from slomesh.slo import load_slo_config
+from slomesh.slo import TenantPolicy, load_slo_config
 from slomesh.v1 import scheduler_pb2
 
 MODEL = "m"
@@ -35,6 +35,23 @@ def validate(default_origin: str | None = None, **kw):
         regions=REGIONS,
         default_origin_region=default_origin,
     )
+
+
+def test_tenant_policy_sets_regions_and_tier():
+    tenants = {"eu": TenantPolicy(name="eu", allowed_regions={"frankfurt"},
+                                  on_infeasible="best_effort")}
+    msg = scheduler_pb2.GenerateRequest(request_id="r", model=MODEL, prompt_token_ids=[1, 2],
+                                        max_tokens=5, origin_region="tokyo", tenant="eu")
+    kw = {"models": {MODEL: 1000}, "slo_classes": SLO.classes, "default_slo_class": "chat",
+              "regions": REGIONS}
+    v = validate_request(msg, tenants=tenants, **kw)
+    assert v.allowed_regions == {"frankfurt"} and v.on_infeasible == "best_effort"
+    msg.tenant = "other"
+    v = validate_request(msg, tenants=tenants, **kw)
+    assert v.allowed_regions == frozenset() and v.on_infeasible == "refuse"  # chat's
+    msg.tenant = "x" * 129
+    with pytest.raises(RequestValidationError, match="tenant"):
+        validate_request(msg, tenants=tenants, **kw)
 
 
 def test_valid_request():

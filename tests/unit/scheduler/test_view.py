@@ -81,7 +81,8 @@ class TestStaleness:
         view.apply_state(
             make_state("tokyo", [make_instance("a", model="small", max_model_len=2048)])
         )
-        assert view.known_models() == {MODEL: 32768, "small": 2048}
+        # The topology serves Llama 3.1 with its 128k context.
+        assert view.known_models() == {MODEL: 131072, "small": 2048}
         assert {"washington-dc", "frankfurt", "tokyo"} <= view.known_region_names()
 
 

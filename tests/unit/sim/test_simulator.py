@@ -271,3 +271,26 @@ class TestKvIndex:
         assert predicted == [0, 1536]
         assert [r.cached_prompt_tokens for r in out.results] == [0, 1536]
         assert out.stats["kv_deltas_applied"] >= 1
+
+
+class TestOutputLengths:
+    def test_the_scheduler_learns_output_lengths_at_stream_ends(self, tmp_path):
+        """25 requests 1 s apart with outputs 5, 7, 9, 5, ...: each has ended at the scheduler
+        before the next is placed. The first 20 are predicted with the class default (fewer
+        than `output_length_min_samples` = 20 completions); from the 21st on, with the median
+        of the completed ones (7), never with max_tokens (the true length under ignore_eos)."""
+        topo = one_h100(tmp_path)
+        lengths = [(5, 7, 9)[i % 3] for i in range(25)]
+        trace = azure_trace(tmp_path, [(float(i), 100, n) for i, n in enumerate(lengths)], topo)
+        predicted, defaults, seen = [], [], []
+
+        def on_decision(now, request, decision, view):
+            predicted.append(decision.chosen.prediction.output_tokens)
+            defaults.append(request.slo.default_output_tokens)
+            seen.append(view.output_lengths.count(request.model, request.slo_class))
+
+        out = Simulator(topo, "slomesh", on_decision=on_decision).run(trace)
+        assert all(r.ok for r in out.results)
+        assert seen == list(range(25))
+        assert predicted[:20] == defaults[:20]
+        assert predicted[20:] == [7] * 5
