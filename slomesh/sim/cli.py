@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from slomesh.report import build_report
-from slomesh.sim.simulator import SimConfig, SimOutcome, Simulator
+from slomesh.sim.simulator import SimConfig, SimOutcome, Simulator, queue_wait_error
 from slomesh.slo import SloConfig
 from slomesh.topology import Topology
 from slomesh.traces import Trace, load_trace
@@ -190,6 +190,7 @@ def sim_report(
         extra=extra,
     )
     report["goodput_rps_per_gpu"] = report["goodput_rps"] / gpus if gpus else 0.0
+    report["queue_wait_error"] = queue_wait_error(outcome.records)
     return report, outcome
 
 
@@ -322,6 +323,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     err.print(
         f"simulated {report['requests']} requests, {s['virtual_s']:.1f} s of virtual time in "
         f"{s['wall_s']:.1f} s of wall time ({s['speedup']:.0f}x real time)"
+    )
+    q = report["queue_wait_error"]
+    err.print(
+        f"queue-wait (RWT) prediction: MdAPE {q['mdape'] * 100:.1f} % over the {q['compared']} "
+        f"of {q['placed']} requests that waited >= {q['min_observed_ms']:g} ms; MAE "
+        f"{q['mae_ms']:.1f} ms; observed wait p50/p90 {q['observed_p50_ms']:.1f}/"
+        f"{q['observed_p90_ms']:.1f} ms"
     )
     path = Path(args.report_json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -56,10 +56,12 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from slomesh.engine.model import DecodeRun, Engine, EngineConfig, EngineRequest, StepResult
 from slomesh.engine.profiles import get_model_spec, get_profile
@@ -81,6 +83,7 @@ __all__ = [
     "SimRecord",
     "Simulator",
     "generate_request",
+    "queue_wait_error",
 ]
 
 EPOCH_UNIX_NS = 1_700_000_000 * 10**9
@@ -190,6 +193,10 @@ class SimRecord:
             or "" when validation failed.
         predicted_cost_usd: The placement's predicted GPU cost, USD.
         predicted_ttft_ms: The placement's predicted TTFT, ms.
+        predicted_queue_wait_ms: The placement's predicted queue wait (RWT) on the chosen
+            instance, ms.
+        queue_wait_ms: Observed queue wait: from reaching the engine to its first scheduled
+            step (vLLM's ``request_queue_time_seconds``), ms; None until scheduled.
         slo_feasible: The policy's verdict that the placement meets the SLO.
         policy: The policy that placed it.
         error_code: gRPC status code name of a failure ("" when it completed).
@@ -214,6 +221,8 @@ class SimRecord:
     outcome: str = ""
     predicted_cost_usd: float | None = None
     predicted_ttft_ms: float = 0.0
+    predicted_queue_wait_ms: float = 0.0
+    queue_wait_ms: float | None = None
     slo_feasible: bool = False
     policy: str = ""
     error_code: str = ""
@@ -261,6 +270,56 @@ class SimRecord:
             n = self.completion_tokens
             r.tpot_ms = (r.e2e_ms - r.ttft_ms) / (n - 1) if n > 1 else 0.0
         return r
+
+
+def queue_wait_error(
+    records: Sequence[SimRecord], min_observed_ms: float = 50.0
+) -> dict[str, float | int]:
+    """Error of the placements' queue-wait (RWT) predictions against the observed waits.
+
+    Compared per placed request that reached its first scheduled step: the RWT the policy
+    predicted on the chosen instance at decision time (`Prediction.queue_wait_ms`) against the
+    wait the engine then imposed (arrival at the engine to first scheduled step). The median
+    absolute percentage error is over the requests that waited at least ``min_observed_ms``:
+    below that, the wait is mostly the rest of the step in flight when the request arrives,
+    which RWT does not model, and percentages of a few milliseconds mean little.
+
+    Source: QLM (Patke et al., SoCC 2024) evaluates its RWT estimator the same way, by the
+    relative error of predicted against measured waiting times.
+
+    Args:
+        records: The simulation's records.
+        min_observed_ms: Smallest observed wait counted in the MdAPE, ms.
+
+    Returns:
+        ``{"placed": n, "compared": n waiting >= min_observed_ms, "min_observed_ms",
+        "mdape": median |predicted - observed| / observed over those (NaN if none),
+        "mae_ms": mean |predicted - observed| over all placed, "observed_p50_ms",
+        "observed_p90_ms", "predicted_p50_ms"}``.
+    """
+    pairs = [
+        (r.predicted_queue_wait_ms, r.queue_wait_ms)
+        for r in records
+        if r.queue_wait_ms is not None
+    ]
+    if not pairs:
+        return {"placed": 0, "compared": 0, "min_observed_ms": min_observed_ms,
+                "mdape": math.nan, "mae_ms": math.nan, "observed_p50_ms": math.nan,
+                "observed_p90_ms": math.nan, "predicted_p50_ms": math.nan}
+    predicted = np.array([p for p, _ in pairs])
+    observed = np.array([o for _, o in pairs])
+    big = observed >= min_observed_ms
+    ape = np.abs(predicted[big] - observed[big]) / observed[big]
+    return {
+        "placed": len(pairs),
+        "compared": int(big.sum()),
+        "min_observed_ms": min_observed_ms,
+        "mdape": float(np.median(ape)) if ape.size else math.nan,
+        "mae_ms": float(np.mean(np.abs(predicted - observed))),
+        "observed_p50_ms": float(np.percentile(observed, 50)),
+        "observed_p90_ms": float(np.percentile(observed, 90)),
+        "predicted_p50_ms": float(np.percentile(predicted, 50)),
+    }
 
 
 @dataclass
@@ -587,6 +646,7 @@ class _Run:
         rec.instance_id = chosen.instance_id
         rec.predicted_cost_usd = p.cost_usd
         rec.predicted_ttft_ms = p.ttft_ms
+        rec.predicted_queue_wait_ms = p.queue_wait_ms
         rec.slo_feasible = chosen.feasible
         rec.wan_rtt_ms = self._rtt_ms(tr.origin_region, chosen.region)
         rec._tokens = vreq.prompt_token_ids.tolist()
@@ -727,6 +787,8 @@ class _Run:
             rec = live.get(fs.request_id)
             if rec is not None:
                 rec.cached_prompt_tokens = fs.num_cached_tokens
+                if rec.at_agent_s is not None:
+                    rec.queue_wait_ms = (res.start_s - rec.at_agent_s) * 1000.0
         for out in res.outputs:
             rec = live[out.request_id]
             n = len(out.new_token_ids)

@@ -294,3 +294,32 @@ class TestOutputLengths:
         assert seen == list(range(25))
         assert predicted[:20] == defaults[:20]
         assert predicted[20:] == [7] * 5
+
+
+class TestQueueWaitError:
+    def test_mdape_over_waits_above_the_floor_and_mae_over_all(self):
+        from slomesh.sim import SimRecord
+        from slomesh.sim.simulator import queue_wait_error
+
+        def rec(predicted, observed):
+            return SimRecord("r", 0.0, "x", "chat", 10, 10, predicted_queue_wait_ms=predicted,
+                             queue_wait_ms=observed)
+
+        records = [rec(0.0, 5.0), rec(150.0, 100.0), rec(50.0, 100.0), rec(90.0, 100.0),
+                   rec(0.0, None)]
+        err = queue_wait_error(records, min_observed_ms=50.0)
+        assert err["placed"] == 4 and err["compared"] == 3
+        assert err["mdape"] == pytest.approx(0.5)  # APEs 0.5, 0.5, 0.1
+        assert err["mae_ms"] == pytest.approx((5 + 50 + 50 + 10) / 4)
+        assert queue_wait_error([])["compared"] == 0
+
+    def test_the_simulator_records_predicted_and_observed_waits(self, tmp_path):
+        topo = one_h100(tmp_path)
+        # Two prompts longer than a step's 8192-token budget at once: the second is scheduled
+        # only in the step after the first one's first chunk.
+        trace = azure_trace(tmp_path, [(0.0, 9000, 5), (0.0, 9000, 5)], topo)
+        out = Simulator(topo, "round-robin", IDEAL_STACK).run(trace)
+        first, second = out.records
+        assert first.queue_wait_ms == pytest.approx(0.0)
+        assert second.queue_wait_ms > 0
+        assert second.predicted_queue_wait_ms > 0  # the first one's prefill was pending
