@@ -11,7 +11,8 @@ Subcommands::
     slomesh sim --trace PATH --policy NAME --report-json PATH [--rate-scale X] [--limit N] ...
     slomesh bench --trace PATH --policies a,b,... --report-json PATH [--plot PATH.png] ...
     slomesh sim|bench|fidelity|study-prefix-wan|study-heterogeneity ARGS...  # measure policies
-    slomesh emulator|agent|scheduler|wan-relay|kv-transfer|bench-place ARGS...
+    slomesh profile --endpoint URL --out PROFILE.yaml ...  # fit a server's latency model
+    slomesh emulator|agent|scheduler|wan-relay|kv-transfer|bench-place|bench-decision ARGS...
 
 Imports are lazy so that ``slomesh --help`` stays fast.
 """
@@ -29,11 +30,15 @@ PASS_THROUGH: dict[str, tuple[str, str, str]] = {
     "wan-relay": ("slomesh.wan_relay", "main", "run WAN relays (delay, bandwidth)"),
     "kv-transfer": ("services.kv_transfer.__main__", "main", "run a region's KV transfer service"),
     "bench-place": ("slomesh.benchmarks.place_latency", "main", "benchmark Place latency"),
+    "bench-decision": (
+        "slomesh.benchmarks.decision", "main", "in-process placement decision latency"
+    ),
     "sim": ("slomesh.sim.cli", "main", "simulate a trace in virtual time"),
     "bench": ("slomesh.benchmarks.capacity", "main", "capacity benchmark of policies (sim)"),
     "fidelity": ("slomesh.fidelity", "main", "simulator vs live mesh on one trace slice"),
     "study-prefix-wan": ("slomesh.research", "prefix_wan_main", "is the WAN to a prefix worth it"),
     "study-heterogeneity": ("slomesh.research", "heterogeneity_main", "GPU mix vs. SLO and cost"),
+    "profile": ("slomesh.profiling", "main", "measure a server, fit its prefill/decode latency"),
 }
 
 

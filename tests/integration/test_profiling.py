@@ -1,0 +1,114 @@
+"""`slomesh profile` against an in-process emulator over real HTTP.
+
+The emulator times its steps with the roofline of `slomesh.engine.profiles`, so the fitted
+profile must explain its measured points (high R²) and predict the roofline's step times. The
+emulator runs an L4 at four times its speed (`time_scale` 0.25, which the profiler reads from
+`/slomesh/info` and divides out), with a step budget that holds the largest batch's prefill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import numpy as np
+import pytest
+
+from slomesh.emulator import EmulatorConfig, EmulatorServer
+from slomesh.engine.profiles import decode_step_time_s, get_model_spec, get_profile, step_time_s
+from slomesh.profiling import LatencyProfile, SweepConfig, profile_endpoint
+
+pytestmark = pytest.mark.slow
+
+GPU = "L4"
+TIME_SCALE = 0.25
+SWEEP = SweepConfig(prompt_tokens=(128, 256, 512, 1536), batch_sizes=(1, 4, 16), repeats=2,
+                    output_tokens=16)  # fmt: skip
+"""12 points of each kind; every 4th one held out -- (256, 1), (512, 4), (1536, 16) -- spans
+the range, so that the held-out R² is not at the mercy of the noise on two close points."""
+PREFILL_REL_TOL = 0.05
+"""Relative tolerance of prefill times against the roofline (the linear model has no
+max(compute, memory): the 128-token single prefill is memory-bound on an L4)."""
+REQUEST_PATH_WALL_S = 0.010
+"""Allowance for the request path in a fitted TTFT, wall seconds (divided by the time scale
+like the measured times): the fitted intercept holds it, 5-7 ms on a busy 2-core host for
+client and emulator on one event loop, JSON of up to 25k prompt ids each way."""
+DECODE_REL_TOL = 0.03
+"""Relative tolerance of decode step times against the roofline."""
+
+
+async def test_profile_of_the_emulator_matches_its_roofline(tmp_path):
+    server = EmulatorServer(
+        EmulatorConfig(port=0, gpu_type=GPU, time_scale=TIME_SCALE, max_num_batched_tokens=32768)
+    )
+    await server.start()
+    try:
+        profile = await profile_endpoint(server.url, SWEEP, rng=np.random.default_rng(0))
+    finally:
+        await server.stop()
+
+    gpu, model = get_profile(GPU), get_model_spec(server.config.model)
+    assert profile.model == server.served_model_name and profile.gpu_type == GPU
+    assert profile.time_scale == TIME_SCALE and profile.block_size == 16
+    assert profile.max_model_len == server.max_model_len
+    assert [(p.uncached_tokens, p.batch_size) for p in profile.prefill.points] == [
+        (n, k) for n in SWEEP.prompt_tokens for k in SWEEP.batch_sizes
+    ]
+    assert len(profile.decode.points) == 12
+
+    prefill_q, decode_q = profile.prefill.quality, profile.decode.quality
+    assert (prefill_q.train_points, prefill_q.held_out_points) == (9, 3)
+    assert prefill_q.r2_train > 0.99 and prefill_q.r2_held_out > 0.99
+    assert decode_q.r2_train > 0.9 and decode_q.r2_held_out > 0.9
+
+    # Fitted times against the roofline's: prefill at every measured shape (a single probe may
+    # be late by more than the allowance on a loaded host; the fit averages that out).
+    allowance_ms = REQUEST_PATH_WALL_S / TIME_SCALE * 1000
+    for p in profile.prefill.points:
+        roofline_ms = 1000 * step_time_s(
+            gpu, model, p.batch_tokens, 0, p.batch_tokens, attention_pairs=p.attention_pairs
+        )
+        fitted_ms = profile.prefill_ms(p.uncached_tokens, 0, p.batch_tokens)
+        assert fitted_ms == pytest.approx(roofline_ms, rel=PREFILL_REL_TOL, abs=allowance_ms), p
+    for p in profile.decode.points:
+        roofline_ms = 1000 * decode_step_time_s(
+            gpu, model, p.batch_size, p.prompt_tokens + p.output_tokens / 2
+        )
+        # TPOT is a mean over T - 1 steps: measured points hold the tolerance as well.
+        for ms in (p.tpot_ms, profile.decode_step_ms(p.batch_size, p.context_tokens)):
+            assert ms == pytest.approx(roofline_ms, rel=DECODE_REL_TOL), p
+
+    # The coefficients carry the roofline's physics: GEMM time per token, weights read per step.
+    per_token_ms = 1000 * 2 * model.num_params / (gpu.peak_flops * gpu.compute_efficiency)
+    assert profile.prefill.coefficients.per_batch_token_ms == pytest.approx(per_token_ms, rel=0.05)
+    weights_ms = 1000 * (
+        model.weight_bytes / (gpu.mem_bandwidth_bytes_per_s * gpu.memory_efficiency)
+        + gpu.step_overhead_s
+    )
+    assert profile.decode.coefficients.intercept_ms == pytest.approx(weights_ms, rel=0.03)
+
+    assert LatencyProfile.load(profile.save(tmp_path / "l4.yaml")) == profile
+
+
+async def test_cli_writes_a_profile_of_the_emulator(tmp_path):
+    server = EmulatorServer(EmulatorConfig(port=0, gpu_type="H100"))
+    await server.start()
+    out = tmp_path / "h100.yaml"
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "slomesh.cli", "profile", "--endpoint", server.url,
+            "--out", str(out), "--prompt-tokens", "256,512", "--batch-sizes", "1,2,4",
+            "--repeats", "1", "--output-tokens", "4", "--gpu-type", "h100-emulated",
+            "--no-progress",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        await server.stop()
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    assert "R² held out" in stdout.decode() and "prefill.per_batch_token_ms" in stdout.decode()
+    assert f"profile written to {out}" in stderr.decode()
+    profile = LatencyProfile.load(out)
+    assert profile.gpu_type == "h100-emulated" and profile.endpoint == server.url
+    assert len(profile.prefill.points) == len(profile.decode.points) == 6
+    assert profile.sweep.prompt_tokens == (256, 512) and profile.sweep.repeats == 1

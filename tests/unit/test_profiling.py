@@ -1,0 +1,501 @@
+"""Latency profiles: features, the non-negative fit, R² on held-out points, YAML files, sweep
+planning, and the HTTP probe against a stand-in that speaks vLLM 0.32's wire format."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from itertools import product
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+
+from slomesh import cli
+from slomesh.profiling import (
+    DecodePoint,
+    LatencyProfile,
+    LatencyProfileError,
+    PrefillPoint,
+    ProfilingError,
+    ServerLimits,
+    SweepConfig,
+    attention_pairs,
+    cache_config_from_metrics,
+    fit_decode,
+    fit_prefill,
+    held_out_mask,
+    main,
+    nonnegative_lstsq,
+    plan_sweep,
+    r_squared,
+    read_server_limits,
+    run_probe,
+)
+
+PREFILL_TRUE = (5.0, 0.05, 2e-5)  # intercept_ms, per_batch_token_ms, per_attention_pair_ms
+DECODE_TRUE = (7.0, 0.08, 3e-4)  # intercept_ms, per_sequence_ms, per_context_token_ms
+
+
+def prefill_points(coef=PREFILL_TRUE, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    points = []
+    for n, k in product((64, 256, 512, 1024), (1, 2, 4, 8)):
+        p = PrefillPoint(uncached_tokens=n, batch_size=k, ttft_ms=0.0)
+        ms = coef[0] + coef[1] * p.batch_tokens + coef[2] * p.attention_pairs
+        ms *= 1.0 + noise * rng.standard_normal()
+        points.append(p.model_copy(update={"ttft_ms": ms}))
+    return points
+
+
+def decode_points(coef=DECODE_TRUE, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    points = []
+    for n, k in product((64, 256, 1024), (1, 2, 4, 8, 16)):
+        p = DecodePoint(batch_size=k, prompt_tokens=n, output_tokens=32, tpot_ms=0.0)
+        ms = coef[0] + coef[1] * k + coef[2] * p.context_tokens
+        ms *= 1.0 + noise * rng.standard_normal()
+        points.append(p.model_copy(update={"tpot_ms": ms}))
+    return points
+
+
+def make_profile(**overrides):
+    fields = {
+        "model": "tiny-llama",
+        "gpu_type": "cpu",
+        "endpoint": "http://127.0.0.1:18000",
+        "created_at": datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC),
+        "block_size": 128,
+        "max_model_len": 2048,
+        "sweep": SweepConfig(),
+    }
+    fields.update(overrides)
+    return LatencyProfile.from_points(prefill_points(), decode_points(), **fields)
+
+
+# ------------------------------------------------------------------------------ features
+
+
+def test_attention_pairs_counts_causal_pairs_by_hand():
+    # 4 fresh tokens: token j attends to tokens 1..j -> 1 + 2 + 3 + 4.
+    assert attention_pairs(4) == 10
+    # 3 new tokens after 5 cached: (5 + 1) + (5 + 2) + (5 + 3).
+    assert attention_pairs(3, 5) == 21
+    assert attention_pairs(0, 100) == 0
+    with pytest.raises(ValueError):
+        attention_pairs(-1)
+
+
+def test_prefill_point_features_sum_over_the_batch():
+    p = PrefillPoint(uncached_tokens=3, cached_tokens=5, batch_size=4, ttft_ms=1.0)
+    assert p.batch_tokens == 12
+    assert p.attention_pairs == 4 * 21
+
+
+def test_decode_context_is_the_mean_kv_length_of_the_decode_steps():
+    p = DecodePoint(batch_size=4, prompt_tokens=100, output_tokens=10, tpot_ms=1.0)
+    # Decode step j (j = 1..T-1) of a sequence attends to L + j tokens (engine model).
+    mean_per_seq = sum(100 + j for j in range(1, 10)) / 9
+    assert p.context_tokens == pytest.approx(4 * mean_per_seq)
+    assert p.context_tokens == 4 * 105
+
+
+# ------------------------------------------------------------------------------ fit
+
+
+def test_nonnegative_lstsq_recovers_exact_coefficients():
+    rng = np.random.default_rng(1)
+    a = np.column_stack([np.ones(20), rng.uniform(0, 1e3, 20), rng.uniform(0, 1e6, 20)])
+    x_true = np.array([3.0, 0.02, 4e-6])
+    assert nonnegative_lstsq(a, a @ x_true) == pytest.approx(x_true, rel=1e-9)
+
+
+def test_nonnegative_lstsq_drops_a_negative_term_and_refits_the_rest():
+    rng = np.random.default_rng(2)
+    a = np.column_stack([np.ones(30), rng.uniform(0, 10, 30), rng.uniform(0, 10, 30)])
+    y = a @ np.array([10.0, 2.0, -0.5]) + 0.01 * rng.standard_normal(30)
+    assert np.linalg.lstsq(a, y, rcond=None)[0][2] < 0  # unconstrained fit goes negative
+    x = nonnegative_lstsq(a, y)
+    assert (x >= 0).all() and x[2] == 0
+    refit = np.linalg.lstsq(a[:, :2], y, rcond=None)[0]
+    assert x[:2] == pytest.approx(refit)
+    # KKT: the gradient of the squared residual is >= 0 on every zero coefficient.
+    gradient = a.T @ (a @ x - y)
+    assert gradient[2] >= 0
+
+
+def test_nonnegative_lstsq_rejects_bad_shapes():
+    with pytest.raises(ValueError):
+        nonnegative_lstsq(np.ones((3, 2)), np.ones(4))
+    with pytest.raises(ValueError):
+        nonnegative_lstsq(np.array([[1.0, np.nan]]), np.ones(1))
+
+
+def test_r_squared_small_example():
+    # SS_res = 1, SS_tot = 1.5² + 0.5² + 0.5² + 1.5² = 5.
+    assert r_squared([1, 2, 3, 4], [1, 2, 3, 5]) == pytest.approx(0.8)
+    assert r_squared([1, 2], [2, 1]) == pytest.approx(-3.0)  # worse than the mean
+    assert r_squared([1.0], [1.0]) is None
+    assert r_squared([2.0, 2.0], [2.0, 2.0]) is None
+    with pytest.raises(ValueError):
+        r_squared([1, 2], [1])
+
+
+def test_every_fourth_point_is_held_out():
+    assert np.flatnonzero(held_out_mask(10, 4)).tolist() == [3, 7]
+    assert np.flatnonzero(held_out_mask(6, 3)).tolist() == [2, 5]
+    with pytest.raises(ValueError):
+        held_out_mask(10, 1)
+
+
+def test_prefill_fit_recovers_known_coefficients():
+    fit = fit_prefill(prefill_points())
+    c = fit.coefficients
+    assert (c.intercept_ms, c.per_batch_token_ms, c.per_attention_pair_ms) == pytest.approx(
+        PREFILL_TRUE, rel=1e-6
+    )
+    assert fit.quality.train_points == 12 and fit.quality.held_out_points == 4
+    assert fit.quality.r2_train == pytest.approx(1.0) and fit.quality.r2_held_out == pytest.approx(
+        1.0
+    )
+
+
+def test_decode_fit_recovers_known_coefficients():
+    fit = fit_decode(decode_points())
+    c = fit.coefficients
+    assert (c.intercept_ms, c.per_sequence_ms, c.per_context_token_ms) == pytest.approx(
+        DECODE_TRUE, rel=1e-6
+    )
+    assert fit.quality.train_points == 12 and fit.quality.held_out_points == 3
+
+
+def test_fits_with_noise_stay_close():
+    prefill = fit_prefill(prefill_points(noise=0.01)).coefficients
+    decode = fit_decode(decode_points(noise=0.01)).coefficients
+    assert prefill.per_batch_token_ms == pytest.approx(PREFILL_TRUE[1], rel=0.05)
+    assert prefill.per_attention_pair_ms == pytest.approx(PREFILL_TRUE[2], rel=0.1)
+    assert decode.intercept_ms == pytest.approx(DECODE_TRUE[0], rel=0.05)
+    assert decode.per_context_token_ms == pytest.approx(DECODE_TRUE[2], rel=0.1)
+    assert 0.99 < fit_prefill(prefill_points(noise=0.01)).quality.r2_held_out < 1.0
+    assert 0.9 < fit_decode(decode_points(noise=0.01)).quality.r2_train < 1.0
+
+
+def test_held_out_r2_is_computed_on_the_held_out_points_only():
+    points = prefill_points()
+    # Corrupt one held-out point (index 3): the fit must not see it, its R² must.
+    bad = points[3].model_copy(update={"ttft_ms": points[3].ttft_ms * 10})
+    points = [*points[:3], bad, *points[4:]]
+    fit = fit_prefill(points)
+    assert fit.coefficients.per_batch_token_ms == pytest.approx(PREFILL_TRUE[1], rel=1e-6)
+    assert fit.quality.r2_train == pytest.approx(1.0)
+    held = [p for i, p in enumerate(points) if i % 4 == 3]
+    profile = make_profile().model_copy(update={"prefill": fit})
+    predicted = [profile.prefill_ms(p.uncached_tokens, 0, p.batch_tokens) for p in held]
+    expected = r_squared([p.ttft_ms for p in held], predicted)
+    assert fit.quality.r2_held_out == pytest.approx(expected)
+    assert expected < 0.9
+
+
+def test_fit_needs_enough_training_points():
+    with pytest.raises(ValueError, match="at least"):
+        fit_prefill(prefill_points()[:3])
+
+
+# ------------------------------------------------------------------------------ profile
+
+
+def test_profile_predictions_use_the_coefficients():
+    profile = make_profile()
+    c0, c1, c2 = PREFILL_TRUE
+    assert profile.prefill_ms(100) == pytest.approx(c0 + c1 * 100 + c2 * attention_pairs(100))
+    # 300 new tokens after a 200-token prefix, in a step of 1200 tokens (4 such sequences).
+    assert profile.prefill_ms(300, 200, batch_tokens=1200) == pytest.approx(
+        c0 + c1 * 1200 + c2 * 4 * attention_pairs(300, 200)
+    )
+    assert profile.prefill_step_ms(1200, 4 * attention_pairs(300, 200)) == pytest.approx(
+        profile.prefill_ms(300, 200, batch_tokens=1200)
+    )
+    assert profile.prefill_ms(0, 500) == 0.0
+    d0, d1, d2 = DECODE_TRUE
+    assert profile.decode_step_ms(8, 4000) == pytest.approx(d0 + d1 * 8 + d2 * 4000)
+    with pytest.raises(ValueError):
+        profile.prefill_ms(300, 0, batch_tokens=200)
+    with pytest.raises(ValueError):
+        profile.decode_step_ms(0, 10)
+    with pytest.raises(ValueError):
+        profile.decode_step_ms(1, -1)
+
+
+def test_yaml_round_trip(tmp_path):
+    profile = make_profile()
+    path = profile.save(tmp_path / "sub" / "profile.yaml")
+    loaded = LatencyProfile.load(path)
+    assert loaded == profile
+    assert loaded.prefill_ms(512, 0, 2048) == profile.prefill_ms(512, 0, 2048)
+    assert loaded.refit().prefill.coefficients == pytest.approx(profile.prefill.coefficients)
+
+
+def test_refit_with_another_holdout():
+    profile = make_profile()
+    refit = profile.refit(holdout_every=2)
+    assert refit.holdout_every == 2
+    assert refit.prefill.quality.held_out_points == 8
+    assert refit.decode.coefficients.intercept_ms == pytest.approx(DECODE_TRUE[0])
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["prefill"]["coefficients"].update(intercept_ms=-1.0),
+         "prefill.coefficients.intercept_ms: Input should be greater than or equal to 0"),
+        (lambda d: d.pop("model"), "model: Field required"),
+        (lambda d: d.update(version=2), "version: Input should be 1"),
+        (lambda d: d["decode"]["points"][0].update(output_tokens=1),
+         "decode.points.0.output_tokens"),
+        (lambda d: d.update(colour="blue"), "colour: Extra inputs are not permitted"),
+    ],
+)  # fmt: skip
+def test_loader_names_the_bad_field(tmp_path, edit, message):
+    data = make_profile().model_dump(mode="json")
+    edit(data)
+    path = tmp_path / "p.yaml"
+    path.write_text(json.dumps(data))  # JSON is YAML
+    with pytest.raises(LatencyProfileError, match=message.replace(".", r"\.")):
+        LatencyProfile.load(path)
+
+
+def test_loader_errors_for_unreadable_files(tmp_path):
+    with pytest.raises(LatencyProfileError, match="cannot read"):
+        LatencyProfile.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(LatencyProfileError, match="not valid YAML"):
+        LatencyProfile.load(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(LatencyProfileError, match="top level must be a mapping"):
+        LatencyProfile.load(bad)
+
+
+# ------------------------------------------------------------------------------ sweep
+
+
+def test_sweep_config_validates():
+    assert SweepConfig(prompt_tokens=(256, 64)).prompt_tokens == (64, 256)
+    for bad in (
+        {"prompt_tokens": ()},
+        {"batch_sizes": (0, 1)},
+        {"batch_sizes": (2, 2)},
+        {"output_tokens": 1},
+        {"repeats": 0},
+    ):
+        with pytest.raises(ValueError):
+            SweepConfig(**bad)
+
+
+def test_plan_skips_points_beyond_the_server_limits():
+    sweep = SweepConfig(prompt_tokens=(64, 512, 1024, 2040), batch_sizes=(1, 2, 4), output_tokens=16)
+    limits = ServerLimits(
+        model="m", max_model_len=2048, block_size=128, kv_cache_tokens=4096,
+        max_num_batched_tokens=1024,
+    )  # fmt: skip
+    plan = plan_sweep(sweep, limits)
+    # 2040 + 1 fits max_model_len, 2040 + 16 does not; 4 x 1024 tokens need 4 x 1152 KV slots.
+    assert (2040, 1) in plan.prefill and (2040, 1) not in plan.decode
+    assert (1024, 4) not in plan.prefill
+    # Decode batches beyond the 1024-token step budget would chunk their prefill.
+    assert (512, 2) in plan.decode and (512, 4) not in plan.decode and (512, 4) in plan.prefill
+    assert plan.decode == [(64, 1), (64, 2), (64, 4), (512, 1), (512, 2), (1024, 1)]
+    assert any("max_model_len" in s for s in plan.skipped)
+    assert any("KV cache" in s for s in plan.skipped)
+    assert any("step budget" in s for s in plan.skipped)
+
+
+def test_plan_assumes_vllms_default_budget_and_refuses_a_tiny_sweep():
+    limits = ServerLimits(model="m", max_model_len=4096)
+    plan = plan_sweep(SweepConfig(prompt_tokens=(512, 1024), batch_sizes=(1, 2, 4, 8)), limits)
+    # A 2048-token step budget is assumed.
+    assert plan.decode == [(512, 1), (512, 2), (512, 4), (1024, 1), (1024, 2)]
+    with pytest.raises(ProfilingError, match="decode points"):
+        plan_sweep(SweepConfig(prompt_tokens=(1024,), batch_sizes=(1, 2, 4, 8)), limits)
+
+
+# ------------------------------------------------------------------------------ HTTP
+
+
+VLLM_METRICS = """\
+# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="tiny-llama"} 0.0
+# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig
+# TYPE vllm:cache_config_info gauge
+vllm:cache_config_info{block_size="128",cache_dtype="auto",enable_prefix_caching="True",\
+engine="0",gpu_memory_utilization="0.9",kv_cache_size_tokens="65536",num_cpu_blocks="None",\
+num_gpu_blocks="512",prefix_caching_hash_algo="sha256"} 1.0
+"""
+
+
+def test_cache_config_from_vllm_metrics():
+    assert cache_config_from_metrics(VLLM_METRICS) == {"block_size": 128, "kv_cache_tokens": 65536}
+    without_size = VLLM_METRICS.replace('kv_cache_size_tokens="65536",', "")
+    assert cache_config_from_metrics(without_size)["kv_cache_tokens"] == 512 * 128
+    assert cache_config_from_metrics("garbage{") == {"block_size": None, "kv_cache_tokens": None}
+
+
+TOKEN_DELAY_S = 0.03
+REQUESTS = web.AppKey("requests", list)
+
+
+def fake_vllm(*, cached_tokens=None, short_by=0):
+    """An aiohttp app with vLLM 0.32's shapes for a server started with
+    ``--skip-tokenizer-init`` (empty text, token ids only with ``return_token_ids``), no
+    ``/slomesh/info``, and ``usage.prompt_tokens_details`` null unless ``cached_tokens``."""
+    requests = []
+
+    async def models(request):
+        return web.json_response({"object": "list", "data": [
+            {"id": "tiny-llama", "object": "model", "owned_by": "vllm", "root": "/m",
+             "parent": None, "max_model_len": 2048}]})  # fmt: skip
+
+    async def metrics(request):
+        return web.Response(text=VLLM_METRICS)
+
+    async def completions(request):
+        body = await request.json()
+        requests.append(body)
+        if body.get("model") != "tiny-llama":
+            return web.json_response(
+                {"error": {"message": "The model does not exist.", "type": "NotFoundError",
+                           "param": "model", "code": 404}}, status=404)  # fmt: skip
+        prompts, max_tokens = body["prompt"], body["max_tokens"]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def send(obj):
+            await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+        n_out = max_tokens - short_by
+        for step in range(n_out):
+            await asyncio.sleep(TOKEN_DELAY_S)
+            for i, prompt in enumerate(prompts):
+                choice = {"index": i, "text": "", "logprobs": None,
+                          "finish_reason": "length" if step == n_out - 1 else None,
+                          "stop_reason": None}  # fmt: skip
+                if body.get("return_token_ids"):
+                    choice["token_ids"] = [1000 + step]
+                    if step == 0:
+                        choice["prompt_token_ids"] = prompt
+                await send({"id": "cmpl-1", "object": "text_completion", "created": 0,
+                            "model": "tiny-llama", "choices": [choice], "usage": None})  # fmt: skip
+        details = None if cached_tokens is None else {"cached_tokens": cached_tokens}
+        prompt_total = sum(len(p) for p in prompts)
+        await send({"id": "cmpl-1", "object": "text_completion", "created": 0,
+                    "model": "tiny-llama", "choices": [],
+                    "usage": {"prompt_tokens": prompt_total, "completion_tokens": n_out * len(prompts),
+                              "total_tokens": prompt_total + n_out * len(prompts),
+                              "prompt_tokens_details": details}})  # fmt: skip
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/completions", completions)
+    app[REQUESTS] = requests
+    return app
+
+
+async def serve(app):
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def test_limits_of_a_vllm_server_come_from_models_and_metrics():
+    runner, url = await serve(fake_vllm())
+    try:
+        async with aiohttp.ClientSession() as session:
+            limits = await read_server_limits(session, url)
+            flagged = await read_server_limits(session, url, max_num_batched_tokens=4096)
+    finally:
+        await runner.cleanup()
+    assert limits == ServerLimits(
+        model="tiny-llama", max_model_len=2048, block_size=128, kv_cache_tokens=65536
+    )
+    assert limits.gpu_type is None and limits.time_scale == 1.0
+    assert flagged.max_num_batched_tokens == 4096
+
+
+async def test_probe_times_each_sequence_of_a_vllm_stream():
+    app = fake_vllm()
+    runner, url = await serve(app)
+    prompts = [[101, 102, 103], [201, 202, 203]]
+    try:
+        async with aiohttp.ClientSession() as session:
+            timings = await run_probe(session, url, "tiny-llama", prompts, max_tokens=5)
+    finally:
+        await runner.cleanup()
+    (body,) = app[REQUESTS]
+    assert body["prompt"] == prompts and body["stream"] and body["ignore_eos"]
+    assert body["return_token_ids"] and body["stream_options"] == {"include_usage": True}
+    assert len(timings) == 2
+    for t in timings:
+        assert TOKEN_DELAY_S * 0.9 <= t.ttft_s < t.e2e_s
+        # 4 token gaps after the first token.
+        assert t.e2e_s - t.ttft_s >= 4 * TOKEN_DELAY_S * 0.9
+
+
+@pytest.mark.parametrize(
+    ("app", "model", "message"),
+    [
+        (fake_vllm(cached_tokens=128), "tiny-llama", "reused 128 cached tokens"),
+        (fake_vllm(short_by=2), "tiny-llama", "generated 6 tokens"),
+        (fake_vllm(), "other-model", "answered 404: The model does not exist."),
+    ],
+)
+async def test_probe_refuses_unusable_answers(app, model, message):
+    runner, url = await serve(app)
+    try:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(ProfilingError, match=message):
+                await run_probe(session, url, model, [[1, 2, 3], [4, 5, 6]], max_tokens=5)
+    finally:
+        await runner.cleanup()
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def test_cli_registers_profile(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["profile", "--help"])
+    assert exc.value.code == 0
+    assert "--endpoint" in capsys.readouterr().out
+    assert "profile" in cli.build_parser().format_help()
+
+
+def test_cli_exits_2_on_an_unreachable_endpoint(tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    rc = main(["--endpoint", "http://127.0.0.1:9", "--out", str(out), "--no-progress"])
+    assert rc == 2
+    assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--endpoint", "localhost:8000"],
+        ["--endpoint", "http://x", "--batch-sizes", "1,two"],
+        ["--endpoint", "http://x", "--output-tokens", "1"],
+        ["--endpoint", "http://x", "--holdout-every", "1"],
+    ],
+)
+def test_cli_exits_2_on_bad_arguments(tmp_path, args):
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--out", str(tmp_path / "p.yaml")])
+    assert exc.value.code == 2
