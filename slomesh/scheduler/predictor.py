@@ -12,8 +12,9 @@ For a request ``q`` from origin region ``o`` on instance ``i`` (GPU type ``k``) 
 - ``queue_wait_ms`` (``W_q``): the RWT estimator -- work queued ahead of ``q`` divided by the
   instance's measured throughputs (see `queue_wait_ms`).
 - ``prefill_ms`` (``P_q``): prefill of the *uncached* prompt tokens only, ``N_p - h_i(q)``
-  where ``h_i(q)`` is the instance's cached prefix, from the GPU profile's roofline with the
-  instance's running decodes sharing each step (chunked prefill).
+  where ``h_i(q)`` is the instance's cached prefix, in chunks of
+  `PredictorConfig.prefill_chunk_tokens`, the instance's running decodes sharing each step
+  (chunked prefill).
 - ``tpot_ms``: one decode step at the batch the instance will run with ``q`` added.
 - ``N_out``: the predicted output length, from
   `slomesh.scheduler.output_length.OutputLengthPredictor.predict`: the client's hint if
@@ -30,15 +31,29 @@ For a request ``q`` from origin region ``o`` on instance ``i`` (GPU type ``k``) 
   ``cost_usd = gpu_seconds * price_usd_per_hour / 3600``. No KV or weights move yet, so
   ``bytes_moved = 0`` and no egress cost.
 
+**Step times.** An engine step (a prefill chunk with the running decodes beside it, or a decode
+step) is timed by one of, in this order:
+
+1. the instance's *fitted latency profile* (`PredictorConfig.latency_profiles`, written by
+   ``slomesh profile``; see `slomesh.profiling.LatencyProfile`) when one is configured for its
+   GPU type and was measured on the model the instance serves (see `fitted_step_ms`);
+2. the instance's measured throughputs, for a GPU type without a roofline profile (e.g. "CPU");
+3. the roofline of `slomesh.engine.profiles.step_time_s` for its GPU type (else
+   `PredictorConfig.fallback_gpu_type`), the same model the emulator and simulator run.
+
 Source: QLM (Patke et al., SoCC 2024), request waiting time (RWT) estimator: waiting time =
 queued work / throughput. SLOs-Serve (Chen et al., 2025) and DistServe (Zhong et al., OSDI
-2024): roofline prefill/decode step times and TTFT/TPOT SLOs. Step times come from
-`slomesh.engine.profiles.step_time_s`, the same model the emulator and simulator run.
+2024): roofline prefill/decode step times and TTFT/TPOT SLOs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from slomesh.engine.profiles import (
     DEFAULT_MODEL,
@@ -52,11 +67,16 @@ from slomesh.scheduler.view import InstanceView
 from slomesh.slo import SloClass
 from slomesh.v1 import common_pb2
 
+if TYPE_CHECKING:
+    from slomesh.profiling import LatencyProfile
+
 __all__ = [
     "Prediction",
     "PredictorConfig",
     "decode_throughput_tokens_per_s",
+    "fitted_step_ms",
     "kv_capacity_blocks",
+    "load_latency_profile",
     "predict",
     "prefill_ms",
     "prefill_throughput_tokens_per_s",
@@ -90,12 +110,25 @@ class PredictorConfig:
             requests admitted). See `slomesh.scheduler.output_length`.
         output_length_min_samples: Completed requests of a (model, SLO class) needed before
             the learned quantile replaces the class's ``default_output_tokens``, >= 1.
+        latency_profiles: GPU type (as instances report it, `InstanceView.gpu_type`) -> path
+            of a latency profile YAML written by ``slomesh profile``
+            (`slomesh.profiling.LatencyProfile`); a relative path is taken from the working
+            directory. Instances of such a GPU type are timed by the fitted profile instead
+            of the roofline (`fitted_step_ms`), provided the profile's ``model`` is the model
+            the instance serves; an instance serving another model keeps the roofline (or its
+            measured throughputs). Given as a mapping (e.g. from a policy YAML's
+            ``predictor.latency_profiles``) or as (GPU type, path) pairs; stored as a tuple of
+            pairs sorted by GPU type, so that the config stays immutable and hashable. Every
+            file is read and validated once, when the config is built
+            (`load_latency_profile`); placement then only does a dict lookup.
 
     Raises:
-        ValueError: a number is out of range or the fallback GPU type has no profile (the
-            message names the field).
+        ValueError: a number is out of range, the fallback GPU type has no profile, or a
+            latency profile cannot be read or is invalid (the message names the field, e.g.
+            ``latency_profiles.H100: cannot read latency profile ...``).
         TypeError: ``use_true_output_length`` is not a bool, ``output_length_quantile`` not a
-            number or ``output_length_min_samples`` not an integer.
+            number, ``output_length_min_samples`` not an integer, or ``latency_profiles`` not
+            a mapping of GPU type names to paths.
     """
 
     prefill_chunk_tokens: int = 8192
@@ -105,6 +138,10 @@ class PredictorConfig:
     use_true_output_length: bool = False
     output_length_quantile: float = 0.5
     output_length_min_samples: int = 20
+    latency_profiles: Mapping[str, str] | tuple[tuple[str, str], ...] = ()
+    _fitted_profiles: Mapping[str, LatencyProfile] = field(
+        init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         if self.prefill_chunk_tokens < 1:
@@ -131,6 +168,78 @@ class PredictorConfig:
             raise TypeError(f"output_length_min_samples: must be an integer, got {n!r}")
         if n < 1:
             raise ValueError(f"output_length_min_samples: must be >= 1, got {n}")
+        pairs = _latency_profile_paths(self.latency_profiles)
+        fitted: dict[str, LatencyProfile] = {}
+        for gpu_type, path in pairs:
+            try:
+                fitted[gpu_type] = load_latency_profile(path)
+            except ValueError as err:
+                raise ValueError(f"latency_profiles.{gpu_type}: {err}") from None
+        object.__setattr__(self, "latency_profiles", pairs)
+        object.__setattr__(
+            self, "_fitted_profiles", MappingProxyType(fitted) if fitted else _NO_PROFILES
+        )
+
+    def __reduce__(self) -> tuple[type[PredictorConfig], tuple[object, ...]]:
+        # Pickle and copy by the init fields: the copy loads its latency profiles again (from
+        # `load_latency_profile`'s cache within one process).
+        return type(self), tuple(getattr(self, f.name) for f in fields(self) if f.init)
+
+
+_NO_PROFILES: Mapping[str, LatencyProfile] = MappingProxyType({})
+
+_LOADED_PROFILES: dict[tuple[Path, int], LatencyProfile] = {}
+"""Latency profiles read so far, by (resolved path, modification time in ns)."""
+
+
+def _latency_profile_paths(value: object) -> tuple[tuple[str, str], ...]:
+    """``PredictorConfig.latency_profiles`` as (GPU type, path) pairs sorted by GPU type."""
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, tuple | list) and all(
+        isinstance(item, tuple | list) and len(item) == 2 for item in value
+    ):
+        items = [tuple(item) for item in value]
+    else:
+        raise TypeError(
+            f"latency_profiles: must be a mapping of GPU type to profile path, got {value!r}"
+        )
+    pairs = {}
+    for gpu_type, path in items:
+        if not isinstance(gpu_type, str) or not gpu_type:
+            raise TypeError(
+                f"latency_profiles: GPU type must be a non-empty string, got {gpu_type!r}"
+            )
+        if gpu_type in pairs:
+            raise ValueError(f"latency_profiles.{gpu_type}: given twice")
+        if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+            raise TypeError(f"latency_profiles.{gpu_type}: must be a file path, got {path!r}")
+        pairs[gpu_type] = os.fspath(path)
+    return tuple(sorted(pairs.items()))
+
+
+def load_latency_profile(path: str | os.PathLike[str]) -> LatencyProfile:
+    """The latency profile at ``path``, read and validated once per process and file version.
+
+    Profiles are cached by resolved path and modification time, so configs naming the same
+    file share one object and a rewritten file is read again.
+
+    Raises:
+        slomesh.profiling.LatencyProfileError: (a ``ValueError``) the file cannot be read, is
+            not YAML, or holds an invalid value (see `slomesh.profiling.LatencyProfile.load`).
+    """
+    # Imported here: the profiler pulls in aiohttp, which placement without profiles never needs.
+    from slomesh.profiling import LatencyProfile, LatencyProfileError
+
+    resolved = Path(path).expanduser().resolve()
+    try:
+        key = (resolved, resolved.stat().st_mtime_ns)
+    except OSError as err:
+        raise LatencyProfileError(f"cannot read latency profile {path}: {err}") from None
+    profile = _LOADED_PROFILES.get(key)
+    if profile is None:
+        profile = _LOADED_PROFILES[key] = LatencyProfile.load(resolved)
+    return profile
 
 
 @dataclass(slots=True)
@@ -206,6 +315,79 @@ class Prediction:
         )
 
 
+def _fitted(inst: InstanceView, config: PredictorConfig) -> LatencyProfile | None:
+    """The fitted latency profile of ``inst``'s GPU type, if there is one for its model."""
+    fitted = config._fitted_profiles.get(inst.gpu_type)
+    if fitted is None or fitted.model != inst.model:
+        return None
+    return fitted
+
+
+def fitted_step_ms(
+    profile: LatencyProfile,
+    prefill_tokens: int,
+    prefill_attention_pairs: float,
+    prefill_context_tokens: int,
+    decode_seqs: int,
+    decode_context_tokens: float,
+) -> float:
+    """Duration of one engine step timed by a fitted latency profile, in ms.
+
+    The step computes a chunk of ``prefill_tokens`` uncached tokens of one sequence beside
+    ``decode_seqs`` sequences that decode one token each::
+
+        compute_ms = profile.prefill_step_ms(prefill_tokens + decode_seqs,
+                                             prefill_attention_pairs + decode_context_tokens)
+        memory_ms  = profile.decode_step_ms(decode_seqs + (1 if prefill_tokens else 0),
+                                            decode_context_tokens + prefill_context_tokens)
+        step_ms    = max(compute_ms, memory_ms)
+
+    Why this composition: the roofline (`slomesh.engine.profiles.step_time_s`) is
+    ``max(compute, memory) + overhead``, and both sides are additive over the step's
+    sequences (FLOPs per new token and per causal (query, key) pair; bytes for the weights,
+    read once, and per KV token read). A prefill is compute-bound, so the fitted prefill model
+    ``c0 + c1 * batch_tokens + c2 * attention_pairs`` is the roofline's compute side; a decode
+    step is memory-bound, so the fitted decode model ``d0 + d1 * batch_size + d2 *
+    context_tokens`` is its memory side. By additivity a decode sequence adds one token and
+    one pair per context token to the compute side (vLLM runs a decode as a one-token chunk),
+    and the prefilling sequence adds one sequence reading its ``prefill_context_tokens`` of KV
+    to the memory side; each side's intercept is the step's fixed cost, paid once. The max
+    picks the bound side as the roofline does: a long chunk beside a few decodes is
+    compute-bound, a short last chunk beside a large decode batch memory-bound. (Adding the
+    decode model's marginal cost to the prefill model's step instead counts the decodes' KV
+    reads on top of a compute-bound step and misses their GEMM tokens: about 30 % over the
+    roofline for a 1000-token chunk beside 256 decodes of 2000 tokens, where this composition,
+    fitted to roofline points, is within about 1 %.)
+
+    Source: the roofline of `slomesh.engine.profiles.step_time_s` (SLOs-Serve,
+    arXiv:2504.08784, section 4; Vidur, arXiv:2405.05465), whose two sides the models of
+    `slomesh.profiling` fit.
+
+    Args:
+        profile: The fitted latency profile.
+        prefill_tokens: Uncached tokens of the chunk, >= 0 (0: a decode-only step).
+        prefill_attention_pairs: The chunk's causal (query, key) pairs,
+            ``n * prior + n * (n + 1) / 2`` for a chunk of ``n`` after ``prior`` tokens.
+        prefill_context_tokens: KV tokens the chunk attends to, ``prior + n``.
+        decode_seqs: Sequences decoding in the step, >= 0.
+        decode_context_tokens: KV tokens those sequences attend to in all.
+
+    Returns:
+        Milliseconds; 0 for an empty step.
+
+    Raises:
+        ValueError: a count is negative.
+    """
+    seqs = decode_seqs + (1 if prefill_tokens > 0 else 0)
+    if seqs == 0:
+        return 0.0
+    compute_ms = profile.prefill_step_ms(
+        prefill_tokens + decode_seqs, prefill_attention_pairs + decode_context_tokens
+    )
+    memory_ms = profile.decode_step_ms(seqs, decode_context_tokens + prefill_context_tokens)
+    return max(compute_ms, memory_ms)
+
+
 def _profile(inst: InstanceView, config: PredictorConfig) -> GpuProfile:
     profile = PROFILES.get(inst.gpu_type)
     return profile if profile is not None else PROFILES[config.fallback_gpu_type]
@@ -244,8 +426,9 @@ def prefill_throughput_tokens_per_s(
 ) -> float:
     """Prefill throughput of an instance in prompt tokens per second.
 
-    The measured value from the agent when it is known (> 0); else the GPU profile's rate for
-    one full chunk (`prefill_chunk_tokens`) sharing the step with the running decodes.
+    The measured value from the agent when it is known (> 0); else the rate of one full chunk
+    (`prefill_chunk_tokens`) sharing the step with the running decodes, timed by the fitted
+    latency profile (`fitted_step_ms`) or the GPU profile's roofline.
     """
     if inst.prefill_tokens_per_s > 0:
         return inst.prefill_tokens_per_s
@@ -253,6 +436,10 @@ def prefill_throughput_tokens_per_s(
     chunk = config.prefill_chunk_tokens
     running = inst.num_requests_running
     context = int(inst.kv_cache_usage * _kv_capacity_tokens(inst, profile, model, config))
+    fitted = _fitted(inst, config)
+    if fitted is not None:
+        pairs = chunk * (chunk + 1) / 2.0
+        return chunk / fitted_step_ms(fitted, chunk, pairs, chunk, running, context) * 1000.0
     step_s = step_time_s(profile, model, chunk, running, context + chunk)
     return chunk / step_s
 
@@ -262,14 +449,18 @@ def decode_throughput_tokens_per_s(
 ) -> float:
     """Decode throughput of an instance in output tokens per second (all sequences).
 
-    The measured value when known (> 0); else the profile's rate at the current running batch
-    (at least 1 sequence) and KV context.
+    The measured value when known (> 0); else the rate of one decode step at the current
+    running batch (at least 1 sequence) and KV context, timed by the fitted latency profile
+    (`fitted_step_ms`) or the GPU profile's roofline.
     """
     if inst.decode_tokens_per_s > 0:
         return inst.decode_tokens_per_s
     profile, model = _profile(inst, config), _model(inst)
     batch = max(1, min(inst.num_requests_running, config.max_num_seqs))
     context = int(inst.kv_cache_usage * _kv_capacity_tokens(inst, profile, model, config))
+    fitted = _fitted(inst, config)
+    if fitted is not None:
+        return batch / fitted_step_ms(fitted, 0, 0.0, 0, batch, context) * 1000.0
     step_s = step_time_s(profile, model, 0, batch, context, attention_pairs=float(context))
     return batch / step_s
 
@@ -331,8 +522,9 @@ def prefill_ms(
     """Time to prefill `uncached_tokens` after a cached prefix of `cached_tokens`, in ms.
 
     The uncached tokens are split into chunks of `prefill_chunk_tokens`; each chunk is one
-    engine step (GPU profile roofline) that also carries the instance's running decodes.
-    Instances without a profile use their measured prefill throughput when known.
+    engine step that also carries the instance's running decodes, timed by the fitted latency
+    profile of the instance's GPU type and model (`fitted_step_ms`), else the GPU profile's
+    roofline. Instances with neither use their measured prefill throughput when known.
 
     Args:
         inst: The instance.
@@ -345,7 +537,8 @@ def prefill_ms(
     """
     if uncached_tokens <= 0:
         return 0.0
-    if inst.gpu_type not in PROFILES and inst.prefill_tokens_per_s > 0:
+    fitted = _fitted(inst, config)
+    if fitted is None and inst.gpu_type not in PROFILES and inst.prefill_tokens_per_s > 0:
         return uncached_tokens / inst.prefill_tokens_per_s * 1000.0
     profile, model = _profile(inst, config), _model(inst)
     running = min(inst.num_requests_running, config.max_num_seqs)
@@ -356,10 +549,18 @@ def prefill_ms(
     while done < uncached_tokens:
         n = min(chunk, uncached_tokens - done)
         prior = cached_tokens + done
-        pairs = decode_context + n * prior + n * (n + 1) / 2.0
-        total_s += step_time_s(
-            profile, model, n, running, decode_context + prior + n, attention_pairs=pairs
-        )
+        pairs = n * prior + n * (n + 1) / 2.0
+        if fitted is not None:
+            total_s += fitted_step_ms(fitted, n, pairs, prior + n, running, decode_context) / 1e3
+        else:
+            total_s += step_time_s(
+                profile,
+                model,
+                n,
+                running,
+                decode_context + prior + n,
+                attention_pairs=decode_context + pairs,
+            )
         done += n
     return total_s * 1000.0
 
@@ -374,8 +575,10 @@ def tpot_ms(
 
     One decode step at batch ``B = running + waiting + 1`` (the requests ahead decode beside
     this one; capped at `max_num_seqs`) over the KV context in use, the queued prompts, and this
-    request's mean context (prompt + half its output). Instances without a profile use
-    ``B / decode_tokens_per_s`` when measured.
+    request's mean context (prompt + half its output), timed by the fitted latency profile of
+    the instance's GPU type and model (`fitted_step_ms`: the fitted ``decode_step_ms(B,
+    context)`` unless so large a batch is compute-bound), else the GPU profile's roofline.
+    Instances with neither use ``B / decode_tokens_per_s`` when measured.
 
     Source: SLOs-Serve (Chen et al., 2025), section 4: decode step time from a roofline over
     batch size and context; DESIGN.md section 2 ``TPOT_i(batch)``.
@@ -384,7 +587,8 @@ def tpot_ms(
         (tpot_ms, B).
     """
     batch = min(inst.num_requests_running + inst.num_requests_waiting + 1, config.max_num_seqs)
-    if inst.gpu_type not in PROFILES and inst.decode_tokens_per_s > 0:
+    fitted = _fitted(inst, config)
+    if fitted is None and inst.gpu_type not in PROFILES and inst.decode_tokens_per_s > 0:
         return batch / inst.decode_tokens_per_s * 1000.0, batch
     profile, model = _profile(inst, config), _model(inst)
     capacity = _kv_capacity_tokens(inst, profile, model, config)
@@ -394,6 +598,8 @@ def tpot_ms(
         + prompt_tokens
         + output_tokens / 2
     )
+    if fitted is not None:
+        return fitted_step_ms(fitted, 0, 0.0, 0, batch, context), batch
     step_s = step_time_s(profile, model, 0, batch, context, attention_pairs=float(context))
     return step_s * 1000.0, batch
 

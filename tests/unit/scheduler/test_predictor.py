@@ -1,13 +1,35 @@
-"""Predictor arithmetic on hand-checkable numbers."""
+"""Predictor arithmetic on hand-checkable numbers, with the roofline and with fitted latency
+profiles."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+from datetime import UTC, datetime
+from itertools import product
+
 import pytest
+import yaml
 
 from slomesh.engine.profiles import DEFAULT_MODEL, PROFILES, step_time_s
+from slomesh.profiling import (
+    DecodeCoefficients,
+    DecodeFit,
+    DecodePoint,
+    FitQuality,
+    LatencyProfile,
+    PrefillCoefficients,
+    PrefillFit,
+    PrefillPoint,
+    SweepConfig,
+)
+from slomesh.scheduler.policy import PolicyConfigError, make_policy
 from slomesh.scheduler.predictor import (
+    Prediction,
     PredictorConfig,
     decode_throughput_tokens_per_s,
+    fitted_step_ms,
+    load_latency_profile,
     predict,
     prefill_ms,
     prefill_throughput_tokens_per_s,
@@ -16,6 +38,8 @@ from slomesh.scheduler.predictor import (
 )
 from slomesh.scheduler.view import InstanceView
 from slomesh.slo import load_slo_classes
+from tests.unit.scheduler.factories import make_instance, make_request, make_state, prompt
+from tests.unit.scheduler.test_policy import view_with
 
 SLO = load_slo_classes()
 
@@ -156,3 +180,255 @@ def test_config_validation_names_the_field():
         PredictorConfig(prefill_chunk_tokens=0)
     with pytest.raises(ValueError, match="fallback_gpu_type"):
         PredictorConfig(fallback_gpu_type="TPU")
+
+
+# -- fitted latency profiles --------------------------------------------------------------------
+
+
+def fitted_profile(model: str = DEFAULT_MODEL.name) -> LatencyProfile:
+    """A profile holding exactly these coefficients (and no points)::
+
+    prefill_step_ms = 5 + 0.05 * batch_tokens + 2e-5 * attention_pairs
+    decode_step_ms  = 7 + 0.08 * batch_size + 3e-4 * context_tokens
+    """
+    exact = FitQuality(r2_train=1.0, r2_held_out=1.0, train_points=0, held_out_points=0)
+    return LatencyProfile(
+        model=model,
+        gpu_type="H100",
+        endpoint="http://127.0.0.1:8000",
+        created_at=datetime(2025, 1, 2, tzinfo=UTC),
+        max_model_len=32768,
+        sweep=SweepConfig(),
+        prefill=PrefillFit(
+            coefficients=PrefillCoefficients(
+                intercept_ms=5.0, per_batch_token_ms=0.05, per_attention_pair_ms=2e-5
+            ),
+            quality=exact,
+            points=[],
+        ),
+        decode=DecodeFit(
+            coefficients=DecodeCoefficients(
+                intercept_ms=7.0, per_sequence_ms=0.08, per_context_token_ms=3e-4
+            ),
+            quality=exact,
+            points=[],
+        ),
+    )
+
+
+@pytest.fixture
+def h100_profile_path(tmp_path):
+    return str(fitted_profile().save(tmp_path / "h100.yaml"))
+
+
+# KV capacity 1000 blocks x 16 tokens; a quarter in use: the running decodes attend to 4000.
+BUSY = {"num_requests_running": 4, "kv_cache_usage": 0.25, "num_gpu_blocks": 1000}
+
+
+class TestFittedProfiles:
+    def test_step_takes_the_slower_of_the_compute_and_memory_sides(self):
+        p = fitted_profile()
+        # 10-token chunk beside 200 decodes over 200k KV tokens: memory-bound.
+        compute = 5.0 + 0.05 * 210 + 2e-5 * (55 + 200_000)
+        memory = 7.0 + 0.08 * 201 + 3e-4 * (200_000 + 10)
+        assert memory > compute
+        assert fitted_step_ms(p, 10, 55, 10, 200, 200_000) == pytest.approx(memory)
+        # 1000-token chunk alone: compute-bound.
+        compute = 5.0 + 0.05 * 1000 + 2e-5 * 500_500
+        assert fitted_step_ms(p, 1000, 500_500, 1000, 0, 0) == pytest.approx(compute)
+        assert fitted_step_ms(p, 0, 0.0, 0, 0, 0) == 0.0
+
+    def test_prefill_over_chunks_and_tpot_use_the_coefficients(self, h100_profile_path):
+        config = PredictorConfig(
+            prefill_chunk_tokens=1000, latency_profiles={"H100": h100_profile_path}
+        )
+        i = inst("H100", **BUSY)
+        p = predict(
+            i,
+            rtt_ms=30,
+            prompt_tokens=2500,
+            cached_prefix_tokens=0,
+            output_tokens=200,
+            config=config,
+        )
+        # Chunks (n, prior) = (1000, 0), (1000, 1000), (500, 2000), each beside 4 decodes over
+        # 4000 KV tokens; compute side 5 + 0.05 (n + 4) + 2e-5 (n prior + n (n+1)/2 + 4000)
+        # (memory side 7 + 0.08 * 5 + 3e-4 (4000 + prior + n) <= 9.35 ms, never the larger).
+        chunks = [
+            5 + 0.05 * 1004 + 2e-5 * (500_500 + 4000),
+            5 + 0.05 * 1004 + 2e-5 * (1_000_000 + 500_500 + 4000),
+            5 + 0.05 * 504 + 2e-5 * (1_000_000 + 125_250 + 4000),
+        ]
+        assert chunks == pytest.approx([65.29, 85.29, 52.785])
+        assert p.prefill_ms == pytest.approx(65.29 + 85.29 + 52.785)
+        assert p.queue_wait_ms == 0.0 and p.ttft_ms == pytest.approx(30 + p.prefill_ms)
+        # TPOT: batch 4 + 1 over 4000 + 2500 + 200 / 2 KV tokens, memory-bound.
+        assert p.batch_size == 5
+        assert p.tpot_ms == pytest.approx(7 + 0.08 * 5 + 3e-4 * 6600)
+        assert p.decode_ms == pytest.approx(199 * p.tpot_ms)
+
+    def test_throughputs_use_the_fitted_steps(self, h100_profile_path):
+        config = PredictorConfig(
+            prefill_chunk_tokens=1000, latency_profiles={"H100": h100_profile_path}
+        )
+        i = inst("H100", **BUSY)
+        chunk_ms = 5 + 0.05 * 1004 + 2e-5 * (500_500 + 4000)
+        assert prefill_throughput_tokens_per_s(i, config) == pytest.approx(1000 / chunk_ms * 1e3)
+        step_ms = 7 + 0.08 * 4 + 3e-4 * 4000
+        assert decode_throughput_tokens_per_s(i, config) == pytest.approx(4 / step_ms * 1e3)
+        assert queue_wait_ms(inst("H100", queued_prefill_tokens=500, **BUSY), 0, config) == (
+            pytest.approx(500 / prefill_throughput_tokens_per_s(i, config) * 1e3)
+        )
+        measured = inst("H100", prefill_tokens_per_s=123.0, decode_tokens_per_s=45.0, **BUSY)
+        assert prefill_throughput_tokens_per_s(measured, config) == 123.0
+        assert decode_throughput_tokens_per_s(measured, config) == 45.0
+
+    def test_other_gpu_types_and_other_models_keep_the_roofline(self, h100_profile_path):
+        fitted = PredictorConfig(
+            prefill_chunk_tokens=1000, latency_profiles={"H100": h100_profile_path}
+        )
+        roofline = PredictorConfig(prefill_chunk_tokens=1000)
+
+        def on(i: InstanceView, config: PredictorConfig) -> Prediction:
+            return predict(
+                i, rtt_ms=0, prompt_tokens=2500, cached_prefix_tokens=300, output_tokens=50,
+                config=config,
+            )  # fmt: skip
+
+        h100 = inst("H100", **BUSY)
+        assert on(h100, fitted).prefill_ms != pytest.approx(on(h100, roofline).prefill_ms)
+        for i in (inst("A100", **BUSY), inst("H100", model="other/model-7b", **BUSY)):
+            assert on(i, fitted) == on(i, roofline)
+
+    def test_a_profile_takes_precedence_over_measured_throughputs(self, tmp_path):
+        path = fitted_profile().save(tmp_path / "cpu.yaml")
+        config = PredictorConfig(latency_profiles={"CPU": str(path)})
+        i = inst("CPU", prefill_tokens_per_s=1000, decode_tokens_per_s=100)
+        assert prefill_ms(i, 100, 0, config) == pytest.approx(5 + 0.05 * 100 + 2e-5 * 5050)
+        assert tpot_ms(i, 100, 10, config) == (pytest.approx(7 + 0.08 + 3e-4 * 105), 1)
+        assert prefill_ms(i, 100, 0) == pytest.approx(100.0)  # no profile: measured rate
+
+    def test_config_stays_hashable_and_loads_each_file_once(self, h100_profile_path):
+        a = PredictorConfig(latency_profiles={"H100": h100_profile_path, "A100": h100_profile_path})
+        b = PredictorConfig(
+            latency_profiles=[("A100", h100_profile_path), ("H100", h100_profile_path)]
+        )
+        assert a.latency_profiles == (("A100", h100_profile_path), ("H100", h100_profile_path))
+        assert a == b and hash(a) == hash(b) and a != PredictorConfig()
+        assert load_latency_profile(h100_profile_path) is load_latency_profile(h100_profile_path)
+        assert pickle.loads(pickle.dumps(a)) == a and copy.deepcopy(a) == a
+
+    @pytest.mark.parametrize(
+        ("profiles", "error", "message"),
+        [
+            ({"H100": "no/such/profile.yaml"}, ValueError, "latency_profiles.H100: cannot read"),
+            ({"H100": 5}, TypeError, "latency_profiles.H100: must be a file path"),
+            (["H100"], TypeError, "latency_profiles: must be a mapping"),
+        ],
+    )
+    def test_bad_entries_name_the_field(self, profiles, error, message):
+        with pytest.raises(error, match=message):
+            PredictorConfig(latency_profiles=profiles)
+        with pytest.raises(PolicyConfigError, match=message):
+            make_policy({"name": "x", "predictor": {"latency_profiles": profiles}})
+
+    def test_an_invalid_profile_file_is_a_policy_config_error(self, tmp_path):
+        data = fitted_profile().model_dump(mode="json")
+        data["decode"]["coefficients"]["per_sequence_ms"] = -1.0
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump(data))
+        with pytest.raises(
+            PolicyConfigError,
+            match=r"latency_profiles\.H100: .*decode\."
+            r"coefficients\.per_sequence_ms",
+        ):
+            make_policy({"name": "x", "predictor": {"latency_profiles": {"H100": str(bad)}}})
+        not_yaml = tmp_path / "not.yaml"
+        not_yaml.write_text("prefill: [unclosed")
+        with pytest.raises(PolicyConfigError, match=r"latency_profiles\.H100: .*not valid YAML"):
+            make_policy({"name": "x", "predictor": {"latency_profiles": {"H100": str(not_yaml)}}})
+
+    def test_a_policy_places_with_its_profiles(self, h100_profile_path):
+        policy = make_policy("slomesh", predictor={"latency_profiles": {"H100": h100_profile_path}})
+        assert policy.predictor_config.latency_profiles == (("H100", h100_profile_path),)
+        view = view_with([make_state("tokyo", [make_instance("t", "H100")])])
+        request = make_request(prompt(100), origin="tokyo", expected_output_tokens=64)
+        p = policy.place(request, view).chosen.prediction
+        # One 100-token step alone (compute side); TPOT at batch 1 over 100 + 64 / 2 tokens.
+        assert p.prefill_ms == pytest.approx(5 + 0.05 * 100 + 2e-5 * 5050)
+        assert p.tpot_ms == pytest.approx(7 + 0.08 + 3e-4 * 132)
+
+
+def roofline_fitted_profile(gpu_type: str = "H100") -> LatencyProfile:
+    """A profile fitted (by `slomesh.profiling`) to points the roofline itself generates.
+
+    Prefill: k sequences of n uncached tokens after c cached ones in one step; decode: B
+    sequences of n-token prompts at the mean context of a 32-token output. The sweep covers
+    the requests of the test below (chunks up to 8192 tokens after prefixes up to 28k), so
+    that the fit does not extrapolate and any gap to the roofline is the step composition's.
+    """
+    gpu, model = PROFILES[gpu_type], DEFAULT_MODEL
+    prefill_points, decode_points = [], []
+    for n, cached, k in product((256, 1024, 2048, 4096, 8192), (0, 8192, 24_576), (1, 2, 4)):
+        point = PrefillPoint(uncached_tokens=n, cached_tokens=cached, batch_size=k, ttft_ms=0.0)
+        step_s = step_time_s(
+            gpu, model, k * n, 0, k * (cached + n), attention_pairs=point.attention_pairs
+        )
+        prefill_points.append(point.model_copy(update={"ttft_ms": step_s * 1e3}))
+    for n, k in product((256, 1024, 4096, 16_384), (1, 2, 4, 8, 16, 32, 64)):
+        point = DecodePoint(batch_size=k, prompt_tokens=n, output_tokens=32, tpot_ms=0.0)
+        context = point.context_tokens
+        step_s = step_time_s(gpu, model, 0, k, int(context), attention_pairs=context)
+        decode_points.append(point.model_copy(update={"tpot_ms": step_s * 1e3}))
+    return LatencyProfile.from_points(
+        prefill_points,
+        decode_points,
+        model=model.name,
+        gpu_type=gpu_type,
+        endpoint="roofline",
+        created_at=datetime(2025, 1, 2, tzinfo=UTC),
+        max_model_len=model.max_model_len,
+        sweep=SweepConfig(),
+    )
+
+
+def test_a_profile_fitted_to_the_roofline_predicts_what_the_roofline_does(tmp_path):
+    # The composition of `fitted_step_ms` checked against the roofline on mixed steps:
+    # compute-bound chunks beside decodes, and short chunks beside 250 decodes over 90 % of
+    # the KV cache (memory-bound).
+    profile = roofline_fitted_profile()
+    assert profile.prefill.quality.r2_held_out > 0.999
+    assert profile.decode.quality.r2_held_out > 0.999
+    path = str(profile.save(tmp_path / "h100.yaml"))
+    states = [
+        {},
+        {"num_requests_running": 16, "kv_cache_usage": 0.1},
+        {
+            "num_requests_running": 128,
+            "num_requests_waiting": 8,
+            "kv_cache_usage": 0.6,
+            "queued_prefill_tokens": 6000,
+        },
+        {"num_requests_running": 250, "kv_cache_usage": 0.9},
+    ]
+    requests = [(100, 0, 10), (300, 0, 100), (2000, 1500, 400), (12_000, 0, 200),
+                (30_000, 20_000, 50)]  # fmt: skip
+    for chunk in (2048, 8192):
+        roofline = PredictorConfig(prefill_chunk_tokens=chunk)
+        fitted = PredictorConfig(prefill_chunk_tokens=chunk, latency_profiles={"H100": path})
+        for state, (prompt_tokens, cached, out) in product(states, requests):
+            i = inst("H100", **state)
+            want, got = (
+                predict(
+                    i,
+                    rtt_ms=0,
+                    prompt_tokens=prompt_tokens,
+                    cached_prefix_tokens=cached,
+                    output_tokens=out,
+                    config=config,
+                )
+                for config in (roofline, fitted)
+            )
+            case = (chunk, state, prompt_tokens, cached)
+            assert got.ttft_ms == pytest.approx(want.ttft_ms, rel=0.01), case
+            assert got.tpot_ms == pytest.approx(want.tpot_ms, rel=0.01), case
