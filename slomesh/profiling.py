@@ -653,28 +653,17 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def cache_config_from_metrics(text: str) -> dict[str, int | None]:
-    """``block_size`` and ``kv_cache_tokens`` from the ``vllm:cache_config_info`` labels of a
-    Prometheus ``/metrics`` body (``kv_cache_size_tokens``, else ``num_gpu_blocks *
-    block_size``); ``None`` for what is absent."""
-    from prometheus_client.parser import text_string_to_metric_families
+    """``block_size`` and ``kv_cache_tokens`` (``num_gpu_blocks * block_size``) from the
+    ``vllm:cache_config_info`` labels of a Prometheus ``/metrics`` body
+    (`slomesh.vllm_metrics.parse_vllm_metrics`); ``None`` for what is absent or unparsable."""
+    from slomesh.vllm_metrics import MetricsParseError, parse_vllm_metrics
 
-    lines = "\n".join(line for line in text.splitlines() if "vllm:cache_config" in line)
-    out: dict[str, int | None] = {"block_size": None, "kv_cache_tokens": None}
     try:
-        families = list(text_string_to_metric_families(lines + "\n"))
-    except (ValueError, TypeError):
-        return out
-    for family in families:
-        for sample in family.samples:
-            if sample.name != "vllm:cache_config_info":
-                continue
-            block_size = _int_or_none(sample.labels.get("block_size"))
-            blocks = _int_or_none(sample.labels.get("num_gpu_blocks"))
-            tokens = _int_or_none(sample.labels.get("kv_cache_size_tokens"))
-            if tokens is None and blocks is not None and block_size is not None:
-                tokens = blocks * block_size
-            out = {"block_size": block_size, "kv_cache_tokens": tokens}
-    return out
+        scraped = parse_vllm_metrics(text)
+    except MetricsParseError:
+        return {"block_size": None, "kv_cache_tokens": None}
+    bs, blocks = scraped.block_size, scraped.num_gpu_blocks
+    return {"block_size": bs, "kv_cache_tokens": blocks * bs if blocks and bs else None}
 
 
 async def _get_json(session: aiohttp.ClientSession, url: str, timeout_s: float) -> tuple[int, Any]:
