@@ -85,7 +85,8 @@ class _Forwarded:
     uncached_prompt_tokens: int
     max_tokens: int
     sent_s: float
-    generated: int = 0
+    generated: int = 0  # tokens the engine produced
+    seen: int = 0  # of those, the ones the agent has received (see `SimInstance`)
     first_token_s: float | None = None
 
 
@@ -99,6 +100,11 @@ class SimInstance:
         model_name: Model the instance serves.
         price_usd_per_hour: On-demand price of its GPU in its region, USD per hour.
         spot_price_usd_per_hour: Spot price of its GPU in its region, USD per hour.
+        stream_interval: Tokens per streamed chunk after the first (the engines'
+            ``--stream-interval``, `ModelSpecRef.stream_interval`): the agent accounts for a
+            request's tokens as its chunks arrive -- the first token, then every
+            ``stream_interval`` -- as the live agent does; the end of the stream ends the
+            request either way.
 
     Attributes:
         next_start_s: When the engine's next step starts (virtual seconds); ``None`` while idle.
@@ -114,7 +120,11 @@ class SimInstance:
         model_name: str,
         price_usd_per_hour: float,
         spot_price_usd_per_hour: float,
+        stream_interval: int = 1,
     ) -> None:
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval: must be >= 1, got {stream_interval}")
+        self.stream_interval = stream_interval
         self.region = region
         self.instance_id = spec.id
         self.gpu_type = spec.gpu_type
@@ -174,32 +184,36 @@ class SimInstance:
                 self.prefill_tokens_per_s = (
                     sample if old is None else old + EWMA_ALPHA * (sample - old)
                 )
-            self._decode_tokens_since_tick += num_tokens - 1
             self.queued_prefill_tokens -= req.uncached_prompt_tokens
             self.num_running_forwarded += 1
-            req.generated = num_tokens
+            req.generated = req.seen = num_tokens
+            self._decode_tokens_since_tick += num_tokens - 1
             self.queued_decode_tokens += max(0, req.max_tokens - num_tokens)
         else:
-            self._decode_tokens_since_tick += num_tokens
-            before = max(0, req.max_tokens - req.generated)
-            req.generated += num_tokens
-            self.queued_decode_tokens -= before - max(0, req.max_tokens - req.generated)
+            self._advance(req, num_tokens)
+
+    def _advance(self, req: _Forwarded, num_tokens: int) -> None:
+        """``num_tokens`` more engine tokens of a request past its first; the agent sees them
+        in whole chunks of `stream_interval` (a function of the count alone, so delivering
+        steps one by one or a decode run at once gives the same accounting)."""
+        req.generated += num_tokens
+        interval = self.stream_interval
+        seen = req.generated - (req.generated - 1) % interval if interval > 1 else req.generated
+        if seen == req.seen:
+            return
+        self._decode_tokens_since_tick += seen - req.seen
+        before = max(0, req.max_tokens - req.seen)
+        req.seen = seen
+        self.queued_decode_tokens -= before - max(0, req.max_tokens - seen)
 
     def decode_tokens_received(self, request_ids: Sequence[str], num_tokens: int) -> None:
         """Records ``num_tokens`` decode tokens for each of ``request_ids`` (all past their first
         token), as one call of `tokens_received` each would."""
         outstanding = self.outstanding
-        removed = 0
         for rid in request_ids:
             req = outstanding.get(rid)
-            if req is None:
-                continue
-            before = req.max_tokens - req.generated
-            req.generated += num_tokens
-            after = req.max_tokens - req.generated
-            removed += (max(0, before)) - (max(0, after))
-        self.queued_decode_tokens -= removed
-        self._decode_tokens_since_tick += num_tokens * len(request_ids)
+            if req is not None:
+                self._advance(req, num_tokens)
 
     def finish_request(self, request_id: str) -> None:
         """Forgets a request (finished or failed)."""
@@ -210,7 +224,7 @@ class SimInstance:
             self.queued_prefill_tokens -= req.uncached_prompt_tokens
         else:
             self.num_running_forwarded -= 1
-            self.queued_decode_tokens -= max(0, req.max_tokens - req.generated)
+            self.queued_decode_tokens -= max(0, req.max_tokens - req.seen)
 
     def tick(self, now_s: float) -> None:
         """Takes a decode-throughput sample over the interval since the previous tick."""

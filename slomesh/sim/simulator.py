@@ -429,7 +429,8 @@ class Simulator:
                 )
                 on_demand, spot = topo.gpu_price_usd_per_hour(spec.gpu_type, region.cloud_region)
                 instances.append(
-                    SimInstance(region.name, spec, engine, topo.model.name, on_demand, spot)
+                    SimInstance(region.name, spec, engine, topo.model.name, on_demand, spot,
+                                topo.model.stream_interval)
                 )
             regions.append(SimRegion(region, instances, incarnation=f"sim-{region.name}"))
         return regions

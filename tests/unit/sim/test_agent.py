@@ -60,6 +60,37 @@ def test_queued_tokens_and_throughputs(region):
     inst.finish_request("a")  # unknown: ignored
 
 
+def test_the_agent_sees_tokens_in_stream_interval_chunks_whatever_the_delivery():
+    topo = Topology.default()
+    spec = topo.region("washington-dc")
+    engine_spec = spec.instances[0]
+
+    def instance():
+        return SimInstance(
+            spec.name, engine_spec,
+            Engine(get_profile(engine_spec.gpu_type), DEFAULT_MODEL, EngineConfig()),
+            DEFAULT_MODEL.name, 1.0, 0.5, stream_interval=10,
+        )
+
+    stepwise, at_once = instance(), instance()
+    for inst in (stepwise, at_once):
+        inst.start_request("a", prompt_tokens=100, cached_prefix_tokens=0, max_tokens=50,
+                           now_s=0.0)
+        inst.tokens_received("a", 1, 0.1)  # the first token goes out at once
+        assert inst.queued_decode_tokens == 49
+    for _ in range(9):
+        stepwise.decode_tokens_received(["a"], 1)
+    assert stepwise.queued_decode_tokens == 49  # 9 tokens held back in the engine's stream
+    stepwise.decode_tokens_received(["a"], 1)
+    assert stepwise.queued_decode_tokens == 39  # the chunk of 10 arrived
+    for _ in range(14):
+        stepwise.tokens_received("a", 1, 0.2)
+    at_once.decode_tokens_received(["a"], 24)  # a decode run delivered at once
+    assert stepwise.queued_decode_tokens == at_once.queued_decode_tokens == 29
+    with pytest.raises(ValueError, match="stream_interval"):
+        SimInstance(spec.name, engine_spec, stepwise.engine, DEFAULT_MODEL.name, 1.0, 0.5, 0)
+
+
 def test_finishing_before_the_first_token_releases_queued_prefill(region):
     inst = region.instances[0]
     inst.start_request("x", 100, 0, 5, now_s=0.0)
