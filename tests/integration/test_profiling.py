@@ -59,7 +59,11 @@ async def test_profile_of_the_emulator_matches_its_roofline(tmp_path):
     prefill_q, decode_q = profile.prefill.quality, profile.decode.quality
     assert (prefill_q.train_points, prefill_q.held_out_points) == (9, 3)
     assert prefill_q.r2_train > 0.99 and prefill_q.r2_held_out > 0.99
-    assert decode_q.r2_train > 0.9 and decode_q.r2_held_out > 0.9
+    # An emulated L4's decode steps differ by a few % across the sweep (reading the weights
+    # dominates them), so their R² swings with the probes' jitter on a loaded 2-core host (0.41
+    # to 0.97 seen in CI); the fit's accuracy at every point, below, is the stable check.
+    assert decode_q.r2_train is not None and decode_q.r2_held_out is not None
+    assert (decode_q.train_points, decode_q.held_out_points) == (9, 3)
 
     # Fitted times against the roofline's: prefill at every measured shape (a single probe may
     # be late by more than the allowance on a loaded host; the fit averages that out).
