@@ -1,4 +1,4 @@
-"""`slomesh profile` against an in-process emulator over real HTTP.
+"""`slomesh profile` against an emulator over real HTTP, each in a process of its own.
 
 The emulator times its steps with the roofline of `slomesh.engine.profiles`, so the fitted
 profile must explain its measured points (high R²) and predict the roofline's step times. The
@@ -9,14 +9,19 @@ emulator runs an L4 at four times its speed (`time_scale` 0.25, which the profil
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import subprocess
 import sys
+import time
+import urllib.request
 
-import numpy as np
 import pytest
 
 from slomesh.emulator import EmulatorConfig, EmulatorServer
 from slomesh.engine.profiles import decode_step_time_s, get_model_spec, get_profile, step_time_s
-from slomesh.profiling import LatencyProfile, SweepConfig, profile_endpoint
+from slomesh.procs import free_port
+from slomesh.profiling import LatencyProfile, SweepConfig
 
 pytestmark = pytest.mark.slow
 
@@ -37,20 +42,59 @@ DECODE_REL_TOL = 0.03
 """Relative tolerance of decode step times against the roofline."""
 
 
-async def test_profile_of_the_emulator_matches_its_roofline(tmp_path):
-    server = EmulatorServer(
-        EmulatorConfig(port=0, gpu_type=GPU, time_scale=TIME_SCALE, max_num_batched_tokens=32768)
-    )
-    await server.start()
-    try:
-        profile = await profile_endpoint(server.url, SWEEP, rng=np.random.default_rng(0))
-    finally:
-        await server.stop()
+@contextlib.contextmanager
+def emulator_process(*args: str):
+    """An emulator in a process of its own (``python -m slomesh.emulator``), so that its step
+    timing does not share this test process's interpreter (its GC, earlier tests' threads).
 
-    gpu, model = get_profile(GPU), get_model_spec(server.config.model)
-    assert profile.model == server.served_model_name and profile.gpu_type == GPU
+    Yields:
+        (base URL, its ``/slomesh/info``).
+    """
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slomesh.emulator", "--port", str(port), *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/slomesh/info", timeout=1) as resp:
+                    info = json.load(resp)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the emulator did not start") from None
+                time.sleep(0.1)
+        yield url, info
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_profile_of_the_emulator_matches_its_roofline(tmp_path):
+    out = tmp_path / "l4.yaml"
+    sweep = [
+        "--prompt-tokens", ",".join(map(str, SWEEP.prompt_tokens)),
+        "--batch-sizes", ",".join(map(str, SWEEP.batch_sizes)),
+        "--repeats", str(SWEEP.repeats), "--output-tokens", str(SWEEP.output_tokens),
+    ]  # fmt: skip
+    with emulator_process("--gpu-type", GPU, "--time-scale", str(TIME_SCALE),
+                          "--max-num-batched-tokens", "32768") as (url, info):
+        # The profiler in a process of its own too, as a user runs it.
+        proc = subprocess.run(
+            [sys.executable, "-m", "slomesh.cli", "profile", "--endpoint", url, "--out",
+             str(out), "--gpu-type", GPU, "--no-progress", *sweep],
+            capture_output=True, text=True, timeout=240, check=False,
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    profile = LatencyProfile.load(out)
+
+    gpu, model = get_profile(GPU), get_model_spec(info["model"])
+    assert profile.model == info["served_model_name"] and profile.gpu_type == GPU
     assert profile.time_scale == TIME_SCALE and profile.block_size == 16
-    assert profile.max_model_len == server.max_model_len
+    assert profile.max_model_len == info["max_model_len"]
     assert [(p.uncached_tokens, p.batch_size) for p in profile.prefill.points] == [
         (n, k) for n in SWEEP.prompt_tokens for k in SWEEP.batch_sizes
     ]
