@@ -46,6 +46,11 @@ __all__ = ["ClusterView", "InstanceView", "PendingPlacement"]
 #: (a conservative intercontinental round trip; see ../shared/data/regions/rtt_ms.csv).
 DEFAULT_UNKNOWN_RTT_MS = 300.0
 
+#: Time constant of the placed-prefill rate per instance, seconds: about one request's decode
+#: lifetime (an Azure conversation request decodes for ~5-10 s); on the Azure trace at 7x load
+#: 3 s and 30 s both placed worse (lower SLO attainment) than 10 s.
+DEFAULT_PREFILL_RATE_WINDOW_S = 10.0
+
 
 @dataclass(slots=True)
 class PendingPlacement:
@@ -96,6 +101,8 @@ class InstanceView:
         tightest_inflight_tpot_ms: The smallest TPOT target among requests this scheduler
             has running on the instance (inf when none): adding a request must not push the
             shared decode step past it.
+        prefill_arrival_tokens_per_s: Recent rate of uncached prompt tokens this scheduler
+            placed on the instance (`ClusterView.prefill_arrival_tokens_per_s`), tokens/s.
     """
 
     region: str
@@ -120,6 +127,7 @@ class InstanceView:
     state_age_ms: float
     pending_placements: int = 0
     tightest_inflight_tpot_ms: float = math.inf
+    prefill_arrival_tokens_per_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -158,6 +166,8 @@ class ClusterView:
         unknown_rtt_ms: RTT assumed for region pairs nobody knows.
         output_lengths: Learned output lengths shared by every policy placing on this view;
             default a new, empty `OutputLengthPredictor`.
+        prefill_rate_window_s: Time constant of the per-instance rate of placed prompt
+            tokens (`prefill_arrival_tokens_per_s`), seconds.
     """
 
     def __init__(
@@ -171,9 +181,15 @@ class ClusterView:
         clock_ns: Callable[[], int] = time.time_ns,
         unknown_rtt_ms: float = DEFAULT_UNKNOWN_RTT_MS,
         output_lengths: OutputLengthPredictor | None = None,
+        prefill_rate_window_s: float = DEFAULT_PREFILL_RATE_WINDOW_S,
     ):
         if staleness_ms <= 0:
             raise ValueError(f"staleness_ms: must be > 0, got {staleness_ms}")
+        if prefill_rate_window_s <= 0:
+            raise ValueError(f"prefill_rate_window_s: must be > 0, got {prefill_rate_window_s}")
+        self.prefill_rate_window_s = prefill_rate_window_s
+        # instance id -> (time of the last update in unix ns, rate in tokens/s at that time).
+        self._prefill_rate: dict[str, tuple[int, float]] = {}
         self.topology = topology
         self.staleness_ms = staleness_ms
         self.request_snapshot = request_snapshot
@@ -362,6 +378,9 @@ class ClusterView:
                         tightest_inflight_tpot_ms=self.tightest_inflight_tpot_ms(
                             name, inst.instance_id, now
                         ),
+                        prefill_arrival_tokens_per_s=self.prefill_arrival_tokens_per_s(
+                            inst.instance_id, now
+                        ),
                     )
                 )
         return out
@@ -395,8 +414,35 @@ class ClusterView:
             return
         placed = self.clock_ns() if placed_unix_ns is None else placed_unix_ns
         arrives = placed + int(one_way_ms * 1e6)
+        tau_s = self.prefill_rate_window_s
+        last = self._prefill_rate.get(instance_id)
+        rate = prefill_tokens / tau_s
+        if last is not None:
+            rate += last[1] * math.exp(-max(0, placed - last[0]) / 1e9 / tau_s)
+        self._prefill_rate[instance_id] = (placed, rate)
         queue = entry.pending.setdefault(instance_id, deque())
         queue.append(PendingPlacement(request_id, prefill_tokens, decode_tokens, arrives))
+
+    def prefill_arrival_tokens_per_s(
+        self, instance_id: str, now_unix_ns: int | None = None
+    ) -> float:
+        """Recent rate of uncached prompt tokens placed on an instance, tokens per second.
+
+        An exponentially decaying count of the placements' ``prefill_tokens`` (each adds
+        ``tokens / tau`` and the sum decays as ``exp(-dt / tau)``, ``tau`` =
+        ``prefill_rate_window_s``): the arrival rate of prefill work, whose steps the
+        instance's running decodes share (see `slomesh.scheduler.predictor.tpot_ms`). Counts
+        this scheduler's placements only.
+
+        Returns:
+            Tokens per second, 0 when nothing was placed there.
+        """
+        last = self._prefill_rate.get(instance_id)
+        if last is None:
+            return 0.0
+        now = self.clock_ns() if now_unix_ns is None else now_unix_ns
+        dt_s = max(0, now - last[0]) / 1e9
+        return last[1] * math.exp(-dt_s / self.prefill_rate_window_s)
 
     def pending_placements(self, region: str, instance_id: str) -> list[PendingPlacement]:
         """The pending placements of one instance, oldest first."""

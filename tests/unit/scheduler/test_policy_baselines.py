@@ -313,8 +313,13 @@ class TestQlm:
     def test_picks_the_lowest_predicted_queue_wait(self):
         # a has more queued tokens but drains them faster: 10k at 10k tok/s = 1 s;
         # b: 3k at 1k tok/s = 3 s.
-        a = make_instance("a", queued_prefill_tokens=10_000, prefill_tokens_per_s=10_000)
-        b = make_instance("b", queued_prefill_tokens=3_000, prefill_tokens_per_s=1_000)
+        # (GPU type "CPU" has no roofline: the measured throughputs time the queue.)
+        a = make_instance(
+            "a", gpu_type="CPU", queued_prefill_tokens=10_000, prefill_tokens_per_s=10_000
+        )
+        b = make_instance(
+            "b", gpu_type="CPU", queued_prefill_tokens=3_000, prefill_tokens_per_s=1_000
+        )
         view = view_with([make_state("tokyo", [a, b])])
         request = make_request(origin="tokyo")
         decision = make_policy("qlm").place(request, view)

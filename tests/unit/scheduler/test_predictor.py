@@ -32,7 +32,6 @@ from slomesh.scheduler.predictor import (
     load_latency_profile,
     predict,
     prefill_ms,
-    prefill_throughput_tokens_per_s,
     queue_wait_ms,
     tpot_ms,
 )
@@ -73,8 +72,14 @@ def inst(gpu_type: str = "H100", **kw) -> InstanceView:
 
 class TestQueueWait:
     def test_prefill_work_ahead_over_measured_throughput(self):
-        i = inst(queued_prefill_tokens=5000, prefill_tokens_per_s=10_000)
+        # No GPU profile for "CPU": the measured prefill throughput times the queue.
+        i = inst("CPU", queued_prefill_tokens=5000, prefill_tokens_per_s=10_000)
         assert queue_wait_ms(i, new_kv_tokens=100) == pytest.approx(500.0)
+
+    def test_measured_throughput_is_ignored_where_the_roofline_knows_the_gpu(self):
+        # The agent's tokens/TTFT counts waits and the path, not the engine's capacity.
+        slow = inst("H100", queued_prefill_tokens=5000, prefill_tokens_per_s=1000)
+        assert queue_wait_ms(slow, 0) == queue_wait_ms(inst("H100", queued_prefill_tokens=5000), 0)
 
     def test_no_decode_wait_while_kv_fits(self):
         i = inst(queued_decode_tokens=4000, decode_tokens_per_s=1000, num_gpu_blocks=10_000)
@@ -91,12 +96,24 @@ class TestQueueWait:
         )
         assert queue_wait_ms(i, new_kv_tokens=8000) == pytest.approx(4000 / 3)
 
-    def test_profile_fallback_when_throughput_unknown(self):
-        i = inst("H100", queued_prefill_tokens=8192)
-        rate = prefill_throughput_tokens_per_s(i)
-        step = step_time_s(PROFILES["H100"], DEFAULT_MODEL, 8192, 0, 8192)
-        assert rate == pytest.approx(8192 / step)
-        assert queue_wait_ms(i, 0) == pytest.approx(step * 1000)
+    def test_chunked_prefill_steps_ahead_on_the_roofline(self):
+        # Budget 8192 - 4 running decodes = 8188 prompt tokens per step. 20000 queued: the
+        # request starts in the third step: half the step in flight + two full steps.
+        busy = {"num_requests_running": 4, "kv_cache_usage": 0.5, "num_gpu_blocks": 1000}
+        i = inst("H100", queued_prefill_tokens=20_000, **busy)
+        full = step_time_s(
+            PROFILES["H100"], DEFAULT_MODEL, 8188, 4, 8000 + 8188,
+            attention_pairs=8000 + 8188 * 8189 / 2,
+        )  # fmt: skip
+        assert queue_wait_ms(i, 0) == pytest.approx(2.5 * full * 1000)
+        # Less than a step ahead: only the rest of the step in flight, half of it.
+        j = inst("H100", queued_prefill_tokens=1000, **busy)
+        part = step_time_s(
+            PROFILES["H100"], DEFAULT_MODEL, 1000, 4, 8000 + 1000,
+            attention_pairs=8000 + 1000 * 1001 / 2,
+        )  # fmt: skip
+        assert queue_wait_ms(j, 0) == pytest.approx(part / 2 * 1000)
+        assert queue_wait_ms(inst("H100"), 0) == 0.0
         assert decode_throughput_tokens_per_s(inst("L4")) < decode_throughput_tokens_per_s(inst())
 
 
@@ -165,6 +182,22 @@ class TestEndToEnd:
         assert batch == 50 and busy > quiet
         capped = tpot_ms(inst(num_requests_running=999), 10, 10, PredictorConfig(max_num_seqs=8))
         assert capped[1] == 8
+
+    def test_prompts_arriving_stretch_the_decode_step(self):
+        # rho = arrival rate x time of a prompt token in a full 8192-token step.
+        quiet, _ = tpot_ms(inst(), 1000, 100)
+        step_s = step_time_s(
+            PROFILES["H100"], DEFAULT_MODEL, 8192, 0, 8192, attention_pairs=8192 * 8193 / 2
+        )
+        rate = 0.4 / (step_s / 8192)  # prompt tokens/s that keep the GPU 40 % busy
+        loaded, _ = tpot_ms(inst(prefill_arrival_tokens_per_s=rate), 1000, 100)
+        assert loaded == pytest.approx(quiet / 0.6)
+        flooded, _ = tpot_ms(inst(prefill_arrival_tokens_per_s=100 * rate), 1000, 100)
+        assert flooded == pytest.approx(quiet / (1 - 0.9))  # capped at the configured 0.9
+        off = PredictorConfig(prefill_interference_max=0.0)
+        assert tpot_ms(inst(prefill_arrival_tokens_per_s=rate), 1000, 100, off)[0] == quiet
+        with pytest.raises(ValueError, match="prefill_interference_max"):
+            PredictorConfig(prefill_interference_max=1.0)
 
     def test_meets_uses_margin(self):
         p = predict(inst(), rtt_ms=0, prompt_tokens=1000, cached_prefix_tokens=0, output_tokens=10)
@@ -272,15 +305,17 @@ class TestFittedProfiles:
             prefill_chunk_tokens=1000, latency_profiles={"H100": h100_profile_path}
         )
         i = inst("H100", **BUSY)
-        chunk_ms = 5 + 0.05 * 1004 + 2e-5 * (500_500 + 4000)
-        assert prefill_throughput_tokens_per_s(i, config) == pytest.approx(1000 / chunk_ms * 1e3)
         step_ms = 7 + 0.08 * 4 + 3e-4 * 4000
         assert decode_throughput_tokens_per_s(i, config) == pytest.approx(4 / step_ms * 1e3)
+        # 500 queued tokens fit one step's budget (1000 - 4 decodes): half of that step, the
+        # larger of its compute side (504 tokens, 125250 + 4000 pairs) and memory side (5
+        # sequences over 4000 + 500 KV tokens).
+        compute_ms = 5 + 0.05 * 504 + 2e-5 * (125_250 + 4000)
+        memory_ms = 7 + 0.08 * 5 + 3e-4 * 4500
         assert queue_wait_ms(inst("H100", queued_prefill_tokens=500, **BUSY), 0, config) == (
-            pytest.approx(500 / prefill_throughput_tokens_per_s(i, config) * 1e3)
+            pytest.approx(max(compute_ms, memory_ms) / 2)
         )
         measured = inst("H100", prefill_tokens_per_s=123.0, decode_tokens_per_s=45.0, **BUSY)
-        assert prefill_throughput_tokens_per_s(measured, config) == 123.0
         assert decode_throughput_tokens_per_s(measured, config) == 45.0
 
     def test_other_gpu_types_and_other_models_keep_the_roofline(self, h100_profile_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from slomesh.scheduler.view import ClusterView
@@ -198,6 +200,22 @@ class TestOptimisticAccounting:
             make_state("tokyo", [make_instance("a")], seq=4, timestamp_unix_ns=T0 + 60 * MS)
         )
         assert view.instances()[0].queued_prefill_tokens == 0
+
+    def test_placed_prefill_rate_decays_with_its_window(self):
+        view, clock, _ = make_view(prefill_rate_window_s=10.0)
+        view.apply_state(make_state("tokyo", [make_instance("a")], timestamp_unix_ns=T0))
+        assert view.prefill_arrival_tokens_per_s("a", T0) == 0.0
+        view.record_placement("tokyo", "a", "q1", 1000, 50, placed_unix_ns=T0)
+        view.record_placement("tokyo", "a", "q2", 3000, 50, placed_unix_ns=T0 + 10_000 * MS)
+        # q1 adds 1000 / 10 tokens/s, decayed by e^-1 over 10 s; q2 adds 300 tokens/s.
+        expected = 100 * math.exp(-1) + 300
+        assert view.prefill_arrival_tokens_per_s("a", T0 + 10_000 * MS) == pytest.approx(expected)
+        clock.now = T0 + 20_000 * MS
+        assert view.instances()[0].prefill_arrival_tokens_per_s == pytest.approx(
+            expected * math.exp(-1)
+        )
+        with pytest.raises(ValueError, match="prefill_rate_window_s"):
+            ClusterView(prefill_rate_window_s=0)
 
     def test_unknown_region_is_ignored(self):
         view, _, _ = make_view()
