@@ -5,7 +5,10 @@ Subjects (DESIGN.md section 3), `<region>` being the region slug:
 - `slomesh.region.<region>.state`: `RegionState`, at >= 10 Hz and on change;
 - `slomesh.region.<region>.kv`: `KvIndexDelta`, batched prefix-index changes;
 - `slomesh.region.<region>.kv.snapshot`: request/reply; the reply is a `KvIndexSnapshot`;
-- `slomesh.region.<region>.rtt`: `RttReport`.
+- `slomesh.region.<region>.rtt`: `RttReport`;
+- `slomesh.region.<region>.links`: `LinkStatsReport`, the region's KV transfer service's WAN
+  links (capacity, measured throughput, spare bandwidth), periodically
+  (`slomesh.transfer.link_stats`).
 
 Payloads are serialised protobuf; the W3C trace context rides in the message headers.
 """
@@ -42,10 +45,15 @@ def rtt_subject(region: str) -> str:
     return f"{SUBJECT_PREFIX}.{region}.rtt"
 
 
+def links_subject(region: str) -> str:
+    return f"{SUBJECT_PREFIX}.{region}.links"
+
+
 # Wildcards for consumers of every region.
 ALL_STATES = f"{SUBJECT_PREFIX}.*.state"
 ALL_KV = f"{SUBJECT_PREFIX}.*.kv"
 ALL_RTT = f"{SUBJECT_PREFIX}.*.rtt"
+ALL_LINKS = f"{SUBJECT_PREFIX}.*.links"
 
 
 def region_of_subject(subject: str) -> str:

@@ -13,6 +13,7 @@ Subcommands::
     slomesh sim|bench|fidelity|study-prefix-wan|study-heterogeneity ARGS...  # measure policies
     slomesh profile --endpoint URL --out PROFILE.yaml ...  # fit a server's latency model
     slomesh emulator|agent|scheduler|wan-relay|kv-transfer|bench-place|bench-decision ARGS...
+    slomesh bench-transfer [--bytes N] [--report-json PATH]  # WAN link scheduler, loopback
 
 Imports are lazy so that ``slomesh --help`` stays fast.
 """
@@ -32,6 +33,9 @@ PASS_THROUGH: dict[str, tuple[str, str, str]] = {
     "bench-place": ("slomesh.benchmarks.place_latency", "main", "benchmark Place latency"),
     "bench-decision": (
         "slomesh.benchmarks.decision", "main", "in-process placement decision latency"
+    ),
+    "bench-transfer": (
+        "slomesh.benchmarks.transfer", "main", "WAN link bandwidth scheduler on loopback"
     ),
     "sim": ("slomesh.sim.cli", "main", "simulate a trace in virtual time"),
     "bench": ("slomesh.benchmarks.capacity", "main", "capacity benchmark of policies (sim)"),

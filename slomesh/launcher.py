@@ -130,17 +130,32 @@ class InstancePlan:
 
 @dataclass
 class RelayPlan:
-    """One emulated WAN link: origin region -> target region's agent."""
+    """One emulated WAN link: origin region -> a service of the target region (its agent).
+
+    ``bandwidth_bytes_per_s`` caps the link per direction (shared by every connection through
+    it; `slomesh.wan_relay`), e.g. `Topology.link_capacity_bytes_per_s` for the links between
+    KV transfer services; None = uncapped (the agents' control traffic).
+    """
 
     origin: str
     target: str
     listen_port: int
     target_address: str
     one_way_delay_ms: float
+    bandwidth_bytes_per_s: float | None = None
 
     @property
     def name(self) -> str:
         return f"{self.origin}->{self.target}"
+
+    @property
+    def relay_arg(self) -> str:
+        """The ``--relay`` value of `slomesh wan-relay` for this link (`RelaySpec.parse`)."""
+        bandwidth = f"={self.bandwidth_bytes_per_s:.12g}" if self.bandwidth_bytes_per_s else ""
+        return (
+            f"{self.name}@{self.listen_port}={self.target_address}"
+            f"={self.one_way_delay_ms:g}{bandwidth}"
+        )
 
     @property
     def address(self) -> str:
@@ -563,7 +578,6 @@ class Mesh:
         topo = self.topology
         self.plan = plan = MeshPlan.build(topo, self.topology_path)
         env = self._env()
-        model = topo.model.name
 
         if not self._external_nats_url:
             self.nats = NatsServerProcess(
@@ -587,6 +601,7 @@ class Mesh:
             }
 
         for inst in plan.instances.values():
+            model = topo.instance_model(inst.id)
             self._child(
                 f"emulator-{inst.id}",
                 "emulator",
@@ -596,17 +611,17 @@ class Mesh:
                     "--gpu-type", inst.gpu_type,
                     "--instance-id", inst.id,
                     "--kv-events-endpoint", inst.kv_events_endpoint,
-                    "--model", model,
-                    "--served-model-name", model,
+                    "--model", model.name,
+                    "--served-model-name", model.name,
                     "--max-model-len", str(self._max_model_len(inst.id)),
-                    "--stream-interval", str(topo.model.stream_interval),
+                    "--stream-interval", str(model.stream_interval),
                 ],
                 inst.url,
             ).start(env)
 
         relay_args: list[str] = ["--metrics-port", str(plan.relay_metrics_port)]
         for r in plan.relays:
-            relay_args += ["--relay", f"{r.name}@{r.listen_port}={r.target_address}={r.one_way_delay_ms:g}"]
+            relay_args += ["--relay", r.relay_arg]
         self._child("wan-relay", "wan-relay", "slomesh.wan_relay", relay_args, "").start(env)
 
         self._wait(
@@ -684,9 +699,7 @@ class Mesh:
         self._wait_routable(deadline)
 
     def _max_model_len(self, instance_id: str) -> int:
-        region = self.topology.instance_region(instance_id)
-        inst = next(i for i in region.instances if i.id == instance_id)
-        return inst.max_model_len or self.topology.model.max_model_len
+        return self.topology.instance_max_model_len(instance_id)
 
     def _check_alive(self) -> None:
         dead = self.dead_children()
@@ -1140,6 +1153,7 @@ def compose_from_topology(
     collector_dep = {"otel-collector": {"condition": "service_started"}}
     for region in topology.regions:
         for inst in region.instances:
+            model = topology.instance_model(inst.id)
             services[f"emulator-{inst.id}"] = _slomesh_service(
                 [
                     "slomesh", "emulator",
@@ -1148,10 +1162,10 @@ def compose_from_topology(
                     "--gpu-type", inst.gpu_type,
                     "--instance-id", inst.id,
                     "--kv-events-endpoint", f"tcp://*:{COMPOSE_KV_EVENTS_PORT}",
-                    "--model", topology.model.name,
-                    "--served-model-name", topology.model.name,
-                    "--max-model-len", str(inst.max_model_len or topology.model.max_model_len),
-                    "--stream-interval", str(topology.model.stream_interval),
+                    "--model", model.name,
+                    "--served-model-name", model.name,
+                    "--max-model-len", str(topology.instance_max_model_len(inst.id)),
+                    "--stream-interval", str(model.stream_interval),
                 ],
                 ["slomesh", "health", "--http",
                  f"http://127.0.0.1:{COMPOSE_EMULATOR_PORT}/health"],
@@ -1190,7 +1204,7 @@ def compose_from_topology(
         )
     relay_cmd = ["slomesh", "wan-relay", "--listen-host", "0.0.0.0", "--metrics-port", metrics]
     for r in relays:
-        relay_cmd += ["--relay", f"{r.name}@{r.listen_port}={r.target_address}={r.one_way_delay_ms:g}"]
+        relay_cmd += ["--relay", r.relay_arg]
     services["wan-relay"] = _slomesh_service(
         relay_cmd,
         ["slomesh", "health", "--tcp", f"127.0.0.1:{relays[0].listen_port}"]

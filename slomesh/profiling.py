@@ -2,7 +2,7 @@
 
     slomesh profile --endpoint URL --out PROFILE.yaml [--gpu-type NAME]
                     [--prompt-tokens 64,128,...] [--batch-sizes 1,2,4,8,16]
-                    [--repeats 3] [--output-tokens 32]
+                    [--repeats 3] [--output-tokens 128] [--stream-interval 1]
 
 **The model** (per model and GPU type): step times linear in roofline features, fitted by
 non-negative least squares::
@@ -32,17 +32,31 @@ a reported ``usage.prompt_tokens_details.cached_tokens`` > 0 fails the run):
   the token budget of a step). ``k`` prompts in one call reach the engine together, where ``k``
   separate calls would start the first one's step alone.
 - decode point ``(L, B)``: one call carrying ``B`` prompts of ``L`` tokens with
-  ``max_tokens=T``; each sequence's TPOT ``(e2e - ttft) / (T - 1)``, the median over the
-  batch, is the decode step time at batch ``B`` and context ``B * (L + T / 2)`` (the mean KV
-  length over the ``T - 1`` decode steps). Points whose ``B * L`` prompt tokens exceed the
-  server's token budget per step are skipped: their prefill chunks would run inside the
-  decode steps of the first sequences.
+  ``max_tokens=T`` (all the same, ``ignore_eos``). The decode step time is the median
+  inter-token gap of the call's *steady window* (:func:`steady_decode`): from the moment the
+  last sequence has its first token (every prefill done, all ``B`` sequences decoding) to the
+  moment the first sequence has its last one (none finished yet). That leaves out the ramp-up
+  -- the server hands the ``B`` prompts to the engine one by one, and on a busy host their
+  prefills land in different steps, mixed with the first sequences' decodes (chunked prefill
+  does the same when ``B * L`` exceeds the step's token budget) -- and the ramp-down where the
+  batch is no longer full; the median leaves out the host's stalls. A chunk that carries
+  ``n`` tokens (``stream_interval``, or a reader that lags) counts as ``n`` gaps, each a
+  ``1/n``-th of the chunk's. The point's context is the mean over the steady steps of the
+  batch's KV tokens (each step's sum over the sequences of ``L + j`` at their decode step
+  ``j``; ``B * (L + T / 2)`` when the window spans all ``T - 1`` steps). Gaps between the
+  client's arrival times add the client's jitter but no bias (their sum telescopes); the
+  median of many of them is what vLLM's own ``vllm:inter_token_latency_seconds`` cannot give
+  (its buckets start at 10 ms, and its sum/count mean includes the ramps). Points whose
+  prefill chunks (``ceil(B * L / budget)`` steps) would take more than half the ``T - 1``
+  decode steps are skipped.
 
-Every point is probed ``repeats`` times (in rounds over the whole sweep, so that a slow spell
-of the host spreads over all points) and the median kept. Times are divided by the server's
-``time_scale`` (the emulator's wall seconds per modelled second, from ``/slomesh/info``; 1 for
-vLLM), so a profile holds the modelled GPU's times. Every ``holdout_every``-th point (in sweep
-order) is held out of the fit, and R² is reported on the held-out and on the training points.
+Warm-up probes go first (one decode probe per batch size at the shortest prompt, per
+``warmup`` round). Every point is probed ``repeats`` times (in rounds over the whole sweep, so
+that a slow spell of the host spreads over all points) and the median kept. Times are
+divided by the server's ``time_scale`` (the emulator's wall seconds per modelled second, from
+``/slomesh/info``; 1 for vLLM), so a profile holds the modelled GPU's times. Every
+``holdout_every``-th point (in sweep order) is held out of the fit, and R² is reported on the
+held-out and on the training points.
 
 The server's limits come from ``/slomesh/info`` (the emulator), else ``/v1/models``
 (``max_model_len``) and ``/metrics`` (``vllm:cache_config_info``: block size, KV cache
@@ -67,7 +81,14 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 import aiohttp
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -82,8 +103,10 @@ DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
 """Batch sizes swept by default."""
 DEFAULT_REPEATS = 3
 """Probes per point by default (the median is kept)."""
-DEFAULT_OUTPUT_TOKENS = 32
-"""Output tokens of a decode probe by default."""
+DEFAULT_OUTPUT_TOKENS = 128
+"""Output tokens of a decode probe by default: enough steps for a steady window of about a
+hundred after the ramps (a few steps each), while a probe stays under a second at CPU step
+times of 2-8 ms."""
 DEFAULT_HOLDOUT_EVERY = 4
 """Every 4th point (indices 3, 7, ...) is held out of the fit by default."""
 ASSUMED_MAX_NUM_BATCHED_TOKENS = 2048
@@ -158,7 +181,11 @@ class PrefillPoint(BaseModel):
 
 
 class DecodePoint(BaseModel):
-    """One measured decode: ``batch_size`` sequences of ``prompt_tokens`` decoding together."""
+    """One measured decode: ``batch_size`` sequences of ``prompt_tokens`` decoding together.
+
+    ``context_tokens`` defaults to ``B * (L + T / 2)``, the mean over all ``T - 1`` decode
+    steps (profiles written before the steady-window measurement have no such field).
+    """
 
     model_config = _FROZEN
 
@@ -169,12 +196,22 @@ class DecodePoint(BaseModel):
     output_tokens: int = Field(ge=2)
     """Tokens each sequence generated (the first one by the prefill)."""
     tpot_ms: float = Field(ge=0)
-    """Median over the probes of the batch's median TPOT, ``(e2e - ttft) / (T - 1)``, ms."""
+    """Median over the probes of the decode step time (TPOT) with the whole batch decoding:
+    the median inter-token gap of each probe's steady window (:func:`steady_decode`), ms."""
+    context_tokens: float = Field(ge=0)
+    """KV tokens the batch attends to in its mean measured decode step (summed over the
+    batch; mean over the probes)."""
 
-    @property
-    def context_tokens(self) -> float:
-        """KV tokens the batch attends to in its mean decode step: ``B * (L + T / 2)``."""
-        return self.batch_size * (self.prompt_tokens + self.output_tokens / 2.0)
+    @model_validator(mode="before")
+    @classmethod
+    def _default_context(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("context_tokens") is None:
+            try:
+                b, n, t = int(data["batch_size"]), int(data["prompt_tokens"]), data["output_tokens"]
+                data = {**data, "context_tokens": b * (n + int(t) / 2.0)}
+            except (KeyError, TypeError, ValueError):
+                pass  # the field validators name what is missing or invalid
+        return data
 
 
 # ---------------------------------------------------------------------------------- fitting
@@ -413,7 +450,12 @@ class SweepConfig(BaseModel):
     output_tokens: int = Field(default=DEFAULT_OUTPUT_TOKENS, ge=2)
     """Output tokens ``T`` of a decode probe (TPOT needs ``T >= 2``)."""
     warmup: int = Field(default=1, ge=0)
-    """Unrecorded probes sent first (engine warm-up)."""
+    """Unrecorded warm-up rounds sent first, each one decode probe per batch size of the plan
+    at its shortest prompt (engine warm-up, one batch shape after another)."""
+    stream_interval: int = Field(default=1, ge=1)
+    """Tokens per streamed chunk asked of the server (vLLM's per-request ``stream_interval``,
+    vLLM >= 0.11 and the emulator; not sent when 1): fewer chunks, less work for the server's
+    HTTP path on a host it shares with the engine."""
 
     @field_validator("prompt_tokens", "batch_sizes")
     @classmethod
@@ -457,6 +499,8 @@ class LatencyProfile(BaseModel):
     """Every ``holdout_every``-th point was held out of the fits."""
     sweep: SweepConfig
     """What was measured."""
+    sweep_wall_s: float | None = Field(default=None, ge=0)
+    """Wall seconds the probes took, warm-up included (``None`` in older profiles)."""
     prefill: PrefillFit
     """Prefill model."""
     decode: DecodeFit
@@ -764,9 +808,10 @@ def plan_sweep(sweep: SweepConfig, limits: ServerLimits) -> SweepPlan:
 
     A point is left out when a sequence (prompt plus output) exceeds ``max_model_len``, the
     batch's KV blocks exceed the KV cache, the batch exceeds ``max_num_seqs``, or (decode
-    only) the batch's prompt tokens exceed the step's token budget
-    (``max_num_batched_tokens``, else ``ASSUMED_MAX_NUM_BATCHED_TOKENS``): their prefill
-    would be chunked into the decode steps being measured.
+    only) the batch's chunked prefill would leave less than half of the ``T - 1`` decode
+    steps steady: it takes ``ceil(B * L / budget)`` steps (``budget`` =
+    ``max_num_batched_tokens``, else ``ASSUMED_MAX_NUM_BATCHED_TOKENS``), in all but the last
+    of which the first sequences decode outside the steady window of :func:`steady_decode`.
 
     Raises:
         ProfilingError: fewer than ``MIN_POINTS`` prefill or decode points are left.
@@ -796,8 +841,13 @@ def plan_sweep(sweep: SweepConfig, limits: ServerLimits) -> SweepPlan:
     for n in sweep.prompt_tokens:
         for k in sweep.batch_sizes:
             reason = fits(n, k, sweep.output_tokens)
-            if reason is None and k * n > budget:
-                reason = f"{k * n} prompt tokens > step budget {budget}"
+            ramp_steps = math.ceil(k * n / budget) - 1
+            if reason is None and ramp_steps > (sweep.output_tokens - 1) / 2:
+                reason = (
+                    f"{k * n} prompt tokens take {ramp_steps + 1} steps at the step budget "
+                    f"{budget}: {ramp_steps} of the {sweep.output_tokens - 1} decode steps "
+                    "would not be steady"
+                )
             if reason:
                 skipped.append(f"decode {n} tokens x {k}: {reason}")
             else:
@@ -823,6 +873,83 @@ class SequenceTiming(BaseModel):
     """Until its first token."""
     e2e_s: float
     """Until its last token."""
+    chunks: tuple[tuple[float, int], ...] = ()
+    """``(arrival_s, tokens)`` of every streamed chunk that carried tokens, in arrival order
+    (the first at ``ttft_s``, the last at ``e2e_s``); ``tokens`` is 1 for a server that sends
+    no token ids."""
+
+
+class SteadyDecode(BaseModel):
+    """The steady window of one decode probe (:func:`steady_decode`)."""
+
+    model_config = _FROZEN
+
+    step_s: float = Field(ge=0)
+    """Median inter-token gap in the window, seconds: the decode step time of the batch."""
+    context_tokens: float = Field(ge=0)
+    """Mean over the window's tokens of the batch's KV tokens in the step that made them."""
+    tokens: int = Field(ge=1)
+    """Tokens (gaps) in the window, summed over the sequences."""
+
+
+def steady_decode(sequences: Sequence[SequenceTiming], prompt_tokens: int) -> SteadyDecode:
+    """Decode step time of a batch that decodes together, from its streamed arrival times.
+
+    The *steady window* runs from ``lo``, the arrival of the last sequence's first token
+    (after it, every prefill is done and all sequences decode in every step), to ``hi``, the
+    arrival of the first sequence's last token (until it, none has finished). A gap between two
+    chunks of one sequence is in the window when it starts at or after ``lo`` and ends at or
+    before ``hi``; a chunk that arrives after ``lo`` with a token made by an earlier, mixed
+    step is thereby left out (the gap before it starts before ``lo``), as long as the client's
+    jitter stays under a step. A chunk of ``n`` tokens (``stream_interval``, or a reader that
+    lags) counts as ``n`` gaps, each a ``1/n``-th of its gap. The step time is the median of
+    the gaps (robust to the host's stalls); the context is the mean over the gaps of
+    ``B * (L + m - 1)`` for the gap that ends with output token ``m`` (decode step ``j = m -
+    1`` attends to ``L + j`` tokens, as in ``slomesh.engine.model.Engine.step``), which is
+    ``B * (L + T / 2)`` when the window spans all ``T - 1`` steps.
+
+    Args:
+        sequences: ``B`` timings of one call (:func:`run_probe`), each with its ``chunks``.
+        prompt_tokens: Prompt tokens ``L`` of every sequence.
+
+    Returns:
+        The window's median step time, mean context and size.
+
+    Raises:
+        ProfilingError: no gap lies in the window (the ramps overlap: the batch did not
+            decode together; more output tokens, a smaller batch or a quieter host help).
+        ValueError: ``sequences`` is empty, or a chunk carries fewer than 1 token.
+    """
+    if not sequences:
+        raise ValueError("steady_decode needs at least one sequence")
+    lo = max(s.ttft_s for s in sequences)
+    hi = min(s.e2e_s for s in sequences)
+    gaps_s: list[float] = []
+    kv_tokens: list[int] = []
+    for seq in sequences:
+        produced = 0
+        prev_s: float | None = None
+        for arrival_s, tokens in seq.chunks:
+            if tokens < 1:
+                raise ValueError(f"a chunk must carry at least 1 token, got {tokens}")
+            if prev_s is not None and prev_s >= lo and arrival_s <= hi:
+                gap_s = (arrival_s - prev_s) / tokens
+                for m in range(produced + 1, produced + tokens + 1):
+                    gaps_s.append(gap_s)
+                    kv_tokens.append(prompt_tokens + m - 1)
+            produced += tokens
+            prev_s = arrival_s
+    if not gaps_s:
+        raise ProfilingError(
+            f"no steady decode window in a call of {len(sequences)} sequences of "
+            f"{prompt_tokens} tokens: the last first token came at {lo:.3f} s, the first last "
+            f"token at {hi:.3f} s; raise --output-tokens"
+        )
+    return SteadyDecode(
+        step_s=float(np.median(gaps_s)),
+        context_tokens=len(sequences) * float(np.mean(kv_tokens)),
+        tokens=len(gaps_s),
+    )
 
 
 async def run_probe(
@@ -832,6 +959,8 @@ async def run_probe(
     prompts: list[list[int]],
     max_tokens: int,
     timeout_s: float = 300.0,
+    *,
+    stream_interval: int = 1,
 ) -> list[SequenceTiming]:
     """Send ``prompts`` in one streaming ``/v1/completions`` call and time each sequence.
 
@@ -842,6 +971,8 @@ async def run_probe(
         prompts: Token-id prompts (all reach the engine together).
         max_tokens: Output tokens per prompt (``ignore_eos``, so exactly that many).
         timeout_s: Limit for the whole call, seconds.
+        stream_interval: Tokens per chunk asked of the server (the request's
+            ``stream_interval`` field, sent only when > 1).
 
     Returns:
         One timing per prompt, in prompt order.
@@ -859,7 +990,10 @@ async def run_probe(
         "ignore_eos": True,
         "return_token_ids": True,
     }
+    if stream_interval > 1:
+        body["stream_interval"] = stream_interval
     k = len(prompts)
+    chunks: list[list[tuple[float, int]]] = [[] for _ in range(k)]
     first: list[float | None] = [None] * k
     last: list[float | None] = [None] * k
     tokens: list[int | None] = [None] * k  # None: the server sends no token_ids
@@ -897,6 +1031,7 @@ async def run_probe(
                             continue
                     # A chunk carries at least one new token (vLLM sends no empty ones), its
                     # text is empty when the server runs without a tokenizer.
+                    chunks[i].append((now, len(ids) if isinstance(ids, list) else 1))
                     if first[i] is None:
                         first[i] = now
                     if choice.get("finish_reason") is not None:
@@ -925,7 +1060,7 @@ async def run_probe(
                 f"sequence {i} of the call ended without its {max_tokens} tokens "
                 f"(tokens {got}, finished {e2e is not None}); the server must honour ignore_eos"
             )
-        timings.append(SequenceTiming(ttft_s=ttft, e2e_s=e2e))
+        timings.append(SequenceTiming(ttft_s=ttft, e2e_s=e2e, chunks=tuple(chunks[i])))
     return timings
 
 
@@ -959,7 +1094,8 @@ async def measure(
     progress: Callable[[int, int], None] | None = None,
     timeout_s: float = 300.0,
 ) -> tuple[list[PrefillPoint], list[DecodePoint]]:
-    """Probe every point of ``plan`` ``sweep.repeats`` times and keep the medians.
+    """Warm the server up, then probe every point of ``plan`` ``sweep.repeats`` times and
+    keep the medians (decode: of the steady step times of :func:`steady_decode`).
 
     Args:
         session: HTTP session.
@@ -976,37 +1112,49 @@ async def measure(
         The prefill and the decode points, in plan order, in modelled ms.
 
     Raises:
-        ProfilingError: a probe failed (see :func:`run_probe`).
+        ProfilingError: a probe failed (see :func:`run_probe`), or a decode probe had no
+            steady window (see :func:`steady_decode`).
     """
     rng = rng if rng is not None else np.random.default_rng()
     scale_ms = 1000.0 / limits.time_scale
     out_tokens = sweep.output_tokens
-    total = sweep.warmup + sweep.repeats * (len(plan.prefill) + len(plan.decode))
+    shortest = min(n for n, _ in plan.decode)
+    warm_batches = sorted({k for _, k in plan.decode})
+    total = sweep.warmup * len(warm_batches) + sweep.repeats * (
+        len(plan.prefill) + len(plan.decode)
+    )
     done = 0
 
     async def probe(n: int, k: int, max_tokens: int) -> list[SequenceTiming]:
         nonlocal done
         timings = await run_probe(
-            session, endpoint, limits.model, random_prompts(rng, k, n), max_tokens, timeout_s
+            session,
+            endpoint,
+            limits.model,
+            random_prompts(rng, k, n),
+            max_tokens,
+            timeout_s,
+            stream_interval=sweep.stream_interval,
         )
         done += 1
         if progress is not None:
             progress(done, total)
         return timings
 
-    warm_n, warm_k = plan.decode[0]
     for _ in range(sweep.warmup):
-        await probe(warm_n, warm_k, out_tokens)
+        for k in warm_batches:
+            await probe(shortest, k, out_tokens)
     prefill_ms: list[list[float]] = [[] for _ in plan.prefill]
     decode_ms: list[list[float]] = [[] for _ in plan.decode]
+    decode_context: list[list[float]] = [[] for _ in plan.decode]
     for _ in range(sweep.repeats):
         for j, (n, k) in enumerate(plan.prefill):
             timings = await probe(n, k, 1)
             prefill_ms[j].append(max(t.ttft_s for t in timings) * scale_ms)
         for j, (n, k) in enumerate(plan.decode):
-            timings = await probe(n, k, out_tokens)
-            tpots = [(t.e2e_s - t.ttft_s) / (out_tokens - 1) for t in timings]
-            decode_ms[j].append(statistics.median(tpots) * scale_ms)
+            steady = steady_decode(await probe(n, k, out_tokens), n)
+            decode_ms[j].append(steady.step_s * scale_ms)
+            decode_context[j].append(steady.context_tokens)
     prefill_points = [
         PrefillPoint(uncached_tokens=n, batch_size=k, ttft_ms=statistics.median(samples))
         for (n, k), samples in zip(plan.prefill, prefill_ms, strict=True)
@@ -1017,8 +1165,9 @@ async def measure(
             prompt_tokens=n,
             output_tokens=out_tokens,
             tpot_ms=statistics.median(samples),
+            context_tokens=statistics.fmean(contexts),
         )
-        for (n, k), samples in zip(plan.decode, decode_ms, strict=True)
+        for (n, k), samples, contexts in zip(plan.decode, decode_ms, decode_context, strict=True)
     ]
     return prefill_points, decode_points
 
@@ -1071,6 +1220,7 @@ async def profile_endpoint(
         plan = plan_sweep(sweep, limits)
         if on_plan is not None:
             on_plan(limits, plan)
+        started_s = time.perf_counter()
         prefill_points, decode_points = await measure(
             session,
             endpoint,
@@ -1081,6 +1231,7 @@ async def profile_endpoint(
             progress=progress,
             timeout_s=timeout_s,
         )
+        sweep_wall_s = time.perf_counter() - started_s
     return LatencyProfile.from_points(
         prefill_points,
         decode_points,
@@ -1093,6 +1244,7 @@ async def profile_endpoint(
         max_model_len=limits.max_model_len,
         time_scale=limits.time_scale,
         sweep=sweep,
+        sweep_wall_s=sweep_wall_s,
     )
 
 
@@ -1174,7 +1326,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--output-tokens", type=int, default=DEFAULT_OUTPUT_TOKENS, help="tokens per decode probe"
     )
-    p.add_argument("--warmup", type=int, default=1, help="unrecorded probes sent first")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="unrecorded warm-up rounds (one decode probe per batch size) sent first",
+    )
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="tokens per streamed chunk asked of the server (vLLM >= 0.11; default 1)",
+    )
     p.add_argument(
         "--holdout-every", type=int, default=DEFAULT_HOLDOUT_EVERY, help="hold out every Nth point"
     )
@@ -1212,6 +1375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeats=args.repeats,
             output_tokens=args.output_tokens,
             warmup=args.warmup,
+            stream_interval=args.stream_interval,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -1259,7 +1423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print_profile(profile, Console())
     path = profile.save(args.out)
-    err.print(f"profile written to {path}")
+    wall = f" (probes took {profile.sweep_wall_s:.0f} s)" if profile.sweep_wall_s else ""
+    err.print(f"profile written to {path}{wall}")
     for name, fit in (("prefill", profile.prefill), ("decode", profile.decode)):
         r2 = fit.quality.r2_held_out
         if r2 is None or r2 < R2_TARGET:

@@ -81,7 +81,7 @@ def _build_request(req: TraceRequest, model: str):
 
     msg = scheduler_pb2.GenerateRequest(
         request_id=req.request_id,
-        model=model,
+        model=req.model or model,
         max_tokens=req.output_tokens,
         ignore_eos=True,
         slo_class=req.slo_class,
@@ -210,7 +210,8 @@ async def replay(
     Args:
         trace: requests with arrival times (already rate-scaled).
         scheduler_address: "host:port" of a `GlobalScheduler`.
-        model: model name sent with every request ("" = the scheduler's default).
+        model: model name sent with every request that names none of its own
+            (`TraceRequest.model`); "" = the scheduler's default.
         concurrency_limit: most requests in flight (a request waits for a slot, and its wait
             counts as send lag); None = unlimited (pure open loop).
         request_timeout_s: gRPC deadline of each request, seconds.

@@ -16,8 +16,10 @@ summarization) with prefill targets proportional to prompt length.
 The classes are configuration: ``load_slo_config(path)`` reads a YAML file whose classes are
 merged field by field over the built-in defaults (``configs/slo_classes.yaml`` spells the
 defaults out). The same file names tenants (`TenantPolicy`): the regions that may serve a
-tenant's requests (data residency) and its tier (what happens to its requests when no region
-can meet their SLO). Example::
+tenant's requests (data residency), its tier (what happens to its requests when no region
+can meet their SLO) and its default priority. A request's priority (vLLM's convention: lower =
+more urgent) is its own ``priority`` if it sets one, else its tenant's, else its class's.
+Example::
 
     default_class: chat
     classes:
@@ -28,7 +30,8 @@ can meet their SLO). Example::
         tpot_ms: 50
     tenants:
       acme-eu: {allowed_regions: [frankfurt]}     # served in Frankfurt only
-      nightly-jobs: {on_infeasible: best_effort} # never refused, placed best effort
+      nightly-jobs: {on_infeasible: best_effort, priority: 2}  # never refused; queued
+                                                             # behind more urgent work
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = [
     "DEFAULT_SLO_CLASS",
     "DEFAULT_SLO_CLASSES",
+    "PRIORITY_MAX",
+    "PRIORITY_MIN",
     "SloClass",
     "SloConfig",
     "SloConfigError",
@@ -55,6 +60,10 @@ __all__ = [
 DEFAULT_SLO_CLASS = "chat"
 
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+#: Range of priorities (the ``int32`` of ``GenerateRequest.priority``); lower = more urgent.
+PRIORITY_MIN = -(2**31)
+PRIORITY_MAX = 2**31 - 1
 
 
 class SloConfigError(ValueError):
@@ -78,7 +87,14 @@ class SloClass(BaseModel):
             (`slomesh.scheduler.output_length`).
         on_infeasible: What the scheduler does when no placement is predicted to meet the SLO:
             ``"refuse"`` (RESOURCE_EXHAUSTED with a retry hint; latency tiers) or
-            ``"best_effort"`` (place on the candidate with the lowest predicted TTFT).
+            ``"best_effort"``: place it where it does not push requests already running past
+            their TPOT, else wait in the scheduler's best-effort queue, at most the policy's
+            ``best_effort_max_wait_ms``, then go to the lowest predicted TTFT).
+        priority: Default urgency of the class's requests, vLLM's convention: lower = more
+            urgent (a request's own ``priority``, then its tenant's, take precedence). The
+            placement policy admits less urgent requests with a tighter SLO margin (headroom
+            kept for more urgent ones) and dispatches queued best-effort requests by priority,
+            then arrival.
 
     At least one of ``ttft_base_ms``, ``tpot_ms`` and ``e2e_ms`` must be set. Fields may be
     given positionally in the order above, e.g. ``SloClass("chat", 500, 0.25, 100, None)``.
@@ -97,6 +113,7 @@ class SloClass(BaseModel):
     e2e_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     default_output_tokens: int = Field(default=256, ge=1, le=1_000_000)
     on_infeasible: Literal["refuse", "best_effort"] = "refuse"
+    priority: int = Field(default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         names = list(type(self).model_fields)
@@ -175,6 +192,7 @@ DEFAULT_SLO_CLASSES: dict[str, dict[str, Any]] = {
         "e2e_ms": None,
         "default_output_tokens": 256,
         "on_infeasible": "refuse",
+        "priority": 0,
     },
     "coding": {
         "ttft_base_ms": 500.0,
@@ -183,6 +201,7 @@ DEFAULT_SLO_CLASSES: dict[str, dict[str, Any]] = {
         "e2e_ms": None,
         "default_output_tokens": 256,
         "on_infeasible": "refuse",
+        "priority": 0,
     },
     "summarization": {
         "ttft_base_ms": 1000.0,
@@ -191,6 +210,7 @@ DEFAULT_SLO_CLASSES: dict[str, dict[str, Any]] = {
         "e2e_ms": None,
         "default_output_tokens": 128,
         "on_infeasible": "refuse",
+        "priority": 0,
     },
     "batch": {
         "ttft_base_ms": None,
@@ -199,6 +219,7 @@ DEFAULT_SLO_CLASSES: dict[str, dict[str, Any]] = {
         "e2e_ms": 60_000.0,
         "default_output_tokens": 512,
         "on_infeasible": "best_effort",
+        "priority": 0,
     },
 }
 
@@ -213,6 +234,9 @@ class TenantPolicy(BaseModel):
             allowed region can serve is UNAVAILABLE.
         on_infeasible: The tenant's tier: overrides its requests' SLO class ``on_infeasible``
             (``"refuse"`` or ``"best_effort"``); ``None`` = the class's.
+        priority: Default priority of the tenant's requests (lower = more urgent), over its
+            requests' SLO class default; a request's own ``priority`` wins. ``None`` = the
+            class's.
 
     Raises:
         pydantic.ValidationError: (a ``ValueError``) a bad name or value; the error names it.
@@ -223,6 +247,7 @@ class TenantPolicy(BaseModel):
     name: str = Field(pattern=_NAME_PATTERN)
     allowed_regions: frozenset[str] = frozenset()
     on_infeasible: Literal["refuse", "best_effort"] | None = None
+    priority: int | None = Field(default=None, ge=PRIORITY_MIN, le=PRIORITY_MAX)
 
 
 class SloConfig(BaseModel):

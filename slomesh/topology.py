@@ -5,9 +5,9 @@ between regions come from the RTT matrix `rtt_ms.csv` and GPU prices from `gpu_p
 (both under `../shared/data/regions/`, see its SOURCES.md), so a topology only says *where*
 things are; the numbers are the measured ones.
 
-Example::
+Example (one model, the original form)::
 
-    model: meta-llama/Llama-3.1-8B-Instruct
+    model: {name: meta-llama/Llama-3.1-8B-Instruct}
     regions:
       - name: washington-dc          # slug, used in NATS subjects and the CLI
         location: Washington DC      # row/column name in rtt_ms.csv
@@ -15,6 +15,42 @@ Example::
         egress_usd_per_gb: 0.02
         instances:
           - {id: wdc-h100-0, gpu_type: H100}
+
+**Several models** (``models:`` instead of ``model:``; see ``configs/topology.multimodel.yaml``):
+each instance serves one model at a time -- its ``model:``, default the first of ``models`` --
+and an instance marked ``swappable`` may be switched to another model while it is idle. Such a
+switch costs ``M_q`` (`slomesh.engine.profiles.model_load_time_s`): the region's
+``model_load_overhead_s`` plus the model's weights over the bandwidth of the region's local
+weight cache (``weight_cache_gb_per_s``) when the cache holds the model, else over the remote
+store's (``remote_weights_gb_per_s``). A region's weight cache holds the models of its
+``weight_cache:`` list and every model one of its instances serves at start (those weights are
+on its disks already)::
+
+    models:
+      - {name: meta-llama/Llama-3.1-8B-Instruct, max_model_len: 131072}
+      - {name: Qwen/Qwen2.5-7B-Instruct, max_model_len: 32768}
+    regions:
+      - name: washington-dc
+        ...
+        weight_cache: [Qwen/Qwen2.5-7B-Instruct]
+        instances:
+          - {id: wdc-h100-0, gpu_type: H100}                     # the first model
+          - {id: wdc-l40s-0, gpu_type: L40S, model: Qwen/Qwen2.5-7B-Instruct, swappable: true}
+
+The architecture of a model (layers, heads, parameters) is the engine model's
+(`slomesh.engine.profiles.MODELS`), which the emulator, the simulator and the predictor share;
+a topology names the model and may override the size of its weights (``weights_bytes``, e.g.
+for a quantised checkpoint). A model the engine model does not know may still be named (a
+real vLLM serves it); in a topology of several models it must then give ``weights_bytes``.
+
+Load-time defaults (configurable assumptions, per region): ``weight_cache_gb_per_s`` 2.0
+(safetensors from local NVMe into GPU memory; NVMe reads at 3-7 GB/s, vLLM's loader lands
+well below that), ``remote_weights_gb_per_s`` 0.5 (a node's download from an object store or
+the Hugging Face hub, about 4 Gbit/s), ``model_load_overhead_s`` 20 (torch.compile, CUDA-graph
+capture, KV-cache profiling and warm-up of an 8B model; the phases of a vLLM cold start are
+broken down in Tensorfuse's "Reducing GPU Cold Start Time when using vLLM", 2025, and
+"Breaking the Ice: Analyzing Cold Start Latency in vLLM", arXiv:2606.07362). Measure your own
+and set them.
 """
 
 from __future__ import annotations
@@ -24,7 +60,7 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -70,7 +106,28 @@ class InstanceSpec(BaseModel):
     gpu_type: GpuType = Field(description="GPU type of the instance's performance profile.")
     spot: bool = Field(default=False, description="Priced at the spot rate instead of on-demand.")
     max_model_len: int | None = Field(
-        default=None, ge=1, description="Context limit in tokens; None = the model's."
+        default=None,
+        ge=1,
+        description="Context limit in tokens of the model served at start; None = the "
+        "model's. After a switch to another model: the largest context the GPU's KV cache "
+        "holds of it, up to its max_model_len.",
+    )
+    model: str | None = Field(
+        default=None,
+        description="Model the instance serves at start (a name of the topology's models); "
+        "None = the first model.",
+    )
+    swappable: bool = Field(
+        default=False,
+        description="The scheduler may switch the instance to another model of the topology "
+        "while it is idle (paying the model load time M_q).",
+    )
+    model_load_overhead_s: float | None = Field(
+        default=None,
+        ge=0,
+        allow_inf_nan=False,
+        description="Engine start-up time besides reading weights, seconds; None = the "
+        "region's model_load_overhead_s.",
     )
 
     @field_validator("id")
@@ -93,6 +150,32 @@ class RegionSpec(BaseModel):
         default=0.02, ge=0, description="Price of bytes leaving the region, USD per GB."
     )
     instances: list[InstanceSpec] = Field(min_length=1)
+    weight_cache: list[str] = Field(
+        default_factory=list,
+        description="Models whose weights the region's local cache holds besides those its "
+        "instances serve at start (names of the topology's models).",
+    )
+    weight_cache_gb_per_s: float = Field(
+        default=2.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Bandwidth of loading weights from the region's local cache into GPU "
+        "memory, GB/s (configurable assumption: local NVMe through vLLM's loader).",
+    )
+    remote_weights_gb_per_s: float = Field(
+        default=0.5,
+        gt=0,
+        allow_inf_nan=False,
+        description="Bandwidth of loading weights the region's cache lacks (remote object "
+        "store or another region), GB/s (configurable assumption: ~4 Gbit/s per node).",
+    )
+    model_load_overhead_s: float = Field(
+        default=20.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Engine start-up time of a model switch besides reading weights "
+        "(torch.compile, CUDA-graph capture, warm-up), seconds (configurable assumption).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -102,8 +185,31 @@ class RegionSpec(BaseModel):
         return value
 
 
+DEFAULT_LINK_CAPACITY_BYTES_PER_S = 625e6
+"""Default capacity of an inter-region link for the KV transfer services, bytes/s: 5 Gbit/s,
+the bandwidth AWS gives one TCP flow between instances outside a cluster placement group and
+the multi-flow limit to other regions of an instance with fewer than 32 vCPUs ("Amazon EC2
+instance network bandwidth", EC2 user guide). A configurable assumption: measure your own."""
+
+
+class LinkSpec(BaseModel):
+    """Capacity of the WAN link between two regions for the KV transfer services.
+
+    Applies to ``src -> dst``, and to ``dst -> src`` too unless another entry gives that
+    direction.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    src: str = Field(description="Region slug the link leaves.")
+    dst: str = Field(description="Region slug the link reaches.")
+    capacity_bytes_per_s: float = Field(
+        gt=0, allow_inf_nan=False, description="Capacity of the link, bytes/s."
+    )
+
+
 class ModelSpecRef(BaseModel):
-    """The served model, by name (its architecture lives in `slomesh.engine.profiles`)."""
+    """A served model, by name (its architecture lives in `slomesh.engine.profiles.MODELS`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -115,24 +221,113 @@ class ModelSpecRef(BaseModel):
         description="Tokens per streamed chunk after the first, set on every engine "
         "(vLLM's --stream-interval): larger values cut per-token host work on every hop.",
     )
+    weights_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Bytes of weights an engine loads to serve the model; None = the engine "
+        "model's num_params x dtype_bytes (`ModelSpec.weight_bytes`).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, data: Any) -> Any:
+        # `model: <name>` is short for `model: {name: <name>}`.
+        return {"name": data} if isinstance(data, str) else data
+
+    @property
+    def resolved_weights_bytes(self) -> int | None:
+        """`weights_bytes`, else the engine model's weight bytes; None for a model the engine
+        model does not know and whose size the topology does not give."""
+        if self.weights_bytes is not None:
+            return self.weights_bytes
+        from slomesh.engine.profiles import MODELS
+
+        spec = MODELS.get(self.name)
+        return spec.weight_bytes if spec is not None else None
 
 
 class Topology(BaseModel):
-    """A mesh: the model it serves and its regions.
+    """A mesh: the models it serves and its regions.
+
+    ``models`` lists every model the mesh serves; ``model`` is the first of them (the default
+    model, which instances without a ``model:`` serve). A file gives either ``model:`` (one
+    model, the original form) or ``models:``; given both, ``model`` must equal the first of
+    ``models`` (as a dump of a topology has it).
 
     Raises (on construction): `pydantic.ValidationError` naming the field for duplicate names,
-    unknown locations in the RTT matrix, or GPU types without a price in the cloud region.
+    unknown locations in the RTT matrix, GPU types without a price in the cloud region, an
+    instance or weight cache naming a model the topology does not list, or (with several
+    models) a model of unknown size.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     model: ModelSpecRef = Field(default_factory=ModelSpecRef)
+    models: list[ModelSpecRef] = Field(default_factory=list)
     regions: list[RegionSpec] = Field(min_length=1)
     rtt_file: Path | None = Field(default=None, description="RTT matrix CSV; None = shared data.")
     prices_file: Path | None = Field(default=None, description="GPU prices CSV; None = shared.")
+    default_link_capacity_bytes_per_s: float = Field(
+        default=DEFAULT_LINK_CAPACITY_BYTES_PER_S,
+        gt=0,
+        allow_inf_nan=False,
+        description="Capacity of every inter-region link that `links` does not name, bytes/s "
+        "(KV transfer services' bandwidth schedulers and the local mesh's emulated WAN).",
+    )
+    links: list[LinkSpec] = Field(
+        default_factory=list, description="Capacities of particular inter-region links."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_or_many_models(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        single, many = data.get("model"), data.get("models")
+        if many is None or many == []:
+            if many is not None and single is None:
+                raise ValueError("models: must list at least one model")
+            data = {**data, "models": [single if single is not None else {}]}
+        elif single is None:
+            if not isinstance(many, list):
+                return data
+            data = {**data, "model": many[0]}
+        else:
+            first = ModelSpecRef.model_validate(many[0]) if isinstance(many, list) else None
+            if first is None or ModelSpecRef.model_validate(single) != first:
+                raise ValueError(
+                    "model: give either model (one model) or models (several); with both, "
+                    "model must be the first of models"
+                )
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Topology:
+        model_names = [m.name for m in self.models]
+        if len(set(model_names)) != len(model_names):
+            raise ValueError(f"models: duplicate model names in {model_names}")
+        known = set(model_names)
+        for region in self.regions:
+            for inst in region.instances:
+                if inst.model is not None and inst.model not in known:
+                    raise ValueError(
+                        f"regions.instances.model: {inst.model!r} (instance {inst.id}) is not "
+                        f"one of the topology's models {model_names}"
+                    )
+            for name in region.weight_cache:
+                if name not in known:
+                    raise ValueError(
+                        f"regions.weight_cache: {name!r} (region {region.name}) is not one of "
+                        f"the topology's models {model_names}"
+                    )
+        if len(self.models) > 1:
+            for m in self.models:
+                if m.resolved_weights_bytes is None:
+                    raise ValueError(
+                        f"models.weights_bytes: required for {m.name!r}, which the engine "
+                        "model does not know (slomesh.engine.profiles.MODELS), in a topology "
+                        "of several models"
+                    )
         names = [r.name for r in self.regions]
         if len(set(names)) != len(names):
             raise ValueError(f"regions: duplicate region names in {names}")
@@ -155,6 +350,21 @@ class Topology(BaseModel):
                         f"regions.instances.gpu_type: no price for {inst.gpu_type} in "
                         f"{region.cloud_region} (instance {inst.id})"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _check_links(self) -> Topology:
+        names = {r.name for r in self.regions}
+        seen: set[tuple[str, str]] = set()
+        for link in self.links:
+            for end in (link.src, link.dst):
+                if end not in names:
+                    raise ValueError(f"links: unknown region {end!r} (regions: {sorted(names)})")
+            if link.src == link.dst:
+                raise ValueError(f"links: a link joins two regions, got {link.src!r} twice")
+            if (link.src, link.dst) in seen:
+                raise ValueError(f"links: {link.src} -> {link.dst} given twice")
+            seen.add((link.src, link.dst))
         return self
 
     # -- loading ---------------------------------------------------------------------------
@@ -188,6 +398,71 @@ class Topology(BaseModel):
     @property
     def region_names(self) -> list[str]:
         return [r.name for r in self.regions]
+
+    @property
+    def model_names(self) -> list[str]:
+        """Names of the models the mesh serves, the default (first) one first."""
+        return [m.name for m in self.models]
+
+    def model_ref(self, name: str) -> ModelSpecRef:
+        """The model named `name`. Raises KeyError for a model the topology does not list."""
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(f"unknown model {name!r} (topology models: {self.model_names})")
+
+    def instance_spec(self, instance_id: str) -> InstanceSpec:
+        """The instance `instance_id`. Raises KeyError for an unknown instance."""
+        region = self.instance_region(instance_id)
+        return next(i for i in region.instances if i.id == instance_id)
+
+    def instance_model(self, instance_id: str) -> ModelSpecRef:
+        """The model `instance_id` serves at start (its ``model:``, else the first model).
+
+        Raises:
+            KeyError: an unknown instance.
+        """
+        spec = self.instance_spec(instance_id)
+        return self.model_ref(spec.model) if spec.model is not None else self.models[0]
+
+    def instance_max_model_len(self, instance_id: str) -> int:
+        """Context limit of `instance_id` at start: its ``max_model_len``, else its model's.
+
+        Raises:
+            KeyError: an unknown instance.
+        """
+        spec = self.instance_spec(instance_id)
+        return spec.max_model_len or self.instance_model(instance_id).max_model_len
+
+    def model_load_overhead_s(self, instance_id: str) -> float:
+        """Engine start-up time of a model switch on `instance_id` besides reading weights,
+        seconds: the instance's ``model_load_overhead_s``, else its region's.
+
+        Raises:
+            KeyError: an unknown instance.
+        """
+        spec = self.instance_spec(instance_id)
+        if spec.model_load_overhead_s is not None:
+            return spec.model_load_overhead_s
+        return self.instance_region(instance_id).model_load_overhead_s
+
+    def weight_cache_models(self, region: str) -> list[str]:
+        """Models whose weights `region`'s local cache holds at start: the models its
+        instances serve, then its ``weight_cache:`` list (no repeats, in that order).
+
+        Raises:
+            KeyError: an unknown region.
+        """
+        spec = self.region(region)
+        out: list[str] = []
+        for inst in spec.instances:
+            name = self.instance_model(inst.id).name
+            if name not in out:
+                out.append(name)
+        for name in spec.weight_cache:
+            if name not in out:
+                out.append(name)
+        return out
 
     def instance_region(self, instance_id: str) -> RegionSpec:
         """The region holding `instance_id`. Raises KeyError for an unknown instance."""
@@ -243,6 +518,23 @@ class Topology(BaseModel):
         inst = next(i for i in region.instances if i.id == instance_id)
         on_demand, spot = self.gpu_price_usd_per_hour(inst.gpu_type, region.cloud_region)
         return spot if inst.spot else on_demand
+
+    def link_capacity_bytes_per_s(self, src_region: str, dst_region: str) -> float:
+        """Capacity of the WAN link `src_region` -> `dst_region`, bytes/s.
+
+        The ``links`` entry for that direction, else the one for the other direction, else
+        ``default_link_capacity_bytes_per_s``.
+
+        Raises:
+            KeyError: an unknown region, or src_region == dst_region (no WAN link).
+        """
+        for name in (src_region, dst_region):
+            self.region(name)
+        if src_region == dst_region:
+            raise KeyError(f"no WAN link from {src_region!r} to itself")
+        by_pair = {(link.src, link.dst): link.capacity_bytes_per_s for link in self.links}
+        capacity = by_pair.get((src_region, dst_region), by_pair.get((dst_region, src_region)))
+        return capacity if capacity is not None else self.default_link_capacity_bytes_per_s
 
     def _location(self, name: str) -> str:
         for region in self.regions:

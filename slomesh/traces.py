@@ -183,6 +183,8 @@ class TraceRequest:
         origin_region: region slug the request is sent from.
         slo_class: SLO class name.
         hash_ids: Mooncake 512-token block ids of the prompt; empty for Azure.
+        model: Model the request asks for; "" = the topology's default (first) model, as for
+            every request of the Azure and Mooncake traces.
     """
 
     request_id: str
@@ -193,6 +195,7 @@ class TraceRequest:
     origin_region: str
     slo_class: str
     hash_ids: tuple[int, ...] = ()
+    model: str = ""
     _tokens: np.ndarray | None = field(default=None, repr=False)
     _source: object = field(default=None, repr=False)
 

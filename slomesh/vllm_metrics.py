@@ -21,17 +21,57 @@ _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 _PREFIX_QUERIES = ("vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries")
 _PREFIX_HITS = ("vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits")
 _CACHE_CONFIG = ("vllm:cache_config_info", "vllm:cache_config")
+# Counters and histogram sums/counts of the online latency fit (`slomesh.online_fit`), by sample
+# name (vLLM 0.32 names; counters also without `_total`) -> ScrapedMetrics field.
+_STEP_TIME_SAMPLES = {
+    "vllm:generation_tokens_total": "generation_tokens_total",
+    "vllm:generation_tokens": "generation_tokens_total",
+    "vllm:prompt_tokens_total": "prompt_tokens_total",
+    "vllm:prompt_tokens": "prompt_tokens_total",
+    "vllm:time_to_first_token_seconds_count": "time_to_first_token_count",
+    "vllm:inter_token_latency_seconds_sum": "inter_token_latency_sum_s",
+    "vllm:inter_token_latency_seconds_count": "inter_token_latency_count",
+    "vllm:iteration_tokens_total_sum": "iteration_tokens_sum",
+    "vllm:iteration_tokens_total_count": "iteration_count",
+    "vllm:request_prefill_time_seconds_sum": "request_prefill_time_sum_s",
+    "vllm:request_prefill_time_seconds_count": "request_prefill_time_count",
+    "vllm:request_prompt_tokens_sum": "request_prompt_tokens_sum",
+    "vllm:request_prompt_tokens_count": "request_prompt_tokens_count",
+    "vllm:request_prefill_kv_computed_tokens_sum": "request_prefill_kv_computed_tokens_sum",
+    "vllm:request_prefill_kv_computed_tokens_count": "request_prefill_kv_computed_tokens_count",
+}
+_STEP_TIME_FAMILIES = (
+    "vllm:generation_tokens",
+    "vllm:prompt_tokens",
+    "vllm:time_to_first_token_seconds",
+    "vllm:inter_token_latency_seconds",
+    "vllm:iteration_tokens_total",
+    "vllm:request_prefill_time_seconds",
+    "vllm:request_prompt_tokens",
+    "vllm:request_prefill_kv_computed_tokens",
+)
 
 
 # Every metric name the agent reads; lines of other families (histogram buckets make up most of
 # a vLLM /metrics body) are dropped before parsing, which keeps a 10 Hz scrape cheap.
 _WANTED_PREFIXES = tuple(
-    sorted({*_RUNNING, *_WAITING, *_KV_USAGE, *_PREFIX_QUERIES, *_PREFIX_HITS, *_CACHE_CONFIG})
+    sorted(
+        {
+            *_RUNNING,
+            *_WAITING,
+            *_KV_USAGE,
+            *_PREFIX_QUERIES,
+            *_PREFIX_HITS,
+            *_CACHE_CONFIG,
+            *_STEP_TIME_FAMILIES,
+        }
+    )
 )
 
 
 def _wanted_lines(text: str) -> str:
-    """The lines of `text` (samples and their # HELP/# TYPE) that belong to wanted families."""
+    """The lines of `text` (samples and their # HELP/# TYPE) that belong to wanted families;
+    histogram buckets are dropped (only their sums and counts are read)."""
     keep = []
     for line in text.splitlines():
         if line.startswith("#"):
@@ -39,7 +79,9 @@ def _wanted_lines(text: str) -> str:
             if len(parts) >= 3 and parts[2].startswith(_WANTED_PREFIXES):
                 keep.append(line)
         elif line.startswith(_WANTED_PREFIXES):
-            keep.append(line)
+            name_end = min(i for i in (line.find("{"), line.find(" "), len(line)) if i >= 0)
+            if not line.endswith("_bucket", 0, name_end):
+                keep.append(line)
     return "\n".join(keep) + "\n"
 
 
@@ -59,6 +101,29 @@ class ScrapedMetrics:
         prefix_cache_hits_total: of those, tokens found (counter).
         block_size: tokens per KV block from `vllm:cache_config_info`, None if absent.
         num_gpu_blocks: KV blocks of the engine from `vllm:cache_config_info`, None if absent.
+        generation_tokens_total: output tokens generated (`vllm:generation_tokens`, counter).
+        prompt_tokens_total: prompt tokens of prefills completed (`vllm:prompt_tokens`).
+        time_to_first_token_count: first tokens emitted (`vllm:time_to_first_token_seconds`
+            count).
+        inter_token_latency_sum_s: sum of inter-token latencies, seconds
+            (`vllm:inter_token_latency_seconds`).
+        inter_token_latency_count: their number.
+        iteration_tokens_sum: tokens of the engine steps recorded
+            (`vllm:iteration_tokens_total` sum).
+        iteration_count: engine steps recorded (its count).
+        request_prefill_time_sum_s: prefill time (first scheduled to first token) of the
+            finished requests, seconds (`vllm:request_prefill_time_seconds`).
+        request_prefill_time_count: their number.
+        request_prompt_tokens_sum: prompt tokens of the finished requests
+            (`vllm:request_prompt_tokens`).
+        request_prompt_tokens_count: their number.
+        request_prefill_kv_computed_tokens_sum: prompt tokens the finished requests computed
+            (not found in a cache; `vllm:request_prefill_kv_computed_tokens`).
+        request_prefill_kv_computed_tokens_count: their number (0 when the engine does not
+            export it).
+
+    The counters and histogram sums/counts are cumulative since the engine started
+    (`slomesh.online_fit.step_time_observations` takes their deltas).
     """
 
     num_requests_running: int = 0
@@ -68,6 +133,19 @@ class ScrapedMetrics:
     prefix_cache_hits_total: int = 0
     block_size: int | None = None
     num_gpu_blocks: int | None = None
+    generation_tokens_total: float = 0.0
+    prompt_tokens_total: float = 0.0
+    time_to_first_token_count: float = 0.0
+    inter_token_latency_sum_s: float = 0.0
+    inter_token_latency_count: float = 0.0
+    iteration_tokens_sum: float = 0.0
+    iteration_count: float = 0.0
+    request_prefill_time_sum_s: float = 0.0
+    request_prefill_time_count: float = 0.0
+    request_prompt_tokens_sum: float = 0.0
+    request_prompt_tokens_count: float = 0.0
+    request_prefill_kv_computed_tokens_sum: float = 0.0
+    request_prefill_kv_computed_tokens_count: float = 0.0
 
 
 def _base_name(sample_name: str) -> str:
@@ -102,6 +180,7 @@ def parse_vllm_metrics(text: str) -> ScrapedMetrics:
     out = ScrapedMetrics()
     running = waiting = queries = hits = 0.0
     usage: float | None = None
+    step_times: dict[str, float] = {}
     try:
         families = list(text_string_to_metric_families(_wanted_lines(text)))
     except (ValueError, TypeError) as exc:
@@ -129,9 +208,13 @@ def parse_vllm_metrics(text: str) -> ScrapedMetrics:
                 queries += sample.value
             elif base in _PREFIX_HITS:
                 hits += sample.value
+            elif (field := _STEP_TIME_SAMPLES.get(name)) is not None:
+                step_times[field] = step_times.get(field, 0.0) + sample.value
     out.num_requests_running = int(running)
     out.num_requests_waiting = int(waiting)
     out.kv_cache_usage = min(max(usage or 0.0, 0.0), 1.0)
     out.prefix_cache_queries_total = int(queries)
     out.prefix_cache_hits_total = int(hits)
+    for field, value in step_times.items():
+        setattr(out, field, value)
     return out

@@ -11,7 +11,11 @@ Timing model, per direction of a connection:
 - a chunk read at time ``t_recv`` is written at ``t_due = t_depart + one_way_delay`` where
   ``t_depart = t_recv`` without a bandwidth cap, and with a cap of ``B`` bytes/s the link
   serialises chunks: ``t_depart = max(t_recv, t_link_free) + len / B`` and
-  ``t_link_free = t_depart``;
+  ``t_link_free = t_depart``. The link is the relay's: every connection through one relay
+  shares its ``B`` per direction (as the flows between two regions share their WAN link), in
+  the order their chunks arrive. This is a token bucket of rate ``B`` and depth zero (each
+  chunk departs once the link has carried the previous ones at ``B``), so over any interval
+  ``T`` a direction carries at most ``B * T`` bytes plus one chunk (<= `READ_CHUNK_BYTES`);
 - chunks keep their order, and back-to-back chunks are each delayed once (each is scheduled
   from its own receive time by one writer task per direction, not delayed one after another);
 - the TCP handshake to the target is not delayed (connections are long-lived; gRPC opens one
@@ -156,7 +160,6 @@ class _Link:
         self.reader = reader
         self.writer = writer
         self.queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(QUEUE_MAX_CHUNKS)
-        self._link_free_at = 0.0
         self._bytes = RELAY_BYTES.labels(relay.name, direction)
         self._chunks = RELAY_CHUNKS.labels(relay.name, direction)
         self._lag = RELAY_LAG.labels(relay.name)
@@ -165,8 +168,9 @@ class _Link:
         depart = now
         bw = self.relay.bandwidth_bytes_per_s
         if bw:
-            depart = max(now, self._link_free_at) + nbytes / bw
-            self._link_free_at = depart
+            free_at = self.relay._link_free_at
+            depart = max(now, free_at[self.direction]) + nbytes / bw
+            free_at[self.direction] = depart
         return depart + self.relay.one_way_delay_s
 
     async def pump_in(self) -> None:
@@ -213,7 +217,8 @@ class WanRelay:
         listen_port: port to listen on (0 = a free port; read `.port` after `start()`).
         target: "host:port" or (host, port) to forward to.
         one_way_delay_ms: delay per direction, ms (half the emulated RTT), >= 0.
-        bandwidth_bytes_per_s: per-direction bandwidth cap in bytes/s; None = unlimited.
+        bandwidth_bytes_per_s: per-direction bandwidth cap in bytes/s, shared by every
+            connection through the relay (the emulated link's capacity); None = unlimited.
         name: label in logs and metrics.
 
     Raises:
@@ -246,6 +251,8 @@ class WanRelay:
         self.name = name or f"{listen_port}->{target[0]}:{target[1]}"
         self._server: asyncio.base_events.Server | None = None
         self._conn_tasks: set[asyncio.Task] = set()
+        # Per direction ("forward": to the target, "reverse"): when the emulated link is free.
+        self._link_free_at = {"forward": 0.0, "reverse": 0.0}
         self.port = listen_port
 
     @classmethod
@@ -333,6 +340,10 @@ class WanRelay:
                 for w in (c_writer, t_writer):
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(w.wait_closed(), 1.0)
+        except asyncio.CancelledError:
+            # `stop()` cancels the open connections: end quietly (this coroutine is its task's
+            # root, and Python 3.11's start_server callback logs a cancelled one as an error).
+            pass
         finally:
             if task is not None:
                 self._conn_tasks.discard(task)

@@ -15,8 +15,13 @@ Layout:
   prompt_tokens         prompt length (estimated for text prompts)
   max_tokens            output cap
   tenant                tenant (may be empty)
+  priority              the request's priority (lower = more urgent)
   policy                placement policy
-  placement_outcome     ``placed``, ``best_effort``, ``refused`` or ``unavailable``
+  placement_outcome     ``placed``, ``best_effort``, ``queued`` (while it waits in the
+                        best-effort queue), ``refused`` or ``unavailable``
+  queued_at_unix_ns     when it joined the best-effort queue (Unix ns)
+  best_effort_wait_ms   time it spent queued; best_effort_result: how it left the queue
+                        (placed, forced, failed, cancelled, shed, shutdown)
   region, instance_id   where it runs
   agent_endpoint        the agent address given to the client / used to forward
   cached_prefix_tokens  prompt tokens predicted to hit the prefix cache
@@ -213,8 +218,18 @@ class Ledger:
                 "prompt_tokens": request.prompt_tokens,
                 "max_tokens": request.max_tokens,
                 "tenant": request.tenant,
+                "priority": request.priority,
             },
         )
+
+    def record_queued(self, request_id: str, queued_unix_ns: int) -> None:
+        """Records that a request joined the best-effort queue."""
+        self._hset(request_id, {"placement_outcome": "queued", "queued_at_unix_ns": queued_unix_ns})
+
+    def record_dequeued(self, request_id: str, waited_ms: float, result: str) -> None:
+        """Records how long a request waited in the best-effort queue and how it left it
+        (``placed``, ``forced``, ``failed``, ``cancelled``, ``shed`` or ``shutdown``)."""
+        self._hset(request_id, {"best_effort_wait_ms": waited_ms, "best_effort_result": result})
 
     def record_decision(self, decision: PlacementDecision, agent_endpoint: str = "") -> None:
         """Records a placement decision on the request's hash and in the audit stream."""

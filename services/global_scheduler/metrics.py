@@ -63,7 +63,15 @@ class SchedulerMetrics:
     Metrics:
         slomesh_scheduler_requests_total{rpc, code}: RPCs finished, by gRPC status code name.
         slomesh_scheduler_placements_total{policy, outcome, region}: placement decisions
-            (outcome: placed, best_effort, refused, unavailable).
+            (outcome: placed, best_effort, queued, refused, unavailable). A queued request
+            counts once as ``queued`` and once more when it leaves the queue.
+        slomesh_scheduler_best_effort_queue_depth: best-effort requests waiting.
+        slomesh_scheduler_best_effort_queue_wait_seconds{result}: time best-effort requests
+            spent queued, by how they left (placed: admission found spare capacity; forced:
+            placed after best_effort_max_wait_ms; failed: no candidate even then; cancelled:
+            the client went away; shed: refused for a more urgent request; shutdown).
+        slomesh_scheduler_best_effort_queue_full_total: best-effort requests refused because
+            the queue was full.
         slomesh_scheduler_place_latency_seconds{policy}: time to decide one placement
             (validation + policy, in process).
         slomesh_scheduler_ttft_seconds{region}: client-side TTFT of Generate calls.
@@ -103,6 +111,23 @@ class SchedulerMetrics:
             "slomesh_scheduler_placements",
             "Placement decisions.",
             ["policy", "outcome", "region"],
+            registry=r,
+        )
+        self.best_effort_queue_depth = Gauge(
+            "slomesh_scheduler_best_effort_queue_depth",
+            "Best-effort requests waiting in the queue.",
+            registry=r,
+        )
+        self.best_effort_queue_wait = Histogram(
+            "slomesh_scheduler_best_effort_queue_wait_seconds",
+            "Time best-effort requests spent queued, by how they left.",
+            ["result"],
+            buckets=_REQUEST_BUCKETS_S,
+            registry=r,
+        )
+        self.best_effort_queue_full = Counter(
+            "slomesh_scheduler_best_effort_queue_full",
+            "Best-effort requests refused because the queue was full.",
             registry=r,
         )
         self.place_latency = Histogram(

@@ -20,15 +20,27 @@
   and teaches nothing). Each length also goes to Redis through the ledger, off the request's
   path; a starting replica loads the windows from there (`SchedulerService.start`).
 
+  Soft admission (DESIGN.md section 2): a best-effort-tier request the policy ``queued`` (no
+  placement meets its SLO, and it would push the requests running on every candidate past
+  theirs), or one that finds earlier best-effort requests waiting ahead of it, waits in the
+  replica's `slomesh.scheduler.admission.BestEffortQueue` (span
+  ``scheduler.best_effort_queue``; metrics ``slomesh_scheduler_best_effort_queue_*``): its
+  ``Generate`` stream (or ``Place`` reply) starts once a dispatch pass -- on every region
+  state applied, every stream end, every enqueue, and when the oldest wait expires -- places
+  it; the time queued is part of its TTFT. A client cancel takes it out of the queue.
+
   Errors: INVALID_ARGUMENT (the message starts with the field), RESOURCE_EXHAUSTED with
-  trailing metadata ``retry-after-ms`` (no placement meets the SLO), UNAVAILABLE (no routable
-  region, or the serving region failed before the first token and no other could take it).
-  A client cancelling ``Generate`` cancels the upstream call.
+  trailing metadata ``retry-after-ms`` (no placement meets the SLO; the best-effort queue is
+  full, or shed the request for a more urgent one), UNAVAILABLE (no routable region, or the
+  serving region failed before the first token and no other could take it, or the replica
+  shut down while the request was queued), ALREADY_EXISTS (a request with the same id is
+  queued). A client cancelling ``Generate`` cancels the upstream call.
 
 - `SchedulerService` owns the lifecycle: NATS subscriptions (``slomesh.region.*.state``,
   ``.kv``, ``.rtt``; KV snapshots by request/reply), the Redis ledger, the gRPC server with
-  health checking and reflection, Prometheus metrics, and graceful shutdown (NOT_SERVING,
-  grace period, NATS drain, ledger flush).
+  health checking and reflection, Prometheus metrics, the best-effort queue's timer, and
+  graceful shutdown (queued best-effort requests refused with UNAVAILABLE, NOT_SERVING, grace
+  period, NATS drain, ledger flush).
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ import nats.errors
 from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import RedisError
@@ -57,6 +70,7 @@ from services.global_scheduler.ledger import Ledger
 from services.global_scheduler.metrics import SchedulerMetrics
 from services.global_scheduler.routes import Routes
 from slomesh import bus
+from slomesh.scheduler.admission import BestEffortQueue, BestEffortQueueFull, QueuedRequest
 from slomesh.scheduler.output_length import DEFAULT_OUTPUT_LENGTH_WINDOW, OutputLengthPredictor
 from slomesh.scheduler.policy import PlacementDecision, Policy, make_policy
 from slomesh.scheduler.validation import (
@@ -224,6 +238,17 @@ class _PlacedRequest:
 
 
 @dataclass(slots=True)
+class _QueueWaiter:
+    """The live side of a best-effort queue entry: the waiting call's future (resolved with
+    ``(decision, agent endpoint)`` or failed with an `_RpcFailure`), its queue span, and the
+    endpoint of its placement once dispatched."""
+
+    future: asyncio.Future[tuple[PlacementDecision, str]]
+    span: Any
+    endpoint: str = ""
+
+
+@dataclass(slots=True)
 class _StreamProgress:
     first_token_unix_ns: int | None = None
     last_token_unix_ns: int | None = None
@@ -272,6 +297,9 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
             str, tuple[grpc.aio.Channel, region_agent_pb2_grpc.RegionAgentStub]
         ] = {}
         self._placed: OrderedDict[str, _PlacedRequest] = OrderedDict()
+        self.best_effort = BestEffortQueue.for_profile(policy.profile, view.clock_ns)
+        self._best_effort_wakeup = asyncio.Event()
+        self._closing = False
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -313,43 +341,78 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
         with self.tracer.start_as_current_span("scheduler.place") as span:
             t0 = time.perf_counter()
             decision = self.policy.place(request, self.view, exclude_regions=exclude_regions)
-            chosen = decision.chosen
-            endpoint = ""
+            endpoint = self._record_decision(request, decision, t0, span)
+        return decision, endpoint
+
+    def _record_decision(
+        self, request: ValidatedRequest, decision: PlacementDecision, t0: float, span: Any
+    ) -> str:
+        """Records `decision` (view, ledger, metrics, span attributes); returns the agent
+        endpoint of the chosen instance as reached from the request's origin ("" if none).
+
+        Args:
+            request: The request.
+            decision: The policy's decision.
+            t0: `time.perf_counter` before the policy ran (for the latency histogram).
+            span: The ``scheduler.place`` span.
+        """
+        chosen = decision.chosen
+        endpoint = ""
+        if chosen is not None and chosen.prediction is not None:
+            endpoint = self.routes.resolve(
+                request.origin_region, chosen.region, chosen.instance.agent_endpoint
+            )
+        decision.record_in(self.view)
+        self.ledger.record_decision(decision, endpoint)
+        self.metrics.place_latency.labels(decision.policy).observe(time.perf_counter() - t0)
+        self.metrics.placements.labels(
+            decision.policy, decision.outcome, chosen.region if chosen else ""
+        ).inc()
+        if span.is_recording():
+            span.set_attribute("slomesh.request_id", request.request_id)
+            span.set_attribute("slomesh.policy", decision.policy)
+            span.set_attribute("slomesh.outcome", decision.outcome)
+            span.set_attribute("slomesh.origin_region", request.origin_region)
+            span.set_attribute("slomesh.slo_class", request.slo_class)
+            span.set_attribute("slomesh.priority", request.priority)
+            span.set_attribute("slomesh.prompt_tokens", request.prompt_tokens)
+            span.set_attribute("slomesh.candidates", len(decision.candidates))
+            span.set_attribute("slomesh.decision_ms", decision.decision_ms)
             if chosen is not None and chosen.prediction is not None:
-                endpoint = self.routes.resolve(
-                    request.origin_region, chosen.region, chosen.instance.agent_endpoint
+                p = chosen.prediction
+                span.set_attribute("slomesh.region", chosen.region)
+                span.set_attribute("slomesh.instance_id", chosen.instance_id)
+                span.set_attribute("slomesh.slo_feasible", chosen.feasible)
+                span.set_attribute("slomesh.predicted_ttft_ms", p.ttft_ms)
+                span.set_attribute("slomesh.predicted_tpot_ms", p.tpot_ms)
+                span.set_attribute("slomesh.predicted_e2e_ms", p.e2e_ms)
+                span.set_attribute("slomesh.cached_prefix_tokens", p.cached_prefix_tokens)
+            if decision.retry_after_ms is not None:
+                span.set_attribute("slomesh.retry_after_ms", decision.retry_after_ms)
+            for cand in decision.candidates:
+                span.add_event(
+                    "candidate",
+                    {k: v for k, v in cand.audit().items() if v is not None},
                 )
-            decision.record_in(self.view)
-            self.ledger.record_decision(decision, endpoint)
-            self.metrics.place_latency.labels(decision.policy).observe(time.perf_counter() - t0)
-            self.metrics.placements.labels(
-                decision.policy, decision.outcome, chosen.region if chosen else ""
-            ).inc()
-            if span.is_recording():
-                span.set_attribute("slomesh.request_id", request.request_id)
-                span.set_attribute("slomesh.policy", decision.policy)
-                span.set_attribute("slomesh.outcome", decision.outcome)
-                span.set_attribute("slomesh.origin_region", request.origin_region)
-                span.set_attribute("slomesh.slo_class", request.slo_class)
-                span.set_attribute("slomesh.prompt_tokens", request.prompt_tokens)
-                span.set_attribute("slomesh.candidates", len(decision.candidates))
-                span.set_attribute("slomesh.decision_ms", decision.decision_ms)
-                if chosen is not None and chosen.prediction is not None:
-                    p = chosen.prediction
-                    span.set_attribute("slomesh.region", chosen.region)
-                    span.set_attribute("slomesh.instance_id", chosen.instance_id)
-                    span.set_attribute("slomesh.slo_feasible", chosen.feasible)
-                    span.set_attribute("slomesh.predicted_ttft_ms", p.ttft_ms)
-                    span.set_attribute("slomesh.predicted_tpot_ms", p.tpot_ms)
-                    span.set_attribute("slomesh.predicted_e2e_ms", p.e2e_ms)
-                    span.set_attribute("slomesh.cached_prefix_tokens", p.cached_prefix_tokens)
-                if decision.retry_after_ms is not None:
-                    span.set_attribute("slomesh.retry_after_ms", decision.retry_after_ms)
-                for cand in decision.candidates:
-                    span.add_event(
-                        "candidate",
-                        {k: v for k, v in cand.audit().items() if v is not None},
-                    )
+        return endpoint
+
+    async def _decide(
+        self, request: ValidatedRequest, exclude_regions: frozenset[str]
+    ) -> tuple[PlacementDecision, str]:
+        """Places `request`, waiting in the best-effort queue when the policy queues it or
+        when earlier best-effort requests wait ahead of it (`BestEffortQueue.must_wait`).
+
+        Returns:
+            The decision (``chosen`` is None when refused or unavailable) and the endpoint.
+
+        Raises:
+            _RpcFailure: from `_wait_best_effort`.
+        """
+        if self.best_effort.must_wait(request):
+            return await self._wait_best_effort(request, exclude_regions, None)
+        decision, endpoint = self._place(request, exclude_regions)
+        if decision.outcome == "queued":
+            return await self._wait_best_effort(request, exclude_regions, decision)
         return decision, endpoint
 
     def _refusal(self, request: ValidatedRequest, decision: PlacementDecision) -> _RpcFailure:
@@ -412,6 +475,179 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
         self.metrics.ttft_error.labels(region).observe(timings.ttft_ms - predicted_ttft_ms)
         return attained
 
+    # -- best-effort queue ---------------------------------------------------------------------
+
+    async def _wait_best_effort(
+        self,
+        request: ValidatedRequest,
+        exclude_regions: frozenset[str],
+        decision: PlacementDecision | None,
+    ) -> tuple[PlacementDecision, str]:
+        """Queues a best-effort request (`slomesh.scheduler.admission.BestEffortQueue`) and
+        waits, inside a ``scheduler.best_effort_queue`` span, until a dispatch pass places it.
+
+        Args:
+            request: The request.
+            exclude_regions: Regions it must not go to.
+            decision: Its ``queued`` decision, or ``None`` when it joined the queue without one
+                (`BestEffortQueue.must_wait`: earlier requests wait ahead of it).
+
+        Returns:
+            The placement decision (a chosen candidate) and the agent endpoint.
+
+        Raises:
+            _RpcFailure: RESOURCE_EXHAUSTED (queue full, or shed for a more urgent request;
+                with retry-after-ms), UNAVAILABLE (no candidate once its wait expired, or the
+                scheduler is shutting down), ALREADY_EXISTS (a request with its id is queued).
+            asyncio.CancelledError: the client went away (it is taken out of the queue).
+        """
+        if self._closing:
+            raise _RpcFailure(grpc.StatusCode.UNAVAILABLE, "scheduler is shutting down")
+        future: asyncio.Future[tuple[PlacementDecision, str]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        with self.tracer.start_as_current_span("scheduler.best_effort_queue") as span:
+            waiter = _QueueWaiter(future, span)
+            try:
+                entry, shed = self.best_effort.offer(
+                    request, exclude_regions=exclude_regions, payload=waiter
+                )
+            except ValueError as err:
+                raise _RpcFailure(grpc.StatusCode.ALREADY_EXISTS, str(err)) from None
+            except BestEffortQueueFull as full:
+                self.metrics.best_effort_queue_full.inc()
+                # A slot frees when the oldest entry's wait expires; capacity may free sooner.
+                hints = [full.retry_after_ms]
+                if decision is not None:
+                    hints.append(decision.retry_after_ms)
+                retry_ms = min((h for h in hints if h is not None), default=0.0)
+                failure = self._exhausted(request, str(full), retry_ms)
+                span.set_status(Status(StatusCode.ERROR, failure.message))
+                raise failure from None
+            if shed is not None:
+                failure = self._exhausted(
+                    shed.request,
+                    f"shed from the best-effort queue for a more urgent request (priority "
+                    f"{request.priority} < {shed.priority})",
+                    self.best_effort.max_wait_ms,
+                )
+                self._leave_queue(shed, "shed", failure)
+            self.ledger.record_queued(request.request_id, entry.enqueued_unix_ns)
+            self.metrics.best_effort_queue_depth.set(len(self.best_effort))
+            if span.is_recording():
+                span.set_attribute("slomesh.request_id", request.request_id)
+                span.set_attribute("slomesh.priority", request.priority)
+                span.set_attribute("slomesh.slo_class", request.slo_class)
+                span.set_attribute("slomesh.queue_depth", len(self.best_effort))
+                span.set_attribute("slomesh.queued_behind", decision is None)
+            self.dispatch_best_effort()
+            self._best_effort_wakeup.set()
+            try:
+                return await future
+            except asyncio.CancelledError:
+                if self.best_effort.remove(request.request_id) is not None:
+                    self._leave_queue(entry, "cancelled", None)
+                    self.ledger.record_outcome(
+                        request.request_id, "cancelled", error="client cancelled the call"
+                    )
+                raise
+
+    def dispatch_best_effort(self) -> None:
+        """One dispatch pass over the best-effort queue (on each region state applied, each
+        stream end, each enqueue and when the oldest entry's wait expires): resolves the
+        waiting calls of the entries that leave it."""
+        if not len(self.best_effort):
+            return
+        for dispatch in self.best_effort.dispatch(self._try_place_queued):
+            entry, decision = dispatch.entry, dispatch.decision
+            if decision.chosen is not None:
+                self._leave_queue(entry, "forced" if dispatch.forced else "placed", decision)
+            else:
+                self._leave_queue(entry, "failed", self._refusal(entry.request, decision))
+
+    def _try_place_queued(
+        self, entry: QueuedRequest, exclude_instances: frozenset[str], wait_expired: bool
+    ) -> PlacementDecision:
+        """`slomesh.scheduler.admission.TryPlace` of the live scheduler: a decision that lets
+        the entry leave the queue is recorded (view, ledger, metrics, a ``scheduler.place``
+        span under the entry's queue span); one that keeps it queued is not."""
+        t0 = time.perf_counter()
+        decision = self.policy.place(
+            entry.request,
+            self.view,
+            exclude_regions=entry.exclude_regions,
+            exclude_instances=exclude_instances,
+            wait_expired=wait_expired,
+        )
+        if decision.chosen is not None or wait_expired or decision.outcome == "refused":
+            waiter: _QueueWaiter = entry.payload
+            parent = trace.set_span_in_context(waiter.span)
+            with self.tracer.start_as_current_span("scheduler.place", context=parent) as span:
+                waiter.endpoint = self._record_decision(entry.request, decision, t0, span)
+        return decision
+
+    def _leave_queue(
+        self,
+        entry: QueuedRequest,
+        result: str,
+        outcome: PlacementDecision | _RpcFailure | None,
+    ) -> None:
+        """An entry left the best-effort queue: metrics, ledger, its span, and its waiting
+        call resumed with the decision or failed with `outcome` (nothing for a cancel)."""
+        waited_ms = entry.waited_ms(self.view.clock_ns())
+        self.metrics.best_effort_queue_wait.labels(result).observe(waited_ms / 1000.0)
+        self.metrics.best_effort_queue_depth.set(len(self.best_effort))
+        self.ledger.record_dequeued(entry.request_id, waited_ms, result)
+        waiter: _QueueWaiter = entry.payload
+        span = waiter.span
+        if span.is_recording():
+            span.set_attribute("slomesh.best_effort_wait_ms", waited_ms)
+            span.set_attribute("slomesh.best_effort_result", result)
+            span.set_attribute("slomesh.best_effort_attempts", entry.attempts)
+        if waiter.future.done() or outcome is None:
+            return
+        if isinstance(outcome, _RpcFailure):
+            span.set_status(Status(StatusCode.ERROR, outcome.message))
+            waiter.future.set_exception(outcome)
+        else:
+            waiter.future.set_result((outcome, waiter.endpoint))
+
+    def _exhausted(self, request: ValidatedRequest, reason: str, retry_ms: float) -> _RpcFailure:
+        """A RESOURCE_EXHAUSTED refusal of `request` with a retry hint clamped to the policy's
+        [min_retry_after_ms, max_retry_after_ms]; recorded in the ledger."""
+        profile = self.policy.profile
+        retry_ms = min(profile.max_retry_after_ms, max(profile.min_retry_after_ms, retry_ms))
+        self.ledger.record_outcome(request.request_id, "refused", error=reason)
+        return _RpcFailure(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{reason}; retry after {retry_ms:.0f} ms",
+            ((RETRY_AFTER_METADATA, str(math.ceil(retry_ms))),),
+        )
+
+    async def run_best_effort_timer(self) -> None:
+        """Runs a dispatch pass whenever the oldest queued request's wait expires (and when
+        woken by an enqueue, which may move that deadline); runs until cancelled."""
+        wakeup = self._best_effort_wakeup
+        while True:
+            wakeup.clear()
+            deadline = self.best_effort.next_deadline_unix_ns()
+            timeout = None
+            if deadline is not None:
+                # 1 ms past the deadline, so that the entry counts as expired.
+                timeout = max(0.0, (deadline - self.view.clock_ns()) / 1e9) + 0.001
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), timeout)
+            self.dispatch_best_effort()
+
+    def close_best_effort(self) -> None:
+        """Shutdown: refuses every queued request with UNAVAILABLE (a retry reaches another
+        replica) and every later one."""
+        self._closing = True
+        for entry in self.best_effort.drain():
+            failure = _RpcFailure(grpc.StatusCode.UNAVAILABLE, "scheduler is shutting down; retry")
+            self.ledger.record_outcome(entry.request_id, "unavailable", error=failure.message)
+            self._leave_queue(entry, "shutdown", failure)
+
     # -- Generate ------------------------------------------------------------------------------
 
     async def Generate(
@@ -464,7 +700,7 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
         attempts = 2 if self.forward_retry else 1
         failure_note = ""
         for attempt in range(attempts):
-            decision, endpoint = self._place(vreq, frozenset(excluded))
+            decision, endpoint = await self._decide(vreq, frozenset(excluded))
             if decision.chosen is None:
                 failure = self._refusal(vreq, decision)
                 if failure_note and decision.outcome == "unavailable":
@@ -615,6 +851,8 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
                 self.view.untrack_inflight(chosen.region, chosen.instance_id, vreq.request_id)
                 if not call.done():
                     call.cancel()
+                # Its TPOT no longer binds the instance: queued best-effort work may fit.
+                self.dispatch_best_effort()
         # The agent closed the stream without a completion.
         raise _RpcFailure(
             grpc.StatusCode.UNAVAILABLE,
@@ -666,7 +904,7 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
                     except RequestValidationError as err:
                         raise _RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
                     self.ledger.record_admitted(vreq, received_ns, "place")
-                    decision, endpoint = self._place(vreq)
+                    decision, endpoint = await self._decide(vreq, frozenset())
                     if decision.chosen is None:
                         raise self._refusal(vreq, decision)
                     self._remember(vreq, decision)
@@ -700,6 +938,7 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
             placed = self._placed.pop(request.request_id, None)
             if placed is not None:
                 self.view.untrack_inflight(placed.region, placed.instance_id, request.request_id)
+                self.dispatch_best_effort()
             attained: bool | None = None
             has_completion = request.HasField("completion")
             if placed is not None and has_completion and outcome == "ok":
@@ -781,6 +1020,7 @@ class SchedulerService:
         self._subscriptions: list[Any] = []
         self._snapshot_tasks: dict[str, asyncio.Task[None]] = {}
         self._gauge_task: asyncio.Task[None] | None = None
+        self._best_effort_task: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -812,6 +1052,9 @@ class SchedulerService:
         self._gauge_task = asyncio.get_running_loop().create_task(
             self._update_gauges(), name="scheduler-gauges"
         )
+        self._best_effort_task = asyncio.get_running_loop().create_task(
+            self.servicer.run_best_effort_timer(), name="scheduler-best-effort-timer"
+        )
         logger.info(
             "global scheduler started",
             extra={
@@ -824,7 +1067,14 @@ class SchedulerService:
         )
 
     async def stop(self) -> None:
-        """Graceful shutdown: NOT_SERVING, grace period, NATS drain, ledger flush."""
+        """Graceful shutdown: queued best-effort requests refused (UNAVAILABLE), NOT_SERVING,
+        grace period, NATS drain, ledger flush."""
+        self.servicer.close_best_effort()
+        if self._best_effort_task is not None:
+            self._best_effort_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._best_effort_task
+            self._best_effort_task = None
         if self.grpc is not None:
             await self.grpc.stop(self.config.grace_s)
         if self._gauge_task is not None:
@@ -903,6 +1153,7 @@ class SchedulerService:
             state.region = bus.region_of_subject(msg.subject)
         self.view.apply_state(state)
         self.metrics.state_messages.labels("state").inc()
+        self.servicer.dispatch_best_effort()
 
     async def _on_kv(self, msg: Msg) -> None:
         try:

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         type=_arg(parse_instance),
-        help="id=ID,url=URL[,kv_events=tcp://HOST:PORT|bind:tcp://HOST:PORT][,gpu=TYPE]",
+        help="id=ID,url=URL[,kv_events=tcp://HOST:PORT|bind:tcp://HOST:PORT][,gpu=TYPE]"
+        "[,profile=LATENCY_PROFILE.yaml]",
     )
     p.add_argument(
         "--peer", action="append", default=[], type=_arg(parse_peer), help="REGION=HOST:PORT"

@@ -12,6 +12,10 @@
   rule: a publisher endpoint without `*` is connected to) and the agent must bind.
 - `gpu` (optional): GPU type used for prices and when the engine cannot say (real vLLM); else
   the topology's GPU type of that instance id.
+- `profile` (optional): latency profile YAML written by ``slomesh profile`` for this instance's
+  model and GPU type: the prior of the agent's online latency fit (`slomesh.online_fit`);
+  without it the prior is the GPU type's roofline (none for a GPU type without one, e.g.
+  "CPU": the fit then starts from the data alone).
 
 `--peer REGION=HOST:PORT` names another region's agent (or the WAN relay in front of it) to
 ping for RTT.
@@ -21,6 +25,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
+
+from slomesh.online_fit import OnlineFitConfig
+from slomesh.scheduler.predictor import load_latency_profile
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,8 @@ class InstanceConfig:
         kv_events: ZMQ endpoint of its KV event publisher, None when it publishes none.
         kv_events_bind: True when the agent binds `kv_events` (the engine connects).
         gpu_type: GPU type from the CLI or the topology, None when unknown.
+        latency_profile: path of the latency profile that is the online fit's prior, None
+            for the roofline.
     """
 
     instance_id: str
@@ -40,6 +49,7 @@ class InstanceConfig:
     kv_events: str | None = None
     kv_events_bind: bool = False
     gpu_type: str | None = None
+    latency_profile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,11 @@ class AgentConfig:
         rtt_ewma_alpha: weight of a new RTT sample in the moving average, in (0, 1].
         state_min_interval_s: shortest gap between two `RegionState`s sent on change.
         shutdown_grace_s: time in-flight Generate streams get to finish on shutdown.
+        online_fit: knobs of the per-instance online latency fit (`slomesh.online_fit`).
+
+    Raises:
+        ValueError: a value is out of range, or an instance's latency profile cannot be read
+            or is invalid (the message names the instance).
     """
 
     region: str
@@ -95,6 +110,7 @@ class AgentConfig:
     rtt_ewma_alpha: float = 0.3
     state_min_interval_s: float = 0.02
     shutdown_grace_s: float = 10.0
+    online_fit: OnlineFitConfig = field(default_factory=OnlineFitConfig)
 
     def __post_init__(self) -> None:
         if not self.instances:
@@ -117,9 +133,15 @@ class AgentConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for inst in self.instances:
+            if inst.latency_profile is not None:
+                try:
+                    load_latency_profile(inst.latency_profile)
+                except ValueError as err:
+                    raise ValueError(f"instances.{inst.instance_id}.profile: {err}") from None
 
 
-_INSTANCE_KEYS = {"id", "url", "kv_events", "gpu"}
+_INSTANCE_KEYS = {"id", "url", "kv_events", "gpu", "profile"}
 
 
 def parse_instance(spec: str) -> InstanceConfig:
@@ -163,6 +185,7 @@ def parse_instance(spec: str) -> InstanceConfig:
         kv_events=kv,
         kv_events_bind=bind,
         gpu_type=pairs.get("gpu"),
+        latency_profile=pairs.get("profile"),
     )
 
 

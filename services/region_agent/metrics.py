@@ -132,6 +132,17 @@ INSTANCE_DECODE_TPS = Gauge(
     "Measured decode throughput (EWMA), output tokens per second.",
     ["region", "instance"],
 )
+INSTANCE_ONLINE_FIT_R2 = Gauge(
+    "slomesh_agent_instance_online_fit_r2",
+    "R² of the online latency fit on its recent observations (forgetting-weighted; NaN while "
+    "undefined), by phase (decode, prefill).",
+    ["region", "instance", "phase"],
+)
+INSTANCE_ONLINE_FIT_OBSERVATIONS = Gauge(
+    "slomesh_agent_instance_online_fit_observations",
+    "Observations (scrape intervals) folded into the online latency fit, by phase.",
+    ["region", "instance", "phase"],
+)
 PEER_RTT_MS = Gauge(
     "slomesh_agent_peer_rtt_ms", "Smoothed RTT to a peer region's agent, ms.", ["region", "peer"]
 )

@@ -35,6 +35,9 @@ class EngineInfo:
         gpu_type: GPU type of its profile (from `/slomesh/info`; None from real vLLM).
         block_size: tokens per KV block, None if unknown.
         num_gpu_blocks: KV blocks, None if unknown.
+        time_scale: wall seconds per modelled second (the emulator's `time_scale`; 1 for
+            vLLM): the agent divides measured step times by it.
+        max_num_batched_tokens: token budget of an engine step, None if unknown.
     """
 
     model: str = ""
@@ -42,6 +45,8 @@ class EngineInfo:
     gpu_type: str | None = None
     block_size: int | None = None
     num_gpu_blocks: int | None = None
+    time_scale: float = 1.0
+    max_num_batched_tokens: int | None = None
 
 
 async def fetch_engine_info(
@@ -71,6 +76,12 @@ async def fetch_engine_info(
                 gpu_type=data.get("gpu_type") or None,
                 block_size=int(data["block_size"]) if data.get("block_size") else None,
                 num_gpu_blocks=int(data["num_gpu_blocks"]) if data.get("num_gpu_blocks") else None,
+                time_scale=float(data["time_scale"]) if data.get("time_scale") else 1.0,
+                max_num_batched_tokens=(
+                    int(data["max_num_batched_tokens"])
+                    if data.get("max_num_batched_tokens")
+                    else None
+                ),
             )
     async with session.get(f"{base_url}/v1/models", timeout=timeout) as resp:
         resp.raise_for_status()

@@ -295,15 +295,22 @@ class RegionAgent:
                 with contextlib.suppress(KeyError):
                     price, spot = self.topology.gpu_price_usd_per_hour(rt.gpu_type, cloud_region)
             state = rt.to_proto(price, spot, self.index.num_blocks(rt.instance_id))
+            # What the engine does not report comes from the topology: the instance's model
+            # and context at start (model switches are simulated only: the agent publishes no
+            # `swappable`, so the scheduler never asks it for one).
+            spec = next((i for i in self.region_spec.instances if i.id == rt.instance_id), None)
             if not state.max_model_len:
-                spec = next((i for i in self.region_spec.instances if i.id == rt.instance_id), None)
                 state.max_model_len = (
-                    spec.max_model_len
-                    if spec and spec.max_model_len
+                    self.topology.instance_max_model_len(spec.id)
+                    if spec is not None
                     else self.topology.model.max_model_len
                 )
             if not state.model:
-                state.model = self.topology.model.name
+                state.model = (
+                    self.topology.instance_model(spec.id).name
+                    if spec is not None
+                    else self.topology.model.name
+                )
             instances.append(state)
             self._export_gauges(state)
         return state_pb2.RegionState(
@@ -328,6 +335,12 @@ class RegionAgent:
         metrics.INSTANCE_KV_USAGE.labels(*labels).set(s.kv_cache_usage)
         metrics.INSTANCE_PREFILL_TPS.labels(*labels).set(s.prefill_tokens_per_s)
         metrics.INSTANCE_DECODE_TPS.labels(*labels).set(s.decode_tokens_per_s)
+        for phase, fit in (("decode", s.decode_fit), ("prefill", s.prefill_fit)):
+            if s.HasField(f"{phase}_fit"):
+                metrics.INSTANCE_ONLINE_FIT_R2.labels(*labels, phase).set(fit.r2)
+                metrics.INSTANCE_ONLINE_FIT_OBSERVATIONS.labels(*labels, phase).set(
+                    fit.observations
+                )
 
     async def publish_state(self) -> bool:
         """Publishes a `RegionState` now (seq +1); False when NATS is not connected."""
@@ -398,6 +411,7 @@ class RegionAgent:
                 rt.scraped = scraped
                 if scraped.num_gpu_blocks:
                     rt.tracker.set_capacity_blocks(scraped.num_gpu_blocks)
+                rt.observe_step_times(scraped, cfg.online_fit)
             if changed:
                 logger.info(
                     "instance health changed",

@@ -13,17 +13,28 @@ itself sees: prompt sizes, `max_tokens`, token arrivals.
   the *effective* prefill throughput under the current load).
 - `decode_tokens_per_s`: EWMA over state ticks of decode tokens received per second, sampled
   only over intervals during which the instance had running requests throughout.
+- `latency_fit`: the online fit of the instance's decode and prefill step-time models
+  (`slomesh.online_fit.InstanceStepTimeFit`), fed every scrape with the deltas of the engine's
+  counters, from a prior: the instance's latency profile (`--instance ...,profile=PATH`), else
+  the roofline of its GPU type, else none. Published as `InstanceState.decode_fit` and
+  `prefill_fit`. It starts over when the engine's model or GPU type changes.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
 from services.region_agent.config import InstanceConfig
 from services.region_agent.scraper import EngineInfo, ScrapedMetrics
+from slomesh.engine.profiles import DEFAULT_MODEL, MODELS, PROFILES
 from slomesh.kv.index import InstanceKvTracker
+from slomesh.online_fit import InstanceStepTimeFit, OnlineFitConfig, StepTimePrior
+from slomesh.scheduler.predictor import load_latency_profile
 from slomesh.v1 import state_pb2
+
+logger = logging.getLogger(__name__)
 
 
 class Ewma:
@@ -60,6 +71,9 @@ class ForwardedRequest:
         sent_monotonic: `time.monotonic()` when the HTTP request was sent.
         generated_tokens: output tokens received so far.
         first_token_monotonic: `time.monotonic()` of the first token, None before it.
+        prefill_shared: another request forwarded to the instance waited for its first token
+            while this one did, so their prompts may have shared engine steps; a request
+            without it was prefilled alone (`slomesh.online_fit.step_time_observations`).
     """
 
     request_id: str
@@ -69,6 +83,7 @@ class ForwardedRequest:
     sent_monotonic: float
     generated_tokens: int = 0
     first_token_monotonic: float | None = None
+    prefill_shared: bool = False
 
 
 @dataclass
@@ -85,6 +100,7 @@ class InstanceRuntime:
             consecutive failures.
         consecutive_failures: failed probes in a row.
         outstanding: forwarded requests not yet finished, by an agent-internal id.
+        latency_fit: the online latency fit, None before the engine's info is known.
     """
 
     config: InstanceConfig
@@ -97,6 +113,10 @@ class InstanceRuntime:
     outstanding: dict[int, ForwardedRequest] = field(default_factory=dict)
     prefill_tps: Ewma = field(default_factory=lambda: Ewma(0.2))
     decode_tps: Ewma = field(default_factory=lambda: Ewma(0.2))
+    latency_fit: InstanceStepTimeFit | None = None
+    _latency_fit_key: tuple[str, str, int] | None = None
+    _prefill_in_flight_at_last_scrape: bool = False
+    _solo_prefills: int = 0  # finished since the last scrape, prefilled alone
     _decode_tokens_since_tick: int = 0
     _last_tick_monotonic: float | None = None
     _running_at_last_tick: int = 0
@@ -138,6 +158,7 @@ class InstanceRuntime:
             uncached_prompt_tokens=max(0, prompt_tokens - cached_prefix_tokens),
             max_tokens=max_tokens,
             sent_monotonic=time.monotonic(),
+            prefill_shared=self.prefill_in_flight,  # another request waits for its first token
         )
         return handle
 
@@ -155,6 +176,8 @@ class InstanceRuntime:
         now = time.monotonic() if now_monotonic is None else now_monotonic
         if req.first_token_monotonic is None:
             req.first_token_monotonic = now
+            if self._next_id != handle + 1:
+                req.prefill_shared = True  # another request was forwarded while it waited
             elapsed = now - req.sent_monotonic
             if req.uncached_prompt_tokens > 0 and elapsed > 0:
                 self.prefill_tps.update(req.uncached_prompt_tokens / elapsed)
@@ -164,8 +187,11 @@ class InstanceRuntime:
         req.generated_tokens += num_tokens
 
     def finish_request(self, handle: int) -> None:
-        """Forgets a request (finished, failed or cancelled)."""
-        self.outstanding.pop(handle, None)
+        """Forgets a request (finished, failed or cancelled); one past its first token that
+        was prefilled alone counts for the next scrape's prefill observation."""
+        req = self.outstanding.pop(handle, None)
+        if req is not None and req.first_token_monotonic is not None and not req.prefill_shared:
+            self._solo_prefills += 1
 
     @property
     def queued_prefill_tokens(self) -> int:
@@ -200,6 +226,76 @@ class InstanceRuntime:
         self._last_tick_monotonic = now
         self._running_at_last_tick = running
 
+    @property
+    def prefill_in_flight(self) -> bool:
+        """Whether a forwarded request is waiting for its first token."""
+        return any(r.first_token_monotonic is None for r in self.outstanding.values())
+
+    # -- online latency fit ------------------------------------------------------------------
+
+    def observe_step_times(self, scraped: ScrapedMetrics, config: OnlineFitConfig) -> None:
+        """Feeds one scrape to the online latency fit (`slomesh.online_fit`).
+
+        Nothing happens before the engine's info is known; the fit is created then (and again
+        when the engine's model, GPU type or KV capacity changes), the scrape setting the
+        baseline of the next interval. A bad value from the engine (e.g. a non-positive
+        ``time_scale``) is logged and the scrape skipped. The requests finished since the
+        previous scrape that were prefilled alone (``ForwardedRequest.prefill_shared`` unset)
+        are passed as ``solo_prefills``: an interval whose finished requests are not all such
+        gives no prefill observation. The agent sees a stream end a little after the engine
+        counts the request, so an interval with a request finishing just before its scrape is
+        usually skipped (counts differ), rarely misattributed.
+        """
+        info = self.info
+        solo, self._solo_prefills = self._solo_prefills, 0
+        if info is None:
+            return
+        capacity = self.num_gpu_blocks * self.block_size
+        key = (self.model, self.gpu_type, capacity)
+        if self.latency_fit is None or key != self._latency_fit_key:
+            self.latency_fit = InstanceStepTimeFit(
+                self._latency_prior(capacity), config, info.max_num_batched_tokens
+            )
+            self._latency_fit_key = key
+        in_flight = self.prefill_in_flight
+        try:
+            self.latency_fit.observe(
+                scraped,
+                kv_capacity_tokens=capacity,
+                time_scale=info.time_scale,
+                prefill_in_flight=in_flight or self._prefill_in_flight_at_last_scrape,
+                solo_prefills=solo,
+            )
+        except ValueError as exc:
+            logger.warning(
+                "latency fit skipped a scrape",
+                extra={"instance_id": self.instance_id, "error": str(exc)},
+            )
+        self._prefill_in_flight_at_last_scrape = in_flight
+
+    def _latency_prior(self, capacity_tokens: int) -> StepTimePrior | None:
+        """The instance's latency profile, else its GPU type's roofline, else None."""
+        max_context = capacity_tokens or None
+        path = self.config.latency_profile
+        if path is not None:
+            profile = load_latency_profile(path)  # validated by AgentConfig
+            if not self.model or profile.model == self.model:
+                return StepTimePrior.from_model(
+                    f"profile:{path}", profile, max_context_tokens=max_context
+                )
+            logger.warning(
+                "latency profile is of another model; the fit's prior is the roofline",
+                extra={
+                    "instance_id": self.instance_id,
+                    "profile_model": profile.model,
+                    "model": self.model,
+                },
+            )
+        if self.gpu_type in PROFILES:
+            model = MODELS.get(self.model, DEFAULT_MODEL)
+            return StepTimePrior.roofline(self.gpu_type, model, max_context_tokens=max_context)
+        return None
+
     # -- health ----------------------------------------------------------------------------
 
     def probe_result(self, ok: bool, unhealthy_after_failures: int) -> bool:
@@ -222,7 +318,7 @@ class InstanceRuntime:
         """The instance's `InstanceState` (state.proto)."""
         info = self.info
         scraped = self.scraped
-        return state_pb2.InstanceState(
+        state = state_pb2.InstanceState(
             instance_id=self.instance_id,
             url=self.config.url,
             gpu_type=self.gpu_type,
@@ -245,3 +341,7 @@ class InstanceRuntime:
             num_requests_outstanding=len(self.outstanding),
             num_indexed_blocks=num_indexed_blocks,
         )
+        if self.latency_fit is not None:
+            state.decode_fit.CopyFrom(self.latency_fit.decode_fit_pb())
+            state.prefill_fit.CopyFrom(self.latency_fit.prefill_fit_pb())
+        return state

@@ -185,6 +185,11 @@ class EmulatorMetrics:
             "Histogram of the max_tokens request parameter.",
             token_buckets,
         )
+        self.request_prefill_kv_computed = histogram(
+            "vllm:request_prefill_kv_computed_tokens",
+            "Histogram of new KV tokens computed during prefill (excluding cached tokens).",
+            token_buckets,
+        )
         self.iteration_tokens = histogram(
             "vllm:iteration_tokens_total",
             "Histogram of number of tokens per engine_step.",
@@ -319,6 +324,7 @@ class EmulatorMetrics:
         self.request_prompt_tokens.observe(m.num_prompt_tokens)
         self.request_generation_tokens.observe(m.num_output_tokens)
         self.request_max_tokens.observe(max_tokens)
+        self.request_prefill_kv_computed.observe(m.num_prompt_tokens - max(m.num_cached_tokens, 0))
         for metric, value in (
             (self.request_queue_time, m.queue_time_s),
             (self.request_inference_time, m.inference_time_s),

@@ -101,10 +101,30 @@ LLAMA_3_1_8B_INSTRUCT = ModelSpec(
     max_model_len=32768,
 )
 
+QWEN_2_5_7B_INSTRUCT = ModelSpec(
+    name="Qwen/Qwen2.5-7B-Instruct",
+    num_params=7.61e9,
+    num_layers=28,
+    hidden_size=3584,
+    num_attention_heads=28,
+    num_kv_heads=4,
+    head_dim=128,
+    dtype_bytes=2,
+    vocab_size=152064,
+    max_model_len=32768,
+)
+"""Qwen2.5-7B-Instruct in bf16.
+
+Source: Hugging Face config of Qwen/Qwen2.5-7B-Instruct
+(https://huggingface.co/Qwen/Qwen2.5-7B-Instruct/blob/main/config.json): 28 layers, hidden size
+3584, 28 attention heads, 4 KV heads (GQA), head dim 3584 / 28 = 128, vocab 152064, bf16;
+7.61e9 parameters and a 32,768-token context without YaRN (model card).
+"""
+
 DEFAULT_MODEL = LLAMA_3_1_8B_INSTRUCT
 """The model every slomesh instance serves unless told otherwise."""
 
-MODELS: dict[str, ModelSpec] = {LLAMA_3_1_8B_INSTRUCT.name: LLAMA_3_1_8B_INSTRUCT}
+MODELS: dict[str, ModelSpec] = {m.name: m for m in (LLAMA_3_1_8B_INSTRUCT, QWEN_2_5_7B_INSTRUCT)}
 """Known model shapes by served name."""
 
 
@@ -118,6 +138,77 @@ def get_model_spec(name: str) -> ModelSpec:
         return MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}") from None
+
+
+def model_load_time_s(
+    weights_bytes: int,
+    *,
+    load_gb_per_s: float,
+    overhead_s: float,
+) -> float:
+    """Time for an engine to switch to a model: its weights into GPU memory, then warm-up.
+
+    ::
+
+        load_s = overhead_s + weights_bytes / (load_gb_per_s * 1e9)
+
+    ``load_gb_per_s`` is the bandwidth the weights arrive at: the region's local weight cache
+    (NVMe/disk to GPU) when it holds the model, else the remote store (object store or another
+    region) -- `slomesh.topology.RegionSpec.weight_cache_gb_per_s` /
+    ``remote_weights_gb_per_s``. ``overhead_s`` is what a vLLM engine start costs besides
+    reading weights (process and CUDA init, ``torch.compile``, CUDA-graph capture, KV-cache
+    profiling and warm-up); `slomesh.topology.RegionSpec.model_load_overhead_s`. This is
+    ``M_q`` of DESIGN.md section 2 for a placement that loads the request's model first.
+
+    Source: the phases of a vLLM cold start (weights download, weights to GPU, torch.compile,
+    graph capture, engine init) as broken down in "Reducing GPU Cold Start Time when using
+    vLLM" (Tensorfuse, 2025, https://tensorfuse.io/docs/blogs/reducing_gpu_cold_start) and
+    "Breaking the Ice: Analyzing Cold Start Latency in vLLM" (arXiv:2606.07362): the weight
+    phase scales with bytes over the storage or network bandwidth, the rest is a per-engine
+    constant for a given model size and GPU.
+
+    Args:
+        weights_bytes: Bytes of weights to load (>= 0); `ModelSpec.weight_bytes` by default.
+        load_gb_per_s: Bandwidth of the weights' source, GB/s (1 GB = 1e9 bytes; > 0).
+        overhead_s: Engine start-up time besides the weights, seconds (>= 0).
+
+    Returns:
+        Seconds.
+
+    Raises:
+        ValueError: a negative size or overhead, or a bandwidth that is not > 0 (names it).
+    """
+    if weights_bytes < 0:
+        raise ValueError(f"weights_bytes: must be >= 0, got {weights_bytes}")
+    if not (load_gb_per_s > 0 and math.isfinite(load_gb_per_s)):
+        raise ValueError(f"load_gb_per_s: must be finite and > 0, got {load_gb_per_s}")
+    if not (overhead_s >= 0 and math.isfinite(overhead_s)):
+        raise ValueError(f"overhead_s: must be finite and >= 0, got {overhead_s}")
+    return overhead_s + weights_bytes / (load_gb_per_s * 1e9)
+
+
+def switched_max_model_len(
+    profile: GpuProfile | None, model: ModelSpec | None, limit: int, block_size: int = 16
+) -> int:
+    """Context an engine serves after switching to ``model``: ``limit`` (the model's
+    ``max_model_len`` in the topology) capped at what the GPU's KV cache holds of the model.
+
+    vLLM refuses to start when one ``max_model_len`` sequence does not fit the KV cache; an
+    instance switched to another model at run time is started with the largest context that
+    fits. With an unknown GPU or model the limit stands.
+
+    Args:
+        profile: GPU of the instance, or None when it has no profile (e.g. "CPU").
+        model: The model switched to, or None when the engine model does not know it.
+        limit: The model's context limit, tokens (>= 1).
+        block_size: Tokens per KV block.
+
+    Returns:
+        Tokens; 0 when the model leaves no KV-cache memory on the GPU (it cannot be served).
+    """
+    if profile is None or model is None:
+        return limit
+    return min(limit, profile.num_gpu_blocks(model, block_size) * block_size)
 
 
 ACTIVATION_RESERVE_BYTES = 1 * GIB

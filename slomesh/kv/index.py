@@ -46,6 +46,7 @@ from slomesh.kv.hashing import (
     compute_block_keys,
     normalize_tokens,
     token_bytes,
+    token_view,
 )
 from slomesh.v1 import state_pb2
 
@@ -405,10 +406,16 @@ class PrefixIndex:
 
     Used by the region agent (fed from its trackers) and by the global scheduler (fed from
     `KvIndexDelta`s and `KvIndexSnapshot`s on NATS). Not thread-safe; use from one event loop.
+
+    Attributes:
+        blocks_hashed: Request-side block keys `match` has hashed since the index was made
+            (a monotonic counter: the hashing work of the lookups, e.g. for
+            ``slomesh bench-decision``'s hashing share).
     """
 
     def __init__(self) -> None:
         self._instances: dict[str, _InstanceKeys] = {}
+        self.blocks_hashed = 0
 
     # -- updates ---------------------------------------------------------------------------
 
@@ -545,23 +552,32 @@ class PrefixIndex:
             num_blocks = num_tokens // block_size
             if num_blocks == 0:
                 continue
-            for iid, matched in _match_group(encoded, block_size, num_blocks, group):
+            matches, hashed = _match_group(encoded, block_size, num_blocks, group)
+            self.blocks_hashed += hashed
+            for iid, matched in matches:
                 result[iid] = matched * block_size
         return result
 
 
 class _LazyTokenBytes:
-    """Little-endian uint32 bytes of a token list, converted on demand in growing chunks."""
+    """Little-endian uint32 bytes of a token list, converted on demand in growing chunks.
+
+    A little-endian uint32 array (a validated request's prompt) needs no conversion: its
+    memory is viewed in place at once (`token_view`).
+    """
 
     __slots__ = ("_n", "_tokens", "covered", "data")
 
     def __init__(self, token_ids: Sequence[int] | np.ndarray, num_tokens: int) -> None:
         self._tokens = token_ids
         self._n = num_tokens
-        self.data = b""
+        self.data: bytes | memoryview = b""
         self.covered = 0
+        view = token_view(token_ids)
+        if view is not None:
+            self.data, self.covered = view, num_tokens
 
-    def ensure(self, num_tokens: int) -> bytes:
+    def ensure(self, num_tokens: int) -> bytes | memoryview:
         """Bytes covering at least the first `num_tokens` tokens (clipped to the sequence)."""
         if num_tokens > self.covered:
             target = min(self._n, max(num_tokens, 2 * self.covered, 256))
@@ -570,17 +586,26 @@ class _LazyTokenBytes:
         return self.data
 
 
+#: Blocks hashed in the first chunk of a lookup, and the most in any later chunk (see
+#: `_match_group`).
+_FIRST_CHUNK_BLOCKS = 16
+_MAX_CHUNK_BLOCKS = 256
+
+
 def _match_group(
     encoded: _LazyTokenBytes,
     block_size: int,
     num_blocks: int,
     group: list[tuple[str, set[int]]],
-) -> list[tuple[str, int]]:
-    """Leading matched blocks of each instance in `group` (all of `block_size`).
+) -> tuple[list[tuple[str, int]], int]:
+    """Leading matched blocks of each instance in `group` (all of `block_size`), and the number
+    of keys hashed to find them.
 
-    Keys are hashed ahead in chunks that double in size (16, 32, 64, ... blocks), so a prompt
-    whose prefix is cached nowhere costs one small chunk, and a fully cached one at most
-    twice the blocks' conversion work.
+    Keys are hashed ahead in chunks that double in size up to a cap (16, 16, 32, 64, 128,
+    256, 256, ... blocks) while some instance still holds every key so far, so a prompt whose
+    prefix is cached nowhere costs one small chunk, and the keys hashed past the longest match
+    are fewer than one chunk (at most 255 blocks; uncapped doubling hashed up to twice the
+    match, e.g. a whole 2048-block prompt for a 1536-block hit).
     """
     step = block_size * 4
     out: list[tuple[str, int]] = []
@@ -588,20 +613,24 @@ def _match_group(
     key = ROOT_KEY
     block = 0
     while alive and block < num_blocks:
-        chunk_end = min(num_blocks, max(block * 2, block + 16))
+        size = min(max(block, _FIRST_CHUNK_BLOCKS), _MAX_CHUNK_BLOCKS)
+        chunk_end = min(num_blocks, block + size)
         data = encoded.ensure(chunk_end * block_size)
-        keys = chain_keys(data[block * step : chunk_end * step], block_size, chunk_end - block, key)
+        keys = chain_keys(
+            memoryview(data)[block * step : chunk_end * step], block_size, chunk_end - block, key
+        )
         still = []
         for entry in alive:
-            if entry[1].issuperset(keys):  # the common case, at C speed: the whole chunk hits
+            held = entry[1]
+            if held.issuperset(keys):  # the common case, at C speed: the whole chunk hits
                 still.append(entry)
-            else:
-                out.append((entry[0], block + sum(1 for _ in takewhile(entry[1].__contains__, keys))))
+            else:  # the leading run of held keys, counted in C
+                out.append((entry[0], block + len(list(takewhile(held.__contains__, keys)))))
         alive = still
         block = chunk_end
         key = keys[-1]
     out.extend((iid, block) for iid, _ in alive)
-    return out
+    return out, block
 
 
 __all__ = [

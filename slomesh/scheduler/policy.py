@@ -3,17 +3,26 @@
 A policy places one request in five steps:
 
 1. every instance of every region with a state becomes a `Candidate`;
-2. **filters** (hard constraints: healthy, fresh state, serves the model, allowed regions)
-   drop candidates; if none is left the request cannot be served now (gRPC UNAVAILABLE);
+2. **filters** (hard constraints: healthy, fresh state, serves the model -- or, for the
+   ``slomesh`` profiles, can switch to it first: `slomesh.scheduler.model_load` -- allowed
+   regions) drop candidates; if none is left the request cannot be served now (gRPC
+   UNAVAILABLE);
 3. the survivors get a `Prediction` (`slomesh.scheduler.predictor`: RTT, queue wait,
    uncached prefill, decode, cost) and a feasibility verdict against the request's SLO with
    the profile's margin, and the objective ``E_q = e2e_ms / 1000 + alpha_s_per_usd * cost_usd``
    (DESIGN.md section 2: seconds of latency plus money converted to seconds);
 4. **admission** filters (``slo-feasible``; ``protect-inflight``: the requests already running
-   there must keep their TPOT) drop candidates that would miss an SLO; if
-   none is left, the SLO class decides: ``refuse`` (RESOURCE_EXHAUSTED with a retry-after
-   estimate) or ``best_effort`` (the **fallback scorers** pick among all survivors, by default
-   the lowest predicted TTFT);
+   there must keep their TPOT) drop candidates that would miss an SLO -- with the margin of
+   the request's priority: a less urgent request must leave more of its targets unused
+   (``priority_slo_margins``), which keeps headroom for more urgent ones and sheds the less
+   urgent first under overload; if none is left, the request's tier decides: ``refuse``
+   (RESOURCE_EXHAUSTED with a retry-after estimate) or ``best_effort``: the **fallback
+   scorers** (by default the lowest predicted TTFT) pick among the survivors of the
+   **best-effort admission** filters (by default ``protect-inflight``: it must not push the
+   requests running there past their TPOT); with none, the decision is ``queued`` and the
+   caller holds the request in its `slomesh.scheduler.admission.BestEffortQueue`, which
+   places it again as the cluster changes and, once it has waited
+   ``best_effort_max_wait_ms``, with ``wait_expired`` (fallback scorers over every survivor);
 5. **scorers** give each remaining candidate a score in [0, 1] (higher is better), the
    weighted sum is formed, and the **picker** chooses.
 
@@ -67,9 +76,17 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from slomesh.scheduler import predictor as pred
+from slomesh.scheduler.model_load import ModelLoad, plan_model_switch, remaining_load_ms
 from slomesh.scheduler.predictor import Prediction, PredictorConfig
 from slomesh.scheduler.registry import FILTERS, PICKERS, PROFILES, SCORERS, UnknownNameError
 from slomesh.scheduler.validation import ValidatedRequest
@@ -91,7 +108,7 @@ __all__ = [
     "make_policy",
 ]
 
-Outcome = Literal["placed", "best_effort", "refused", "unavailable"]
+Outcome = Literal["placed", "best_effort", "queued", "refused", "unavailable"]
 
 
 class PolicyConfigError(ValueError):
@@ -115,6 +132,9 @@ class Candidate:
         prefix_hit_tokens: Longest prefix of the prompt the instance holds, in tokens, as the
             prefix index reports it (a multiple of its block size; not clipped the way
             ``prediction.cached_prefix_tokens`` is); set with the prediction.
+        model_load: The model switch the instance needs before it can serve the request
+            (it serves another model now; `slomesh.scheduler.model_load`); set by the
+            ``serves-model`` filter, ``None`` when it serves the request's model.
     """
 
     instance: InstanceView
@@ -124,6 +144,7 @@ class Candidate:
     rejected_by: str = ""
     score: float = math.nan
     prefix_hit_tokens: int = 0
+    model_load: ModelLoad | None = None
 
     @property
     def region(self) -> str:
@@ -155,6 +176,14 @@ class Candidate:
                 prefill_ms=round(p.prefill_ms, 3),
                 cached_prefix_tokens=p.cached_prefix_tokens,
                 cost_usd=p.cost_usd,
+                model_load_ms=round(p.model_load_ms, 3),
+            )
+        load = self.model_load
+        if load is not None:
+            out.update(
+                loads_model=load.model,
+                unloads_model=load.from_model,
+                weights_from_cache=load.from_cache,
             )
         return out
 
@@ -167,7 +196,8 @@ class PlacementContext:
         request: The validated request.
         view: The cluster view.
         now_unix_ns: Time of the decision.
-        slo_margin: Fraction of each SLO target a feasible prediction may use.
+        slo_margin: Fraction of each SLO target a feasible prediction may use: the profile's
+            margin for the request's priority (`PolicyProfile.slo_margin_for`).
         predictor_config: The policy's predictor knobs.
         output_tokens: Predicted output length ``N_out`` of the request (set before the
             admission filters and scorers run; 0 until then).
@@ -190,12 +220,15 @@ class PlacementDecision:
         policy: Name of the policy that decided.
         outcome: ``placed`` (on a candidate; SLO-feasible unless the policy has no admission
             step), ``best_effort`` (no candidate feasible; placed anyway for a best-effort
-            class), ``refused`` (no candidate feasible; gRPC RESOURCE_EXHAUSTED with
-            `retry_after_ms`), ``unavailable`` (no candidate passed the filters; gRPC
-            UNAVAILABLE).
+            tier, where the best-effort admission filters allow, or anywhere once its wait
+            expired), ``queued`` (best-effort tier, no candidate feasible nor spare: the
+            caller queues it, `slomesh.scheduler.admission.BestEffortQueue`; `retry_after_ms`
+            estimates when capacity frees), ``refused`` (no candidate feasible; gRPC
+            RESOURCE_EXHAUSTED with `retry_after_ms`), ``unavailable`` (no candidate passed
+            the filters; gRPC UNAVAILABLE).
         chosen: The chosen candidate (``None`` when refused or unavailable).
         candidates: Every candidate with its prediction and verdicts, for audit.
-        retry_after_ms: For ``refused``: when a retry may succeed, in ms.
+        retry_after_ms: For ``refused`` and ``queued``: when a retry may succeed, in ms.
         reason: Human-readable reason for refused/unavailable outcomes.
         decided_unix_ns: Time of the decision.
         decision_ms: Wall time the policy took, in ms.
@@ -223,6 +256,7 @@ class PlacementDecision:
         chosen = self.chosen
         if chosen is None or chosen.prediction is None:
             return
+        load = chosen.model_load
         view.record_placement(
             chosen.region,
             chosen.instance_id,
@@ -231,6 +265,9 @@ class PlacementDecision:
             decode_tokens=chosen.prediction.output_tokens,
             placed_unix_ns=self.decided_unix_ns,
             one_way_ms=chosen.prediction.rtt_ms / 2.0,
+            switch_model=load.model if load is not None else "",
+            switch_max_model_len=load.instance.max_model_len if load is not None else 0,
+            model_load_ms=load.load_ms if load is not None else 0.0,
         )
 
     def to_placement(self, agent_endpoint: str) -> scheduler_pb2.Placement:
@@ -259,6 +296,7 @@ class PlacementDecision:
             origin_region=self.request.origin_region,
             slo_class=self.request.slo_class,
             slo_feasible=chosen.feasible,
+            loads_model=chosen.model_load is not None,
         )
 
 
@@ -353,16 +391,76 @@ class FreshFilter(Filter):
 
 
 class ServesModelFilter(Filter):
-    """Keeps instances serving the request's model with room for its prompt and max_tokens."""
+    """Keeps instances serving the request's model with room for its prompt and max_tokens;
+    with ``allow_model_load``, also instances that can switch to the model first.
+
+    A switch candidate (`slomesh.scheduler.model_load.plan_model_switch`) is an idle,
+    swappable instance serving another model, whose GPU holds the request's model with room
+    for prompt + max_tokens, and whose current model another healthy instance of a fresh
+    region still serves (or is loading): a switch never takes the last server of a model
+    away. The filter records the switch in `Candidate.model_load`; the prediction then adds
+    its load time ``M_q`` and GPU seconds. Candidates that can serve the model neither way are
+    dropped.
+
+    Args:
+        allow_model_load: Consider switch candidates (the ``slomesh`` and ``oracle``
+            profiles); False keeps only instances serving the model (the baselines, which
+            mirror routers that never load models).
+    """
 
     name = "serves-model"
 
+    def __init__(self, allow_model_load: bool = False):
+        if not isinstance(allow_model_load, bool):
+            raise TypeError(f"allow_model_load: must be true or false, got {allow_model_load!r}")
+        self.allow_model_load = allow_model_load
+
     def keep(self, ctx: PlacementContext, candidate: Candidate) -> bool:
-        inst = candidate.instance
+        return self.keep_many(ctx, [candidate])[0]
+
+    def keep_many(self, ctx: PlacementContext, candidates: Sequence[Candidate]) -> list[bool]:
         req = ctx.request
-        if inst.model != req.model:
-            return False
-        return not inst.max_model_len or req.prompt_tokens + req.max_tokens <= inst.max_model_len
+        need = req.prompt_tokens + req.max_tokens
+        out: list[bool] = []
+        servers: dict[str, int] | None = None
+        weights_bytes: int | None = None
+        model_max_len = 0
+        for cand in candidates:
+            inst = cand.instance
+            cand.model_load = None
+            if inst.model == req.model:
+                out.append(not inst.max_model_len or need <= inst.max_model_len)
+                continue
+            if not self.allow_model_load or not inst.swappable:
+                out.append(False)
+                continue
+            if servers is None:
+                servers = self._servers_per_model(ctx)
+                weights_bytes = ctx.view.model_weights_bytes(req.model)
+                model_max_len = ctx.view.known_models().get(req.model, 0)
+            plan = plan_model_switch(inst, req.model, weights_bytes, model_max_len)
+            if plan is None or need > plan.instance.max_model_len or servers.get(inst.model, 0) < 2:
+                out.append(False)
+                continue
+            cand.model_load = plan
+            out.append(True)
+        return out
+
+    @staticmethod
+    def _servers_per_model(ctx: PlacementContext) -> dict[str, int]:
+        """Model -> healthy instances of fresh regions that serve or are loading it."""
+        view = ctx.view
+        counts: dict[str, int] = {}
+        for region in view.regions():
+            if not view.is_fresh(region, ctx.now_unix_ns):
+                continue
+            state = view.region_state(region)
+            if state is None:
+                continue
+            for inst in state.instances:
+                if inst.healthy and inst.model:
+                    counts[inst.model] = counts.get(inst.model, 0) + 1
+        return counts
 
 
 class RegionAllowlistFilter(Filter):
@@ -773,7 +871,26 @@ class PolicyProfile(BaseModel):
             ignore scores, such as round-robin).
         picker: Chooses among the scored candidates.
         fallback_scorers: Scorers for best-effort placement when admission leaves nothing.
-        slo_margin: Fraction of each SLO target a prediction may use to count as feasible.
+        best_effort_admission: Filters a best-effort placement must pass when no candidate
+            meets the request's SLO (default ``protect-inflight``: it must not push the
+            requests running there past their TPOT); none left -> the request is ``queued``.
+        best_effort_max_wait_ms: Longest a queued best-effort request waits for a candidate
+            the best-effort admission allows, ms (>= 0); then it goes to the fallback
+            scorers' pick among every filter survivor (no starvation). 0 = never wait.
+        best_effort_queue_limit: Best-effort requests queued at most (>= 0); beyond that a
+            new one is refused with RESOURCE_EXHAUSTED and a retry hint, unless it is more
+            urgent than the least urgent queued one, which is refused (shed) instead.
+        slo_margin: Fraction of each SLO target a prediction may use to count as feasible,
+            for priority 0 and more urgent requests (unless `priority_slo_margins` says
+            otherwise).
+        priority_slo_margins: Priority -> SLO margin cap for less urgent requests: a request
+            of priority ``p`` uses ``min(slo_margin, m)`` with ``m`` the margin listed for the
+            greatest listed priority ``<= p``, and `slo_margin` when none is listed at or below
+            ``p``. Each margin is in ``(0, 1]`` and no larger than that of any more urgent
+            listed priority, so a less urgent request is admitted only where a more urgent
+            one would be: the difference is headroom kept for urgent requests arriving before
+            the next state update, and what sheds (or queues) the less urgent first under
+            overload. Empty = `slo_margin` for every priority.
         alpha_s_per_usd: Seconds of latency one USD of cost is worth in ``E_q``.
         min_retry_after_ms: Floor of the retry hint of a refusal, ms.
         max_retry_after_ms: Cap of the retry hint of a refusal, ms.
@@ -791,16 +908,63 @@ class PolicyProfile(BaseModel):
     fallback_scorers: list[PluginSpec] = Field(
         default_factory=lambda: [PluginSpec(name="lowest-ttft")]
     )
+    best_effort_admission: list[PluginSpec] = Field(
+        default_factory=lambda: [PluginSpec(name="protect-inflight")]
+    )
+    best_effort_max_wait_ms: float = Field(default=10_000.0, ge=0, allow_inf_nan=False)
+    best_effort_queue_limit: int = Field(default=1024, ge=0)
     slo_margin: float = Field(default=0.9, gt=0, le=1)
+    priority_slo_margins: dict[int, float] = Field(default_factory=dict)
     alpha_s_per_usd: float = Field(default=1000.0, ge=0, allow_inf_nan=False)
     min_retry_after_ms: float = Field(default=100.0, ge=0)
     max_retry_after_ms: float = Field(default=30_000.0, gt=0)
     predictor: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("filters", "admission", "scorers", "fallback_scorers", mode="before")
+    @field_validator(
+        "filters",
+        "admission",
+        "scorers",
+        "fallback_scorers",
+        "best_effort_admission",
+        mode="before",
+    )
     @classmethod
     def _plugin_lists(cls, v: Any) -> Any:
         return _specs(v)
+
+    @model_validator(mode="after")
+    def _priority_margins(self) -> PolicyProfile:
+        more_urgent = 1.0
+        for priority in sorted(self.priority_slo_margins):
+            margin = self.priority_slo_margins[priority]
+            if not (0 < margin <= 1):
+                raise ValueError(
+                    f"priority_slo_margins.{priority}: must be in (0, 1], got {margin}"
+                )
+            if margin > more_urgent:
+                raise ValueError(
+                    f"priority_slo_margins.{priority}: {margin} exceeds the margin "
+                    f"{more_urgent} of a more urgent priority (lower = more urgent)"
+                )
+            more_urgent = margin
+        return self
+
+    def slo_margin_for(self, priority: int) -> float:
+        """The SLO margin of a request of `priority` (see `priority_slo_margins`).
+
+        Args:
+            priority: The request's priority; lower = more urgent (vLLM's convention).
+
+        Returns:
+            A fraction in ``(0, slo_margin]``, non-increasing in `priority`.
+        """
+        margin = self.slo_margin
+        best = None
+        for listed, value in self.priority_slo_margins.items():
+            if listed <= priority and (best is None or listed > best):
+                best = listed
+                margin = min(self.slo_margin, value)
+        return margin
 
     @field_validator("picker", mode="before")
     @classmethod
@@ -874,6 +1038,9 @@ class Policy:
             self.fallback_scorers: list[tuple[Scorer, float]] = [
                 (SCORERS.make(s.name, **s.params), s.weight) for s in profile.fallback_scorers
             ]
+            self.best_effort_admission: list[Filter] = [
+                FILTERS.make(s.name, **s.params) for s in profile.best_effort_admission
+            ]
             self.picker: Picker = PICKERS.make(profile.picker.name, **profile.picker.params)
             self.predictor_config = PredictorConfig(**profile.predictor)
         except UnknownNameError as err:
@@ -887,6 +1054,9 @@ class Policy:
         view: ClusterView,
         now_unix_ns: int | None = None,
         exclude_regions: frozenset[str] = frozenset(),
+        *,
+        exclude_instances: frozenset[str] = frozenset(),
+        wait_expired: bool = False,
     ) -> PlacementDecision:
         """Decides where `request` runs.
 
@@ -896,25 +1066,37 @@ class Policy:
             now_unix_ns: Decision time; default the view's clock.
             exclude_regions: Regions not to consider (e.g. one that just failed the request);
                 their candidates are marked ``rejected_by="excluded"``.
+            exclude_instances: Instance ids not to consider: those a best-effort request
+                queued ahead of this one is waiting for
+                (`slomesh.scheduler.admission.BestEffortQueue.dispatch`); their candidates
+                are marked ``rejected_by="queued-ahead"``.
+            wait_expired: The request is a queued best-effort request that has waited the
+                profile's ``best_effort_max_wait_ms``: when no candidate is feasible nor
+                allowed by the best-effort admission, the fallback scorers pick among every
+                filter survivor instead of queueing it again.
 
         Returns:
-            The decision (see `PlacementDecision.outcome` for the four outcomes).
+            The decision (see `PlacementDecision.outcome` for the five outcomes).
         """
         t0 = time.perf_counter()
         now = view.clock_ns() if now_unix_ns is None else now_unix_ns
-        ctx = PlacementContext(request, view, now, self.profile.slo_margin, self.predictor_config)
+        margin = self.profile.slo_margin_for(request.priority)
+        ctx = PlacementContext(request, view, now, margin, self.predictor_config)
         candidates = [Candidate(inst) for inst in view.instances(now_unix_ns=now)]
         alive = candidates
         allowed = request.allowed_regions
-        if exclude_regions or allowed:
+        if exclude_regions or allowed or exclude_instances:
             # Hard constraints of the request itself, honoured under every policy: regions
-            # that just failed it, and its tenant's data residency.
+            # that just failed it, its tenant's data residency, and the instances that
+            # best-effort requests queued ahead of it wait for.
             alive = []
             for cand in candidates:
                 if cand.region in exclude_regions:
                     cand.rejected_by = "excluded"
                 elif allowed and cand.region not in allowed:
                     cand.rejected_by = "tenant-regions"
+                elif cand.instance_id in exclude_instances:
+                    cand.rejected_by = "queued-ahead"
                 else:
                     alive.append(cand)
 
@@ -927,6 +1109,11 @@ class Policy:
                     f"tenant {request.tenant!r} may only be served in {sorted(allowed)}, "
                     "where no instance has published state"
                 )
+            elif any(c.rejected_by == "queued-ahead" for c in candidates):
+                reason = (
+                    "every instance that could serve it is awaited by best-effort requests "
+                    "queued ahead of it"
+                )
             else:
                 reason = f"no healthy instance with fresh state serves model {request.model!r}"
                 if allowed:
@@ -938,8 +1125,7 @@ class Policy:
         admitted = self._apply_filters(ctx, alive, self.admission)
         if not admitted:
             if request.on_infeasible == "best_effort":
-                chosen = self._choose(ctx, alive, self.fallback_scorers, self._best_effort_pick)
-                return self._decision(ctx, "best_effort", chosen, candidates, t0)
+                return self._best_effort(ctx, alive, candidates, t0, wait_expired)
             retry = self._retry_after_ms(ctx, alive)
             best = min(alive, key=lambda c: c.prediction.ttft_ms if c.prediction else math.inf)
             p = best.prediction
@@ -958,6 +1144,34 @@ class Policy:
         return self._decision(ctx, "placed", chosen, candidates, t0)
 
     # -- steps --------------------------------------------------------------------------------
+
+    def _best_effort(
+        self,
+        ctx: PlacementContext,
+        alive: list[Candidate],
+        candidates: list[Candidate],
+        t0: float,
+        wait_expired: bool,
+    ) -> PlacementDecision:
+        """A best-effort-tier request no candidate admits: placed where the best-effort
+        admission filters allow (the fallback scorers pick), else anywhere once its wait
+        expired, else ``queued`` with a retry estimate."""
+        spare = self._apply_filters(ctx, alive, self.best_effort_admission)
+        if spare or wait_expired:
+            pool = spare or alive
+            chosen = self._choose(ctx, pool, self.fallback_scorers, self._best_effort_pick)
+            return self._decision(ctx, "best_effort", chosen, candidates, t0)
+        req = ctx.request
+        checks = ", ".join(f.name for f in self.best_effort_admission)
+        reason = (
+            f"no placement meets SLO class {req.slo_class!r} at priority {req.priority} "
+            f"and none passes the best-effort admission ({checks}): requests running there "
+            "would miss their SLO"
+        )
+        retry = self._retry_after_ms(ctx, alive)
+        return self._decision(
+            ctx, "queued", None, candidates, t0, reason=reason, retry_after_ms=retry
+        )
 
     @staticmethod
     def _apply_filters(
@@ -996,13 +1210,23 @@ class Policy:
             if rtt is None:
                 rtt = rtts[region] = view.rtt_ms(req.origin_region, region)
             hit = cached.get(cand.instance_id, 0)
+            inst = cand.instance
+            load_ms, charge_load = 0.0, False
+            if cand.model_load is not None:
+                # A switch: the engine restarts on the request's model, its KV cache empty.
+                inst, load_ms, charge_load = cand.model_load.instance, cand.model_load.load_ms, True
+                hit = 0
+            elif inst.model_load_remaining_s > 0:
+                load_ms = remaining_load_ms(inst, rtt)
             p = pred.predict(
-                cand.instance,
+                inst,
                 rtt_ms=rtt,
                 prompt_tokens=req.prompt_tokens,
                 cached_prefix_tokens=hit,
                 output_tokens=n_out,
                 config=config,
+                model_load_ms=load_ms,
+                charge_model_load=charge_load,
             )
             cand.prediction = p
             cand.prefix_hit_tokens = hit
@@ -1149,17 +1373,28 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
     "slomesh": {
         "name": "slomesh",
         "description": (
-            "SLO-feasible placements (with margin) at the lowest objective "
-            "E_q = predicted e2e seconds + alpha_s_per_usd * predicted cost; when none is "
-            "feasible: refuse with a retry hint, or best effort (lowest TTFT) for best-effort "
-            "SLO classes."
+            "SLO-feasible placements (with a margin that tightens for less urgent priorities) "
+            "at the lowest objective E_q = predicted e2e seconds + alpha_s_per_usd * "
+            "predicted cost; when none is feasible: refuse with a retry hint, or for "
+            "best-effort tiers the lowest TTFT among instances whose running requests keep "
+            "their TPOT, else a best-effort queue (priority, then arrival; at most "
+            "best_effort_max_wait_ms, then the lowest TTFT anywhere)."
         ),
-        "filters": ["healthy", "fresh", "serves-model"],
+        # allow_model_load: an idle swappable instance may load the request's model first.
+        "filters": [
+            "healthy",
+            "fresh",
+            {"name": "serves-model", "params": {"allow_model_load": True}},
+        ],
         "admission": ["slo-feasible", "protect-inflight"],
         "scorers": [{"name": "objective", "weight": 1.0}],
         "picker": "max-score",
         "fallback_scorers": [{"name": "lowest-ttft", "weight": 1.0}],
+        "best_effort_admission": ["protect-inflight"],
+        "best_effort_max_wait_ms": 10_000.0,
+        "best_effort_queue_limit": 1024,
         "slo_margin": 0.9,
+        "priority_slo_margins": {1: 0.8, 2: 0.7},
         "alpha_s_per_usd": 1000.0,
     },
     "round-robin": {

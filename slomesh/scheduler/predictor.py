@@ -2,10 +2,13 @@
 
 For a request ``q`` from origin region ``o`` on instance ``i`` (GPU type ``k``) in region ``j``::
 
-    ttft_ms = rtt_ms(o, j) + queue_wait_ms + prefill_ms (+ transfer_ms, 0 for now)
+    ttft_ms = rtt_ms(o, j) + model_load_ms + queue_wait_ms + prefill_ms (+ transfer_ms, 0 for now)
     e2e_ms  = ttft_ms + decode_ms
     decode_ms = (N_out - 1) * tpot_ms
 
+- ``model_load_ms`` (``M_q`` of a model switch): time for the instance to load the request's
+  model first, 0 when it serves it (`slomesh.scheduler.model_load`); the GPU seconds of a
+  switch count in the cost.
 - ``rtt_ms``: the full round trip: the request travels ``rtt/2`` to the serving region and the
   first token ``rtt/2`` back (0 within one region). Later tokens stream behind the first, so
   the RTT is paid once per request, not per token.
@@ -30,12 +33,22 @@ For a request ``q`` from origin region ``o`` on instance ``i`` (GPU type ``k``) 
   ``N_out - 1`` steps, matching the ``Timings.tpot_ms`` definition
   ``(e2e - ttft) / (completion_tokens - 1)``.
 - GPU seconds: prefill time plus ``q``'s share of each decode step (step time / batch);
-  ``cost_usd = gpu_seconds * price_usd_per_hour / 3600``. No KV or weights move yet, so
-  ``bytes_moved = 0`` and no egress cost.
+  ``cost_usd = gpu_seconds * price_usd_per_hour / 3600``. No KV moves yet, so
+  ``bytes_moved = 0`` and no egress cost; a model switch adds its load time to the GPU
+  seconds, but the weights it reads are not counted as bytes moved (their source -- an object
+  store or another region -- and its egress price are not modelled).
 
 **Step times.** An engine step (a prefill chunk with the running decodes beside it, or a decode
 step) is timed by one of, in this order:
 
+0. the instance's *online fit* (`InstanceView.online_fit`: the same linear models, refined by
+   its region agent from the measured step times, `slomesh.online_fit`) once it rests on
+   `PredictorConfig.online_fit_min_observations` observations: a side (decode or prefill) with
+   fewer takes the fitted profile's coefficients when there is one (else the online fit waits
+   for both sides), and a side with enough that predicts its recent observations worse than
+   the static model (the agent's profile or the roofline; ``OnlineLatencyFit.static_rmse_ms``
+   against ``prediction_rmse_ms``) discards the fit
+   (`slomesh.online_fit.PublishedStepTimeFit.step_model`);
 1. the instance's *fitted latency profile* (`PredictorConfig.latency_profiles`, written by
    ``slomesh profile``; see `slomesh.profiling.LatencyProfile`) when one is configured for its
    GPU type and was measured on the model the instance serves (see `fitted_step_ms`);
@@ -55,7 +68,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from slomesh.engine.profiles import (
     DEFAULT_MODEL,
@@ -70,6 +83,7 @@ from slomesh.slo import SloClass
 from slomesh.v1 import common_pb2
 
 if TYPE_CHECKING:
+    from slomesh.online_fit import StepTimeModel
     from slomesh.profiling import LatencyProfile
 
 __all__ = [
@@ -125,14 +139,19 @@ class PredictorConfig:
             pairs sorted by GPU type, so that the config stays immutable and hashable. Every
             file is read and validated once, when the config is built
             (`load_latency_profile`); placement then only does a dict lookup.
+        online_fit_min_observations: Observations (scrape intervals) an instance's online
+            fit (`InstanceView.online_fit`, from its agent) needs per side (decode, prefill)
+            before it times the instance's steps over the fitted profile and the roofline,
+            >= 0; 0 never uses it.
 
     Raises:
         ValueError: a number is out of range, the fallback GPU type has no profile, or a
             latency profile cannot be read or is invalid (the message names the field, e.g.
             ``latency_profiles.H100: cannot read latency profile ...``).
         TypeError: ``use_true_output_length`` is not a bool, ``output_length_quantile`` or
-            ``prefill_interference_max`` not a number, ``output_length_min_samples`` not an
-            integer, or ``latency_profiles`` not a mapping of GPU type names to paths.
+            ``prefill_interference_max`` not a number, ``output_length_min_samples`` or
+            ``online_fit_min_observations`` not an integer, or ``latency_profiles`` not a
+            mapping of GPU type names to paths.
     """
 
     prefill_chunk_tokens: int = 8192
@@ -144,6 +163,7 @@ class PredictorConfig:
     output_length_min_samples: int = 20
     prefill_interference_max: float = 0.9
     latency_profiles: Mapping[str, str] | tuple[tuple[str, str], ...] = ()
+    online_fit_min_observations: int = 30
     _fitted_profiles: Mapping[str, LatencyProfile] = field(
         init=False, repr=False, compare=False, hash=False
     )
@@ -178,6 +198,11 @@ class PredictorConfig:
             raise TypeError(f"prefill_interference_max: must be a number, got {rho!r}")
         if not 0.0 <= rho < 1.0:
             raise ValueError(f"prefill_interference_max: must be in [0, 1), got {rho}")
+        m = self.online_fit_min_observations
+        if isinstance(m, bool) or not isinstance(m, int):
+            raise TypeError(f"online_fit_min_observations: must be an integer, got {m!r}")
+        if m < 0:
+            raise ValueError(f"online_fit_min_observations: must be >= 0, got {m}")
         pairs = _latency_profile_paths(self.latency_profiles)
         fitted: dict[str, LatencyProfile] = {}
         for gpu_type, path in pairs:
@@ -262,10 +287,10 @@ class Prediction:
         rtt_ms: Origin <-> serving region round trip (0 in the same region).
         queue_wait_ms: Wait before the request's prefill starts (RWT).
         prefill_ms: Prefill time of the uncached prompt tokens.
-        transfer_ms: Time to bring KV or weights first (0: no moves yet).
+        transfer_ms: Time to bring prefix KV first (0: no moves yet).
         tpot_ms: Time per output token after the first.
         decode_ms: ``(output_tokens - 1) * tpot_ms``.
-        ttft_ms: ``rtt_ms + queue_wait_ms + transfer_ms + prefill_ms``.
+        ttft_ms: ``rtt_ms + model_load_ms + queue_wait_ms + transfer_ms + prefill_ms``.
         e2e_ms: ``ttft_ms + decode_ms``.
         cached_prefix_tokens: Prompt tokens the instance holds in its prefix cache.
         uncached_prompt_tokens: Prompt tokens to prefill.
@@ -274,6 +299,9 @@ class Prediction:
         gpu_seconds: GPU time charged to the request (prefill + share of decode steps).
         cost_usd: ``gpu_seconds * price_usd_per_hour / 3600`` (no egress while no bytes move).
         bytes_moved: Bytes of KV/weights moved across regions for the placement (0 for now).
+        model_load_ms: Time for the instance to load the request's model before serving it
+            (``M_q`` of a model switch, or what is left of one under way); 0 when it serves
+            the model already.
     """
 
     rtt_ms: float
@@ -291,6 +319,7 @@ class Prediction:
     gpu_seconds: float
     cost_usd: float
     bytes_moved: int = 0
+    model_load_ms: float = 0.0
 
     def meets(self, slo: SloClass, prompt_tokens: int, margin: float = 1.0) -> bool:
         """Whether the predicted timings meet `slo` with a safety margin.
@@ -322,19 +351,28 @@ class Prediction:
             decode_ms=self.decode_ms,
             rtt_ms=self.rtt_ms,
             transfer_ms=self.transfer_ms,
+            model_load_ms=self.model_load_ms,
         )
 
 
-def _fitted(inst: InstanceView, config: PredictorConfig) -> LatencyProfile | None:
-    """The fitted latency profile of ``inst``'s GPU type, if there is one for its model."""
+def _fitted(inst: InstanceView, config: PredictorConfig) -> StepTimeModel | None:
+    """The step-time model of ``inst``: its online fit once it rests on enough observations
+    and predicts them better than the static model
+    (`slomesh.online_fit.PublishedStepTimeFit.step_model`), else the fitted latency profile of
+    its GPU type if there is one for its model."""
     fitted = config._fitted_profiles.get(inst.gpu_type)
-    if fitted is None or fitted.model != inst.model:
-        return None
+    if fitted is not None and fitted.model != inst.model:
+        fitted = None
+    online = inst.online_fit
+    if online is not None and config.online_fit_min_observations:
+        model = online.step_model(config.online_fit_min_observations, fitted)
+        if model is not None:
+            return model
     return fitted
 
 
 def fitted_step_ms(
-    profile: LatencyProfile,
+    profile: StepTimeModel,
     prefill_tokens: int,
     prefill_attention_pairs: float,
     prefill_context_tokens: int,
@@ -374,7 +412,7 @@ def fitted_step_ms(
     `slomesh.profiling` fit.
 
     Args:
-        profile: The fitted latency profile.
+        profile: The fitted latency profile (or an online fit, `slomesh.online_fit`).
         prefill_tokens: Uncached tokens of the chunk, >= 0 (0: a decode-only step).
         prefill_attention_pairs: The chunk's causal (query, key) pairs,
             ``n * prior + n * (n + 1) / 2`` for a chunk of ``n`` after ``prior`` tokens.
@@ -415,6 +453,31 @@ def _kv_capacity_tokens(
     return blocks * block_size
 
 
+class _Steps(NamedTuple):
+    """How one instance's engine steps are timed, resolved once per prediction (`predict`
+    needs them in its queue wait, prefill and TPOT alike; resolving them there once instead of
+    in each is most of what a prediction saves on a decision's 12 candidates).
+
+    Attributes:
+        profile: GPU profile of the roofline (`_profile`).
+        model: Model shape (`_model`).
+        fitted: Online fit or fitted latency profile (`_fitted`); None: the roofline.
+        kv_capacity_tokens: KV cache size in tokens (`_kv_capacity_tokens`).
+    """
+
+    profile: GpuProfile
+    model: ModelSpec
+    fitted: StepTimeModel | None
+    kv_capacity_tokens: int
+
+
+def _steps(inst: InstanceView, config: PredictorConfig) -> _Steps:
+    profile, model = _profile(inst, config), _model(inst)
+    return _Steps(
+        profile, model, _fitted(inst, config), _kv_capacity_tokens(inst, profile, model, config)
+    )
+
+
 def kv_capacity_blocks(inst: InstanceView, config: PredictorConfig = PredictorConfig()) -> int:
     """KV blocks of an instance: the reported ``num_gpu_blocks``, else its GPU profile's.
 
@@ -442,13 +505,21 @@ def decode_throughput_tokens_per_s(
     """
     if inst.decode_tokens_per_s > 0:
         return inst.decode_tokens_per_s
-    profile, model = _profile(inst, config), _model(inst)
+    return _decode_throughput_tokens_per_s(inst, config, _steps(inst, config))
+
+
+def _decode_throughput_tokens_per_s(
+    inst: InstanceView, config: PredictorConfig, steps: _Steps
+) -> float:
+    if inst.decode_tokens_per_s > 0:
+        return inst.decode_tokens_per_s
     batch = max(1, min(inst.num_requests_running, config.max_num_seqs))
-    context = int(inst.kv_cache_usage * _kv_capacity_tokens(inst, profile, model, config))
-    fitted = _fitted(inst, config)
-    if fitted is not None:
-        return batch / fitted_step_ms(fitted, 0, 0.0, 0, batch, context) * 1000.0
-    step_s = step_time_s(profile, model, 0, batch, context, attention_pairs=float(context))
+    context = int(inst.kv_cache_usage * steps.kv_capacity_tokens)
+    if steps.fitted is not None:
+        return batch / fitted_step_ms(steps.fitted, 0, 0.0, 0, batch, context) * 1000.0
+    step_s = step_time_s(
+        steps.profile, steps.model, 0, batch, context, attention_pairs=float(context)
+    )
     return batch / step_s
 
 
@@ -496,24 +567,26 @@ def queue_wait_ms(
     Returns:
         Wait in milliseconds, >= 0.
     """
+    return _queue_wait_ms(inst, new_kv_tokens, config, _steps(inst, config))
+
+
+def _queue_wait_ms(
+    inst: InstanceView, new_kv_tokens: int, config: PredictorConfig, steps: _Steps
+) -> float:
     wait_ms = 0.0
     queued = inst.queued_prefill_tokens
-    profile, model = _profile(inst, config), _model(inst)
-    capacity = _kv_capacity_tokens(inst, profile, model, config)
+    capacity = steps.kv_capacity_tokens
     used = inst.kv_cache_usage * capacity
     if queued > 0:
-        fitted = _fitted(inst, config)
-        if fitted is None and inst.gpu_type not in PROFILES and inst.prefill_tokens_per_s > 0:
+        if steps.fitted is None and inst.gpu_type not in PROFILES and inst.prefill_tokens_per_s > 0:
             wait_ms += queued / inst.prefill_tokens_per_s * 1000.0
         else:
             running = min(inst.num_requests_running, config.max_num_seqs)
             budget = max(1, config.prefill_chunk_tokens - running)
-            full_ms = _mixed_step_ms(inst, config, fitted, budget, running, int(used))
+            full_ms = _mixed_step_ms(steps, budget, running, int(used))
             first = min(queued, budget)
             first_ms = (
-                full_ms
-                if first == budget
-                else _mixed_step_ms(inst, config, fitted, first, running, int(used))
+                full_ms if first == budget else _mixed_step_ms(steps, first, running, int(used))
             )
             wait_ms += first_ms / 2.0 + (queued // budget) * full_ms
     if inst.queued_decode_tokens > 0:
@@ -521,30 +594,30 @@ def queue_wait_ms(
         deficit = ahead + new_kv_tokens - capacity
         if deficit > 0 and ahead > 0:
             share = min(1.0, deficit / ahead)
-            decode_s = inst.queued_decode_tokens / decode_throughput_tokens_per_s(inst, config)
+            decode_s = inst.queued_decode_tokens / _decode_throughput_tokens_per_s(
+                inst, config, steps
+            )
             wait_ms += share * decode_s * 1000.0
     return wait_ms
 
 
 def _mixed_step_ms(
-    inst: InstanceView,
-    config: PredictorConfig,
-    fitted: LatencyProfile | None,
+    steps: _Steps,
     prefill_tokens: int,
     decode_seqs: int,
     decode_context_tokens: int,
 ) -> float:
     """One engine step of ``prefill_tokens`` fresh prompt tokens (no cached prefix) beside
     ``decode_seqs`` decodes over ``decode_context_tokens`` of KV, in ms: the fitted latency
-    profile (`fitted_step_ms`) if given, else the roofline of ``inst``'s GPU."""
+    profile (`fitted_step_ms`) if the instance has one, else the roofline of its GPU."""
     pairs = prefill_tokens * (prefill_tokens + 1) / 2.0
-    if fitted is not None:
+    if steps.fitted is not None:
         return fitted_step_ms(
-            fitted, prefill_tokens, pairs, prefill_tokens, decode_seqs, decode_context_tokens
+            steps.fitted, prefill_tokens, pairs, prefill_tokens, decode_seqs, decode_context_tokens
         )
     step_s = step_time_s(
-        _profile(inst, config),
-        _model(inst),
+        steps.profile,
+        steps.model,
         prefill_tokens,
         decode_seqs,
         decode_context_tokens + prefill_tokens,
@@ -577,12 +650,24 @@ def prefill_ms(
     """
     if uncached_tokens <= 0:
         return 0.0
-    fitted = _fitted(inst, config)
+    return _prefill_ms(inst, uncached_tokens, cached_tokens, config, _steps(inst, config))
+
+
+def _prefill_ms(
+    inst: InstanceView,
+    uncached_tokens: int,
+    cached_tokens: int,
+    config: PredictorConfig,
+    steps: _Steps,
+) -> float:
+    if uncached_tokens <= 0:
+        return 0.0
+    fitted = steps.fitted
     if fitted is None and inst.gpu_type not in PROFILES and inst.prefill_tokens_per_s > 0:
         return uncached_tokens / inst.prefill_tokens_per_s * 1000.0
-    profile, model = _profile(inst, config), _model(inst)
+    profile, model = steps.profile, steps.model
     running = min(inst.num_requests_running, config.max_num_seqs)
-    decode_context = int(inst.kv_cache_usage * _kv_capacity_tokens(inst, profile, model, config))
+    decode_context = int(inst.kv_cache_usage * steps.kv_capacity_tokens)
     chunk = config.prefill_chunk_tokens
     total_s = 0.0
     done = 0
@@ -643,12 +728,22 @@ def tpot_ms(
     Returns:
         (tpot_ms, B).
     """
+    return _tpot_ms(inst, prompt_tokens, output_tokens, config, _steps(inst, config))
+
+
+def _tpot_ms(
+    inst: InstanceView,
+    prompt_tokens: int,
+    output_tokens: int,
+    config: PredictorConfig,
+    steps: _Steps,
+) -> tuple[float, int]:
     batch = min(inst.num_requests_running + inst.num_requests_waiting + 1, config.max_num_seqs)
-    fitted = _fitted(inst, config)
+    fitted = steps.fitted
     if fitted is None and inst.gpu_type not in PROFILES and inst.decode_tokens_per_s > 0:
         return batch / inst.decode_tokens_per_s * 1000.0, batch
-    profile, model = _profile(inst, config), _model(inst)
-    capacity = _kv_capacity_tokens(inst, profile, model, config)
+    profile, model = steps.profile, steps.model
+    capacity = steps.kv_capacity_tokens
     context = int(
         inst.kv_cache_usage * capacity
         + inst.queued_prefill_tokens
@@ -664,7 +759,7 @@ def tpot_ms(
     rate = inst.prefill_arrival_tokens_per_s
     if rate > 0:
         chunk = config.prefill_chunk_tokens
-        per_token_s = _mixed_step_ms(inst, config, fitted, chunk, 0, 0) / 1000.0 / chunk
+        per_token_s = _mixed_step_ms(steps, chunk, 0, 0) / 1000.0 / chunk
         rho = min(config.prefill_interference_max, rate * per_token_s)
         step_ms /= 1.0 - rho
     return step_ms, batch
@@ -678,6 +773,8 @@ def predict(
     cached_prefix_tokens: int,
     output_tokens: int,
     config: PredictorConfig = PredictorConfig(),
+    model_load_ms: float = 0.0,
+    charge_model_load: bool = True,
 ) -> Prediction:
     """Predicted timings and cost of one request on one instance (module docstring).
 
@@ -689,6 +786,11 @@ def predict(
             ``prompt_tokens - 1``: the last prompt token is always computed, as in vLLM).
         output_tokens: Predicted output length ``N_out`` (>= 1).
         config: Predictor knobs.
+        model_load_ms: ``M_q``: time before the instance serves the request's model, ms
+            (>= 0); ``inst`` is then the instance as it will be once loaded
+            (`slomesh.scheduler.model_load.ModelLoad.instance`).
+        charge_model_load: Count the load's GPU seconds in the cost (a switch this placement
+            starts); False for a load already under way, which another placement paid for.
 
     Returns:
         The prediction.
@@ -696,12 +798,15 @@ def predict(
     cached = max(0, min(cached_prefix_tokens, prompt_tokens - 1))
     uncached = prompt_tokens - cached
     n_out = max(1, output_tokens)
-    wait = queue_wait_ms(inst, uncached + n_out, config)
-    prefill = prefill_ms(inst, uncached, cached, config)
-    tpot, batch = tpot_ms(inst, prompt_tokens, n_out, config)
+    steps = _steps(inst, config)
+    wait = _queue_wait_ms(inst, uncached + n_out, config, steps)
+    prefill = _prefill_ms(inst, uncached, cached, config, steps)
+    tpot, batch = _tpot_ms(inst, prompt_tokens, n_out, config, steps)
     decode = (n_out - 1) * tpot
-    ttft = rtt_ms + wait + prefill
+    ttft = rtt_ms + model_load_ms + wait + prefill
     gpu_s = prefill / 1000.0 + (n_out - 1) * tpot / 1000.0 / batch
+    if charge_model_load:
+        gpu_s += model_load_ms / 1000.0
     cost = gpu_s * inst.price_usd_per_hour / 3600.0
     return Prediction(
         rtt_ms=rtt_ms,
@@ -718,4 +823,5 @@ def predict(
         batch_size=batch,
         gpu_seconds=gpu_s,
         cost_usd=cost,
+        model_load_ms=model_load_ms,
     )

@@ -86,6 +86,8 @@ class ValidatedRequest:
             empty = any region.
         on_infeasible: What happens when no region can meet the SLO: the tenant's tier if it
             sets one, else the SLO class's (``"refuse"`` or ``"best_effort"``).
+        priority: Urgency, lower = more urgent (vLLM's convention): the request's own
+            ``priority`` if set, else its tenant's default, else its SLO class's.
     """
 
     request_id: str
@@ -102,6 +104,7 @@ class ValidatedRequest:
     expected_output_tokens: int
     allowed_regions: frozenset[str]
     on_infeasible: str
+    priority: int = 0
 
     @property
     def slo_class(self) -> str:
@@ -171,8 +174,8 @@ def validate_request(
         regions: Known region names (origin regions a client may send from).
         default_origin_region: Origin used when the request names none (the scheduler
             replica's own region); ``None`` makes `origin_region` required.
-        tenants: Tenant name -> policy (region constraint, tier); a tenant not listed has
-            neither.
+        tenants: Tenant name -> policy (region constraint, tier, default priority); a tenant
+            not listed has none of them.
 
     Returns:
         The validated request.
@@ -265,6 +268,12 @@ def validate_request(
     if len(request.tenant) > 128:
         raise RequestValidationError("tenant", "at most 128 characters")
     tenant = (tenants or {}).get(request.tenant) if request.tenant else None
+    if request.HasField("priority"):
+        priority = request.priority
+    elif tenant is not None and tenant.priority is not None:
+        priority = tenant.priority
+    else:
+        priority = slo.priority
     return ValidatedRequest(
         request_id=request_id,
         model=request.model,
@@ -280,4 +289,5 @@ def validate_request(
         expected_output_tokens=request.expected_output_tokens,
         allowed_regions=tenant.allowed_regions if tenant else frozenset(),
         on_infeasible=(tenant.on_infeasible if tenant else None) or slo.on_infeasible,
+        priority=priority,
     )

@@ -33,7 +33,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from slomesh.engine.profiles import MODELS
 from slomesh.kv.index import PrefixIndex
+from slomesh.online_fit import PublishedStepTimeFit
 from slomesh.scheduler.output_length import OutputLengthPredictor
 from slomesh.topology import Topology
 from slomesh.v1 import state_pb2
@@ -51,6 +53,10 @@ DEFAULT_UNKNOWN_RTT_MS = 300.0
 #: 3 s and 30 s both placed worse (lower SLO attainment) than 10 s.
 DEFAULT_PREFILL_RATE_WINDOW_S = 10.0
 
+#: Age after which a link's published spare bandwidth is no longer used, ms (five periods of
+#: `slomesh.transfer.link_stats.DEFAULT_PERIOD_S`); the topology's capacity stands in then.
+DEFAULT_LINK_STATS_STALENESS_MS = 5000.0
+
 
 @dataclass(slots=True)
 class PendingPlacement:
@@ -62,12 +68,20 @@ class PendingPlacement:
         decode_tokens: Output tokens it adds to the instance's decode queue.
         arrives_unix_ns: When the request reaches the agent (placement time plus the one-way
             delay from its origin); a state stamped at or after this reflects it.
+        switch_model: The model the instance loads for this request before serving it (a
+            model switch, `slomesh.scheduler.model_load`); "" when none. Until the state
+            shows the switch, the view shows the instance loading this model.
+        switch_max_model_len: Context limit of the instance once switched, tokens.
+        loaded_unix_ns: When the switch is expected to end (arrival plus ``M_q``).
     """
 
     request_id: str
     prefill_tokens: int
     decode_tokens: int
     arrives_unix_ns: int
+    switch_model: str = ""
+    switch_max_model_len: int = 0
+    loaded_unix_ns: int = 0
 
 
 @dataclass(slots=True)
@@ -101,8 +115,20 @@ class InstanceView:
         tightest_inflight_tpot_ms: The smallest TPOT target among requests this scheduler
             has running on the instance (inf when none): adding a request must not push the
             shared decode step past it.
+        swappable: The instance may be switched to another model while idle.
+        model_load_overhead_s: Its engine start-up time of a model switch besides reading
+            weights, seconds.
+        model_load_remaining_s: Seconds until it has loaded `model` (0: it serves it now).
+        weight_cache_models: Models the region's local weight cache holds.
+        weight_cache_gb_per_s: Bandwidth of loading weights from that cache, GB/s (0 = unknown).
+        remote_weights_gb_per_s: Bandwidth of loading weights the cache lacks, GB/s (0 =
+            unknown).
         prefill_arrival_tokens_per_s: Recent rate of uncached prompt tokens this scheduler
             placed on the instance (`ClusterView.prefill_arrival_tokens_per_s`), tokens/s.
+        online_fit: The agent's online fit of the instance's step times (`InstanceState`
+            ``decode_fit``/``prefill_fit``), ``None`` when the state carries none; the
+            predictor uses it once it rests on enough observations
+            (`PredictorConfig.online_fit_min_observations`).
     """
 
     region: str
@@ -127,7 +153,14 @@ class InstanceView:
     state_age_ms: float
     pending_placements: int = 0
     tightest_inflight_tpot_ms: float = math.inf
+    swappable: bool = False
+    model_load_overhead_s: float = 0.0
+    model_load_remaining_s: float = 0.0
+    weight_cache_models: frozenset[str] = frozenset()
+    weight_cache_gb_per_s: float = 0.0
+    remote_weights_gb_per_s: float = 0.0
     prefill_arrival_tokens_per_s: float = 0.0
+    online_fit: PublishedStepTimeFit | None = None
 
 
 @dataclass(slots=True)
@@ -146,6 +179,8 @@ class _Region:
     state: state_pb2.RegionState
     received_unix_ns: int
     pending: dict[str, deque[PendingPlacement]] = field(default_factory=dict)
+    # instance id -> online step-time fit of the current state (parsed once per state).
+    online_fits: dict[str, PublishedStepTimeFit] = field(default_factory=dict)
 
 
 class ClusterView:
@@ -207,6 +242,9 @@ class ClusterView:
         self._rtt_seed: dict[tuple[str, str], float] = {}
         self._rtt_measured: dict[tuple[str, str], float] = {}
         self._topology_prices: dict[str, float] = {}
+        # (src, dst) -> (received unix ns, spare bytes/s) from `apply_link_stats`.
+        self._link_spare: dict[tuple[str, str], tuple[int, float]] = {}
+        self.link_stats_staleness_ms = DEFAULT_LINK_STATS_STALENESS_MS
         # (region, instance) -> request id -> (TPOT target ms, expiry unix ns or None).
         self._inflight: dict[tuple[str, str], dict[str, tuple[float, int | None]]] = {}
         self.snapshots_requested = 0
@@ -250,6 +288,11 @@ class ClusterView:
         else:
             entry = _Region(state=state, received_unix_ns=now)
             self._regions[region] = entry
+        entry.online_fits = {
+            inst.instance_id: fit
+            for inst in state.instances
+            if (fit := PublishedStepTimeFit.from_pb(inst)) is not None
+        }
         stamp = state.timestamp_unix_ns
         for queue in entry.pending.values():
             while queue and queue[0].arrives_unix_ns <= stamp:
@@ -301,13 +344,16 @@ class ClusterView:
     def known_models(self) -> dict[str, int]:
         """Model name -> the largest max_model_len any instance (or the topology) reports.
 
-        Instances whose state has no max_model_len count with the topology's (or 0 if none).
+        Every model of the topology counts (a model no instance serves now may be loaded on a
+        swappable one); instances whose state has no max_model_len count with the topology's
+        default model's (or 0 if none).
         """
         models: dict[str, int] = {}
         default_len = 0
         if self.topology is not None:
             default_len = self.topology.model.max_model_len
-            models[self.topology.model.name] = default_len
+            for ref in self.topology.models:
+                models[ref.name] = ref.max_model_len
         for entry in self._regions.values():
             for inst in entry.state.instances:
                 if not inst.model:
@@ -316,6 +362,17 @@ class ClusterView:
                 if limit > models.get(inst.model, 0):
                     models[inst.model] = limit
         return models
+
+    def model_weights_bytes(self, model: str) -> int | None:
+        """Bytes of weights an engine loads to serve `model`: the topology's (its
+        ``weights_bytes``, else the engine model's), else the engine model's alone; None when
+        neither knows the model (then no instance can be switched to it)."""
+        if self.topology is not None:
+            for ref in self.topology.models:
+                if ref.name == model:
+                    return ref.resolved_weights_bytes
+        spec = MODELS.get(model)
+        return spec.weight_bytes if spec is not None else None
 
     def agent_endpoint(self, region: str) -> str:
         """The agent address `region` reports (as reachable inside the region), or ""."""
@@ -343,14 +400,29 @@ class ClusterView:
                 continue
             state = entry.state
             age_ms = (now - entry.received_unix_ns) / 1e6
+            weight_cache = frozenset(state.weight_cache_models)
             for inst in state.instances:
                 pending = entry.pending.get(inst.instance_id)
                 n_pending = len(pending) if pending else 0
                 pre = dec = 0
+                model, max_len, blocks = inst.model, inst.max_model_len, inst.num_gpu_blocks
+                usage, load_remaining_s = inst.kv_cache_usage, inst.model_load_remaining_s
+                prefill_tps, decode_tps = inst.prefill_tokens_per_s, inst.decode_tokens_per_s
+                fit = entry.online_fits.get(inst.instance_id)
                 if pending:
                     for p in pending:
                         pre += p.prefill_tokens
                         dec += p.decode_tokens
+                        if p.switch_model:
+                            # A switch the state does not show yet: the instance is loading
+                            # p.switch_model (remaining time as of the state's receipt, so
+                            # that remaining - state_age_ms = time left from now).
+                            model, max_len = p.switch_model, p.switch_max_model_len
+                            blocks, usage, prefill_tps, decode_tps = 0, 0.0, 0.0, 0.0
+                            fit = None  # measured on the old model
+                            load_remaining_s = max(
+                                0.0, (p.loaded_unix_ns - entry.received_unix_ns) / 1e9
+                            )
                 price = inst.price_usd_per_hour or self._topology_prices.get(inst.instance_id, 0.0)
                 out.append(
                     InstanceView(
@@ -358,19 +430,19 @@ class ClusterView:
                         instance_id=inst.instance_id,
                         agent_endpoint=state.agent_endpoint,
                         gpu_type=inst.gpu_type,
-                        model=inst.model,
+                        model=model,
                         healthy=inst.healthy,
                         num_requests_running=inst.num_requests_running,
                         num_requests_waiting=inst.num_requests_waiting + n_pending,
                         num_requests_outstanding=inst.num_requests_outstanding + n_pending,
-                        kv_cache_usage=inst.kv_cache_usage,
+                        kv_cache_usage=usage,
                         queued_prefill_tokens=inst.queued_prefill_tokens + pre,
                         queued_decode_tokens=inst.queued_decode_tokens + dec,
-                        prefill_tokens_per_s=inst.prefill_tokens_per_s,
-                        decode_tokens_per_s=inst.decode_tokens_per_s,
+                        prefill_tokens_per_s=prefill_tps,
+                        decode_tokens_per_s=decode_tps,
                         block_size=inst.block_size,
-                        num_gpu_blocks=inst.num_gpu_blocks,
-                        max_model_len=inst.max_model_len,
+                        num_gpu_blocks=blocks,
+                        max_model_len=max_len,
                         price_usd_per_hour=price,
                         egress_usd_per_gb=state.egress_usd_per_gb,
                         state_age_ms=age_ms,
@@ -378,9 +450,16 @@ class ClusterView:
                         tightest_inflight_tpot_ms=self.tightest_inflight_tpot_ms(
                             name, inst.instance_id, now
                         ),
+                        swappable=inst.swappable,
+                        model_load_overhead_s=inst.model_load_overhead_s,
+                        model_load_remaining_s=load_remaining_s,
+                        weight_cache_models=weight_cache,
+                        weight_cache_gb_per_s=state.weight_cache_gb_per_s,
+                        remote_weights_gb_per_s=state.remote_weights_gb_per_s,
                         prefill_arrival_tokens_per_s=self.prefill_arrival_tokens_per_s(
                             inst.instance_id, now
                         ),
+                        online_fit=fit,
                     )
                 )
         return out
@@ -396,6 +475,9 @@ class ClusterView:
         decode_tokens: int,
         placed_unix_ns: int | None = None,
         one_way_ms: float = 0.0,
+        switch_model: str = "",
+        switch_max_model_len: int = 0,
+        model_load_ms: float = 0.0,
     ) -> None:
         """Adds a just-placed request to an instance's load until the agent's state shows it.
 
@@ -408,6 +490,11 @@ class ClusterView:
             placed_unix_ns: Placement time; default now.
             one_way_ms: Delay from the scheduler to the agent (half the origin's RTT); a state
                 stamped before the request can have reached the agent does not reflect it.
+            switch_model: For a placement that switches the instance to another model: that
+                model (the instance shows as loading it until the state reflects the switch).
+            switch_max_model_len: The instance's context limit once switched, tokens.
+            model_load_ms: The switch's load time ``M_q``, ms (it starts when the request
+                reaches the agent).
         """
         entry = self._regions.get(region)
         if entry is None:
@@ -421,7 +508,17 @@ class ClusterView:
             rate += last[1] * math.exp(-max(0, placed - last[0]) / 1e9 / tau_s)
         self._prefill_rate[instance_id] = (placed, rate)
         queue = entry.pending.setdefault(instance_id, deque())
-        queue.append(PendingPlacement(request_id, prefill_tokens, decode_tokens, arrives))
+        queue.append(
+            PendingPlacement(
+                request_id,
+                prefill_tokens,
+                decode_tokens,
+                arrives,
+                switch_model=switch_model,
+                switch_max_model_len=switch_max_model_len,
+                loaded_unix_ns=arrives + int(model_load_ms * 1e6) if switch_model else 0,
+            )
+        )
 
     def prefill_arrival_tokens_per_s(
         self, instance_id: str, now_unix_ns: int | None = None
@@ -543,6 +640,46 @@ class ClusterView:
             return measured
         seed = self._rtt_seed.get(key)
         return seed if seed is not None else self.unknown_rtt_ms
+
+    # -- WAN links -----------------------------------------------------------------------
+
+    def apply_link_stats(
+        self, report: state_pb2.LinkStatsReport, received_unix_ns: int | None = None
+    ) -> None:
+        """Records the WAN link statistics a region's KV transfer service published
+        (`slomesh.transfer.link_stats`): the spare bandwidth of each link report.region -> peer,
+        bytes/s. Negative or non-finite figures are ignored (logged)."""
+        now = self.clock_ns() if received_unix_ns is None else received_unix_ns
+        for dst, link in report.links.items():
+            spare = link.spare_bytes_per_s
+            if not (spare >= 0 and math.isfinite(spare)):
+                logger.warning(
+                    "ignoring link stats", extra={"src": report.region, "dst": dst, "spare": spare}
+                )
+                continue
+            self._link_spare[(report.region, dst)] = (now, float(spare))
+
+    def link_spare_bytes_per_s(
+        self, src: str, dst: str, now_unix_ns: int | None = None
+    ) -> float | None:
+        """Bandwidth that a KV transfer a request waits on can expect from `src` to `dst`,
+        bytes/s: the spare bandwidth last published for the link (capacity less the
+        foreground's use; prefetch and prewarm yield to it) if younger than
+        `link_stats_staleness_ms`; else the topology's configured capacity of the link; else
+        None (unknown). ``math.inf`` for src == dst (no WAN link to cross)."""
+        if src == dst:
+            return math.inf
+        seen = self._link_spare.get((src, dst))
+        if seen is not None:
+            now = self.clock_ns() if now_unix_ns is None else now_unix_ns
+            if (now - seen[0]) / 1e6 <= self.link_stats_staleness_ms:
+                return seen[1]
+        if self.topology is not None:
+            try:
+                return self.topology.link_capacity_bytes_per_s(src, dst)
+            except KeyError:
+                return None
+        return None
 
     # -- KV index ------------------------------------------------------------------------
 

@@ -17,7 +17,23 @@ same way but driven by the simulator's clock instead of HTTP streams and ZMQ soc
   `KvIndexDelta` (seq +1 per message) -- the same `slomesh.kv.index` code the agent runs;
 - `region_state`: the `RegionState` the agent would publish: engine gauges (running, waiting,
   KV usage, as scraped from ``/metrics``), the accounting above, block size, KV blocks, context
-  limit, model, GPU type and prices from the topology.
+  limit, model, GPU type and prices from the topology; the instance's model-switch settings
+  (``swappable``, ``model_load_overhead_s``) and, during a switch, the time left
+  (``model_load_remaining_s``); the region's weight cache and load bandwidths.
+- model switches (`SimInstance.begin_model_load`): the instance's engine is replaced by one
+  serving the new model (empty KV cache), its index entries are cleared (an ``AllBlocksCleared``
+  for the old engine, as vLLM's restart publishes), its throughput EWMAs start over (they
+  measured the old model), and requests that reach it during the load are held and forwarded
+  when it ends (`engine_ready`). A model loaded from the remote store is in the region's
+  weight cache afterwards (`SimRegion.cache_model`).
+- per instance, the online latency fit (`slomesh.online_fit.InstanceStepTimeFit`, from the
+  roofline prior of its GPU type, as the live agent without a ``profile=``), fed at every state
+  publication with what a ``/metrics`` scrape would show then: the engine's cumulative vLLM
+  counters, accumulated from its steps (`slomesh.sim.engine_metrics.EngineMetricCounters`), and
+  its gauges, and the number of requests finished since the last one that the agent saw
+  prefilled alone (no other forwarded request waiting for its first token meanwhile); published
+  as ``decode_fit``/``prefill_fit`` with the same extraction and estimator code as the live
+  agent. It starts over on a model switch.
 
 Differences from the live agent, on purpose: the engine gauges are read at publication time
 (the live agent scrapes every 100 ms, so its gauges are up to one scrape older), and the
@@ -35,9 +51,12 @@ from dataclasses import dataclass
 
 from slomesh.engine import kv_cache as engine_kv
 from slomesh.engine.model import Engine
+from slomesh.engine.profiles import DEFAULT_MODEL, MODELS, PROFILES
 from slomesh.kv import events as kv_events
 from slomesh.kv.index import DeltaAccumulator, InstanceKvTracker, PrefixIndex
-from slomesh.topology import InstanceSpec, RegionSpec
+from slomesh.online_fit import InstanceStepTimeFit, OnlineFitConfig, StepTimePrior
+from slomesh.sim.engine_metrics import EngineMetricCounters
+from slomesh.topology import InstanceSpec, RegionSpec, Topology
 from slomesh.v1 import state_pb2
 
 __all__ = ["EWMA_ALPHA", "MEDIUM_GPU", "SimInstance", "SimRegion", "to_agent_events"]
@@ -88,6 +107,10 @@ class _Forwarded:
     generated: int = 0  # tokens the engine produced
     seen: int = 0  # of those, the ones the agent has received (see `SimInstance`)
     first_token_s: float | None = None
+    start_index: int = 0  # requests forwarded to the instance before this one
+    # Another forwarded request waited for its first token while this one did: their prompts
+    # may have shared engine steps (`slomesh.online_fit.step_time_observations`).
+    prefill_shared: bool = False
 
 
 class SimInstance:
@@ -105,11 +128,16 @@ class SimInstance:
             request's tokens as its chunks arrive -- the first token, then every
             ``stream_interval`` -- as the live agent does; the end of the stream ends the
             request either way.
+        model_load_overhead_s: Engine start-up time of a model switch besides reading
+            weights, seconds (`Topology.model_load_overhead_s`).
 
     Attributes:
         next_start_s: When the engine's next step starts (virtual seconds); ``None`` while idle.
         pending: The last computed step (`StepResult`) or run (`DecodeRun`) whose outputs are
             not all delivered yet; ``pending_step`` is the next undelivered step of a run.
+        swappable: The instance may be switched to another model while idle (topology).
+        loading_until_s: When the model switch under way ends (virtual seconds); ``None``
+            when the instance serves its model.
     """
 
     def __init__(
@@ -121,6 +149,7 @@ class SimInstance:
         price_usd_per_hour: float,
         spot_price_usd_per_hour: float,
         stream_interval: int = 1,
+        model_load_overhead_s: float = 0.0,
     ) -> None:
         if stream_interval < 1:
             raise ValueError(f"stream_interval: must be >= 1, got {stream_interval}")
@@ -130,6 +159,9 @@ class SimInstance:
         self.gpu_type = spec.gpu_type
         self.engine = engine
         self.model_name = model_name
+        self.swappable = spec.swappable
+        self.model_load_overhead_s = model_load_overhead_s
+        self.loading_until_s: float | None = None
         self.price_usd_per_hour = price_usd_per_hour
         self.spot_price_usd_per_hour = spot_price_usd_per_hour
         self.block_size = engine.config.block_size
@@ -151,6 +183,102 @@ class SimInstance:
         self._decode_tokens_since_tick = 0
         self._last_tick_s: float | None = None
         self._running_at_last_tick = 0
+        self._num_forwarded = 0
+        self._reset_latency_fit()
+
+    # -- online latency fit ------------------------------------------------------------------
+
+    def _reset_latency_fit(self) -> None:
+        """A new online fit for the current engine, from its GPU type's roofline (as the live
+        agent's `InstanceRuntime.observe_step_times`)."""
+        engine = self.engine
+        capacity = engine.num_gpu_blocks * self.block_size
+        prior = (
+            StepTimePrior.roofline(
+                self.gpu_type,
+                MODELS.get(self.model_name, DEFAULT_MODEL),
+                max_context_tokens=capacity or None,
+            )
+            if self.gpu_type in PROFILES
+            else None
+        )
+        self.engine_metrics = EngineMetricCounters()
+        self.latency_fit = InstanceStepTimeFit(
+            prior, OnlineFitConfig(), engine.config.max_num_batched_tokens
+        )
+        self._prefill_in_flight_at_last_scrape = False
+        self._solo_prefills = 0
+
+    def observe_step_times(self, gauges: tuple[int, int, float]) -> None:
+        """Feeds the online fit one "scrape": the engine's counters now and ``gauges``
+        (running, waiting, KV usage), with whether a forwarded request waits for its first
+        token now or did at the previous one, and how many requests finished since the
+        previous scrape were prefilled alone (as the live agent's
+        `InstanceRuntime.observe_step_times`)."""
+        running, waiting, usage = gauges
+        in_flight = len(self.outstanding) > self.num_running_forwarded
+        self.latency_fit.observe(
+            self.engine_metrics.scrape(running, waiting, usage),
+            kv_capacity_tokens=self.engine.num_gpu_blocks * self.block_size,
+            prefill_in_flight=in_flight or self._prefill_in_flight_at_last_scrape,
+            solo_prefills=self._solo_prefills,
+        )
+        self._prefill_in_flight_at_last_scrape = in_flight
+        self._solo_prefills = 0
+
+    # -- model switches ----------------------------------------------------------------------
+
+    def can_switch(self) -> bool:
+        """Whether the instance may start a model switch now: swappable, no request forwarded
+        and unfinished, the engine without work, no switch under way."""
+        return (
+            self.swappable
+            and not self.outstanding
+            and not self.engine.has_work()
+            and self.next_start_s is None
+            and self.loading_until_s is None
+        )
+
+    def begin_model_load(
+        self, engine: Engine, model_name: str, stream_interval: int, until_s: float
+    ) -> None:
+        """Switches to ``model_name``: ``engine`` (new, empty) replaces the old one, which
+        must be idle (`can_switch`); the instance loads until ``until_s``. The caller clears
+        the instance's index entries first (`SimRegion.clear_instance`).
+
+        Raises:
+            ValueError: the instance cannot switch now, or ``stream_interval`` < 1.
+        """
+        if not self.can_switch():
+            raise ValueError(f"instance {self.instance_id} cannot switch models now")
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval: must be >= 1, got {stream_interval}")
+        self.engine = engine
+        self.model_name = model_name
+        self.stream_interval = stream_interval
+        self.loading_until_s = until_s
+        self.pending = None
+        self.pending_step = 0
+        self.kv_backlog = []
+        self.tracker.set_capacity_blocks(engine.num_gpu_blocks)
+        # The EWMAs measured the old model on this GPU.
+        self.prefill_tokens_per_s = None
+        self.decode_tokens_per_s = None
+        self._decode_tokens_since_tick = 0
+        self._reset_latency_fit()  # it measured the old model
+
+    def engine_ready(self, now_s: float) -> None:
+        """The switch ended at ``now_s``: the held requests go to the engine now, so their
+        prefill-throughput samples are timed from here (as the live agent forwards them
+        once the engine is up)."""
+        self.loading_until_s = None
+        for req in self.outstanding.values():
+            if req.first_token_s is None:
+                req.sent_s = now_s
+
+    def model_load_remaining_s(self, now_s: float) -> float:
+        """Seconds until the switch under way ends (0 when none)."""
+        return 0.0 if self.loading_until_s is None else max(0.0, self.loading_until_s - now_s)
 
     # -- accounting ------------------------------------------------------------------------
 
@@ -164,7 +292,11 @@ class SimInstance:
     ) -> None:
         """Records a request forwarded to the instance at ``now_s``."""
         uncached = max(0, prompt_tokens - cached_prefix_tokens)
-        self.outstanding[request_id] = _Forwarded(uncached, max_tokens, now_s)
+        waiting = len(self.outstanding) > self.num_running_forwarded
+        self.outstanding[request_id] = _Forwarded(
+            uncached, max_tokens, now_s, start_index=self._num_forwarded, prefill_shared=waiting
+        )
+        self._num_forwarded += 1
         self.queued_prefill_tokens += uncached
 
     def tokens_received(self, request_id: str, num_tokens: int, now_s: float) -> None:
@@ -177,6 +309,8 @@ class SimInstance:
             return
         if req.first_token_s is None:
             req.first_token_s = now_s
+            if self._num_forwarded != req.start_index + 1:
+                req.prefill_shared = True  # another request was forwarded while it waited
             elapsed = now_s - req.sent_s
             if req.uncached_prompt_tokens > 0 and elapsed > 0:
                 sample = req.uncached_prompt_tokens / elapsed
@@ -225,6 +359,8 @@ class SimInstance:
         else:
             self.num_running_forwarded -= 1
             self.queued_decode_tokens -= max(0, req.max_tokens - req.seen)
+            if not req.prefill_shared:
+                self._solo_prefills += 1
 
     def tick(self, now_s: float) -> None:
         """Takes a decode-throughput sample over the interval since the previous tick."""
@@ -242,7 +378,7 @@ class SimInstance:
     # -- state -----------------------------------------------------------------------------
 
     def to_proto(
-        self, num_indexed_blocks: int, gauges: tuple[int, int, float]
+        self, num_indexed_blocks: int, gauges: tuple[int, int, float], now_s: float = 0.0
     ) -> state_pb2.InstanceState:
         """The instance's `InstanceState`, as the agent publishes it.
 
@@ -250,6 +386,7 @@ class SimInstance:
             num_indexed_blocks: Keys the agent's index holds for the instance.
             gauges: The engine's (running requests, waiting requests, KV cache usage in
                 [0, 1]), as its ``/metrics`` report them.
+            now_s: Virtual time of the publication (for ``model_load_remaining_s``).
         """
         engine = self.engine
         running, waiting, usage = gauges
@@ -272,6 +409,11 @@ class SimInstance:
             spot_price_usd_per_hour=self.spot_price_usd_per_hour,
             num_requests_outstanding=len(self.outstanding),
             num_indexed_blocks=num_indexed_blocks,
+            swappable=self.swappable,
+            model_load_overhead_s=self.model_load_overhead_s,
+            model_load_remaining_s=self.model_load_remaining_s(now_s),
+            decode_fit=self.latency_fit.decode_fit_pb(),
+            prefill_fit=self.latency_fit.prefill_fit_pb(),
         )
 
 
@@ -282,13 +424,29 @@ class SimRegion:
         spec: The region in the topology.
         instances: Its instances.
         incarnation: The agent's incarnation id (fixed per simulation for determinism).
+        topology: The topology, for the region's weight cache at start
+            (`Topology.weight_cache_models`); None = the ``weight_cache:`` list alone.
+
+    Attributes:
+        weight_cache_models: Models whose weights the region's local cache holds.
     """
 
-    def __init__(self, spec: RegionSpec, instances: list[SimInstance], incarnation: str) -> None:
+    def __init__(
+        self,
+        spec: RegionSpec,
+        instances: list[SimInstance],
+        incarnation: str,
+        topology: Topology | None = None,
+    ) -> None:
         self.name = spec.name
         self.spec = spec
         self.instances = instances
         self.incarnation = incarnation
+        self.weight_cache_models: list[str] = (
+            topology.weight_cache_models(spec.name)
+            if topology is not None
+            else list(spec.weight_cache)
+        )
         self.index = PrefixIndex()
         self.pending = DeltaAccumulator()
         self.state_seq = 0
@@ -318,6 +476,19 @@ class SimRegion:
             self.index.apply_delta(delta)
             self.pending.add(delta)
 
+    def clear_instance(self, inst: SimInstance) -> None:
+        """Drops every index entry of an instance (its engine restarts on another model):
+        the pending events are indexed first, then a ``cleared`` delta is published."""
+        self.flush_kv(inst)
+        delta = inst.tracker.clear()
+        self.index.apply_delta(delta)
+        self.pending.add(delta)
+
+    def cache_model(self, model: str) -> None:
+        """Records that the region's local weight cache now holds ``model``."""
+        if model not in self.weight_cache_models:
+            self.weight_cache_models.append(model)
+
     def cached_prefix_tokens(self, inst: SimInstance, token_ids: Sequence[int]) -> int:
         """The prompt's cached prefix on an instance by the agent's own index (at forwarding)."""
         if not token_ids:
@@ -326,13 +497,14 @@ class SimRegion:
         return self.index.match(token_ids, (inst.instance_id,))[inst.instance_id]
 
     def region_state(
-        self, now_unix_ns: int, gauges: Sequence[tuple[int, int, float]]
+        self, now_unix_ns: int, gauges: Sequence[tuple[int, int, float]], now_s: float = 0.0
     ) -> state_pb2.RegionState:
         """The next `RegionState` (seq +1), stamped ``now_unix_ns``.
 
         Args:
             now_unix_ns: Publication time.
             gauges: Per instance (in order), the engine gauges (see `SimInstance.to_proto`).
+            now_s: The same time in virtual seconds (for the switches under way).
         """
         self.flush_kv()
         self.state_seq += 1
@@ -342,11 +514,14 @@ class SimRegion:
             seq=self.state_seq,
             timestamp_unix_ns=now_unix_ns,
             instances=[
-                inst.to_proto(self.index.num_blocks(inst.instance_id), g)
+                inst.to_proto(self.index.num_blocks(inst.instance_id), g, now_s)
                 for inst, g in zip(self.instances, gauges, strict=True)
             ],
             agent_incarnation=self.incarnation,
             egress_usd_per_gb=self.spec.egress_usd_per_gb,
+            weight_cache_models=self.weight_cache_models,
+            weight_cache_gb_per_s=self.spec.weight_cache_gb_per_s,
+            remote_weights_gb_per_s=self.spec.remote_weights_gb_per_s,
         )
 
     def take_kv_delta(self, now_unix_ns: int) -> state_pb2.KvIndexDelta | None:

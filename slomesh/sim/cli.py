@@ -102,11 +102,7 @@ def load_sim_trace(
 
 def max_context_tokens(topology: Topology) -> int:
     """The largest context (prompt + output tokens) any instance of ``topology`` serves."""
-    return max(
-        i.max_model_len or topology.model.max_model_len
-        for r in topology.regions
-        for i in r.instances
-    )
+    return max(topology.instance_max_model_len(i.id) for r in topology.regions for i in r.instances)
 
 
 def oversized_requests(trace: Trace, topology: Topology) -> int:

@@ -9,7 +9,10 @@ arrives, one-way delay = half the predicted RTT) and ``track_inflight`` with the
 target until its stream ends (``untrack_inflight``), when a completed request's output length
 is observed into ``view.output_lengths`` as the live scheduler does when a forwarded stream
 completes. The view is fed `RegionState`s and `KvIndexDelta`s as they are delivered and reads
-the simulator's virtual clock.
+the simulator's virtual clock. Best-effort requests the policy queues wait in the same
+`slomesh.scheduler.admission.BestEffortQueue` as live (on the virtual clock): the simulator
+enqueues them and runs a dispatch pass after each enqueue, each state delivered and each
+expiring wait, as the live scheduler does on its events.
 
 The view is built without a snapshot callback: the simulated agents publish every KV delta from
 the first one (seq 1) on, so the view adopts them in order, as a live scheduler does after its
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from slomesh.scheduler.admission import BestEffortQueue, Dispatch, QueuedRequest
 from slomesh.scheduler.policy import PlacementDecision, Policy
 from slomesh.scheduler.validation import ValidatedRequest, validate_for_view
 from slomesh.scheduler.view import ClusterView
@@ -59,6 +63,7 @@ class SimScheduler:
         self.view = ClusterView(
             topology, staleness_ms=staleness_ms, request_snapshot=None, clock_ns=clock_ns
         )
+        self.best_effort = BestEffortQueue.for_profile(policy.profile, clock_ns)
 
     def on_state(self, state: state_pb2.RegionState) -> None:
         """A `RegionState` arrived (NATS ``slomesh.region.<r>.state``)."""
@@ -79,6 +84,40 @@ class SimScheduler:
     def place(self, request: ValidatedRequest) -> PlacementDecision:
         """Runs the policy; records a chosen placement in the view (optimistic load)."""
         decision = self.policy.place(request, self.view)
+        decision.record_in(self.view)
+        return decision
+
+    def must_wait(self, request: ValidatedRequest) -> bool:
+        """Whether `request` must join the best-effort queue without a placement attempt
+        (earlier best-effort requests of the same or a more urgent priority wait)."""
+        return self.best_effort.must_wait(request)
+
+    def enqueue(self, request: ValidatedRequest, payload: object) -> QueuedRequest | None:
+        """Queues a best-effort request (`BestEffortQueue.offer`); returns the entry it shed
+        from a full queue, if any.
+
+        Raises:
+            slomesh.scheduler.admission.BestEffortQueueFull: (RESOURCE_EXHAUSTED).
+            ValueError: its id is queued already.
+        """
+        _, shed = self.best_effort.offer(request, payload=payload)
+        return shed
+
+    def dispatch_queued(self) -> list[Dispatch]:
+        """One dispatch pass over the best-effort queue; each placement is recorded in the
+        view (optimistic load) before the next entry is tried."""
+        return self.best_effort.dispatch(self._try_place_queued)
+
+    def _try_place_queued(
+        self, entry: QueuedRequest, exclude_instances: frozenset[str], wait_expired: bool
+    ) -> PlacementDecision:
+        decision = self.policy.place(
+            entry.request,
+            self.view,
+            exclude_regions=entry.exclude_regions,
+            exclude_instances=exclude_instances,
+            wait_expired=wait_expired,
+        )
         decision.record_in(self.view)
         return decision
 

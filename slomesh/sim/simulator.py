@@ -19,7 +19,19 @@ clock instead of the wall clock:
 - **Scheduler** (`slomesh.sim.scheduler.SimScheduler`): validation, the policy on a
   `ClusterView` on the virtual clock, optimistic placement accounting, in-flight TPOT
   tracking and the output lengths learned when a completed stream ends at the scheduler, as
-  `services.global_scheduler`.
+  `services.global_scheduler`; and its best-effort queue, with a dispatch pass after every
+  enqueue, state delivery and stream end at the scheduler, and when a queued request's
+  ``best_effort_max_wait_ms`` expires. A queued request is sent on when a pass places it: its
+  time queued is part of its client-side TTFT.
+- **Model switches**: in a topology of several models each engine serves its instance's
+  model; a request for another model reaching an idle swappable instance switches it (as the
+  live agent does on a placement with ``loads_model``): the engine is rebuilt on the new model
+  with an empty KV cache and serves nothing for ``M_q`` =
+  `slomesh.engine.profiles.model_load_time_s` (the instance's start-up overhead plus the
+  weights over the region's cache or remote bandwidth), requests reaching it meanwhile wait,
+  and the region's weight cache holds the model afterwards. A request for a model its
+  instance does not serve and cannot switch to fails with FAILED_PRECONDITION (the agent's
+  "model not loaded").
 - **WAN**: a request placed in region ``j`` from origin ``o`` reaches the agent
   ``rtt_ms(o, j) / 2`` after the decision, and every token reaches the client ``rtt/2`` after
   the step that produced it (`Topology.rtt_ms`, 0 within a region). As in the local mesh, the
@@ -30,7 +42,8 @@ token at the client (``engine TTFT + RTT``), E2E to the last token, TPOT ``(E2E 
 (tokens - 1)``. Requests are sent as replay sends them: token-id prompt, ``max_tokens`` = the
 trace's output length, ``ignore_eos``, the trace's origin region and SLO class. A request the
 scheduler refuses (RESOURCE_EXHAUSTED), cannot route (UNAVAILABLE) or rejects
-(INVALID_ARGUMENT) fails and does not attain its SLO.
+(INVALID_ARGUMENT) fails and does not attain its SLO, as does a best-effort request the full
+queue refuses (RESOURCE_EXHAUSTED).
 
 How it runs: one heap of events (arrivals, requests reaching an agent, state and KV
 publications and deliveries, stream ends at the scheduler), processed in time order (ties in
@@ -64,8 +77,14 @@ from typing import Any
 import numpy as np
 
 from slomesh.engine.model import DecodeRun, Engine, EngineConfig, EngineRequest, StepResult
-from slomesh.engine.profiles import get_model_spec, get_profile
+from slomesh.engine.profiles import (
+    get_model_spec,
+    get_profile,
+    model_load_time_s,
+    switched_max_model_len,
+)
 from slomesh.report import RequestResult
+from slomesh.scheduler.admission import BestEffortQueueFull
 from slomesh.scheduler.policy import PlacementDecision, Policy, make_policy
 from slomesh.scheduler.validation import RequestValidationError, ValidatedRequest
 from slomesh.scheduler.view import ClusterView
@@ -98,6 +117,12 @@ _KV_TICK = 3
 _DELIVER_STATE = 4
 _DELIVER_KV = 5
 _STREAM_END = 6
+_MODEL_LOADED = 7
+_BEST_EFFORT_DEADLINE = 8
+
+#: A best-effort wait's expiry event fires this long after the deadline, seconds, so that the
+#: virtual clock's rounding to whole nanoseconds cannot leave the entry a hair short of it.
+_DEADLINE_SLACK_S = 1e-6
 
 
 @dataclass
@@ -189,12 +214,20 @@ class SimRecord:
         finish_s: When the engine produced its last token (engine side).
         completion_tokens: Tokens generated.
         cached_prompt_tokens: Prompt tokens the engine found in its prefix cache.
-        outcome: The placement outcome ("placed", "best_effort", "refused", "unavailable")
-            or "" when validation failed.
+        outcome: The placement outcome ("placed", "best_effort", "refused", "unavailable";
+            "queued" while it waits in the best-effort queue, or when the full queue refused
+            or shed it) or "" when validation failed.
+        best_effort_wait_ms: Time it spent in the scheduler's best-effort queue, ms.
         predicted_cost_usd: The placement's predicted GPU cost, USD.
         predicted_ttft_ms: The placement's predicted TTFT, ms.
         predicted_queue_wait_ms: The placement's predicted queue wait (RWT) on the chosen
             instance, ms.
+        model: The model the request asks for.
+        predicted_model_load_ms: The placement's predicted model load time ``M_q``, ms (0
+            when the instance served the model).
+        loads_model: The placement switched the instance to the request's model.
+        model_load_wait_s: Time the request waited at its instance for a model switch to
+            end, seconds (0 when none).
         queue_wait_ms: Observed queue wait: from reaching the engine to its first scheduled
             step (vLLM's ``request_queue_time_seconds``), ms; None until scheduled.
         slo_feasible: The policy's verdict that the placement meets the SLO.
@@ -219,9 +252,14 @@ class SimRecord:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
     outcome: str = ""
+    best_effort_wait_ms: float = 0.0
     predicted_cost_usd: float | None = None
     predicted_ttft_ms: float = 0.0
     predicted_queue_wait_ms: float = 0.0
+    model: str = ""
+    predicted_model_load_ms: float = 0.0
+    loads_model: bool = False
+    model_load_wait_s: float = 0.0
     queue_wait_ms: float | None = None
     slo_feasible: bool = False
     policy: str = ""
@@ -379,7 +417,8 @@ class Simulator:
 
     Raises:
         slomesh.scheduler.policy.PolicyConfigError: unknown or invalid policy.
-        ValueError: the topology's model is unknown or an instance's KV cache is too small.
+        ValueError: a topology model is unknown to the engine model, or an instance's KV
+            cache is too small.
     """
 
     def __init__(
@@ -399,6 +438,7 @@ class Simulator:
         self.on_decision = on_decision
         self.on_delivery = on_delivery
         self.model = get_model_spec(topology.model.name)
+        self.model_specs = {name: get_model_spec(name) for name in topology.model_names}
         # Fail early on a bad policy or engine configuration.
         self._make_policy()
         self._build_regions()
@@ -409,31 +449,48 @@ class Simulator:
         return make_policy(self.policy_source)
 
     def _build_regions(self) -> list[SimRegion]:
-        cfg = self.config
         topo = self.topology
         regions = []
         for region in topo.regions:
             instances = []
             for spec in region.instances:
-                engine = Engine(
-                    get_profile(spec.gpu_type),
-                    self.model,
-                    EngineConfig(
-                        max_num_batched_tokens=cfg.max_num_batched_tokens,
-                        max_num_seqs=cfg.max_num_seqs,
-                        block_size=cfg.block_size,
-                        enable_prefix_caching=cfg.enable_prefix_caching,
-                        max_model_len=spec.max_model_len or topo.model.max_model_len,
-                        seed=cfg.seed,
-                    ),
+                model = topo.instance_model(spec.id)
+                engine = self._engine(
+                    spec.gpu_type, model.name, topo.instance_max_model_len(spec.id)
                 )
                 on_demand, spot = topo.gpu_price_usd_per_hour(spec.gpu_type, region.cloud_region)
                 instances.append(
-                    SimInstance(region.name, spec, engine, topo.model.name, on_demand, spot,
-                                topo.model.stream_interval)
+                    SimInstance(
+                        region.name,
+                        spec,
+                        engine,
+                        model.name,
+                        on_demand,
+                        spot,
+                        model.stream_interval,
+                        topo.model_load_overhead_s(spec.id),
+                    )
                 )
-            regions.append(SimRegion(region, instances, incarnation=f"sim-{region.name}"))
+            regions.append(
+                SimRegion(region, instances, incarnation=f"sim-{region.name}", topology=topo)
+            )
         return regions
+
+    def _engine(self, gpu_type: str, model: str, max_model_len: int) -> Engine:
+        """A fresh engine serving ``model`` on ``gpu_type`` with the simulation's settings."""
+        cfg = self.config
+        return Engine(
+            get_profile(gpu_type),
+            self.model_specs[model],
+            EngineConfig(
+                max_num_batched_tokens=cfg.max_num_batched_tokens,
+                max_num_seqs=cfg.max_num_seqs,
+                block_size=cfg.block_size,
+                enable_prefix_caching=cfg.enable_prefix_caching,
+                max_model_len=max_model_len,
+                seed=cfg.seed,
+            ),
+        )
 
     def run(
         self, trace: Trace, progress: Callable[[int, int], None] | None = None
@@ -488,12 +545,15 @@ class _Run:
             self.origin_arrivals.setdefault(tr.origin_region, []).append(tr.arrival_s)
         self.origin_cursor = dict.fromkeys(self.origin_arrivals, 0)
         self.incoming: dict[str, list[float]] = {i.instance_id: [] for i in self.instances}
+        # Requests waiting at an instance for its model switch to end, in arrival order.
+        self.held: dict[str, list[SimRecord]] = {i.instance_id: [] for i in self.instances}
         self.stats = {
             "events": 0,
             "engine_steps": 0,
             "decode_runs": 0,
             "decode_run_steps": 0,
             "decisions": 0,
+            "model_switches": 0,
         }
 
     # -- clock and heap ------------------------------------------------------------------------
@@ -547,14 +607,24 @@ class _Run:
                 if self.sim.on_delivery is not None:
                     self.sim.on_delivery(t, payload)
                 self.scheduler.on_state(payload)
+                self._dispatch_queued()
             elif kind == _DELIVER_KV:
                 if self.sim.on_delivery is not None:
                     self.sim.on_delivery(t, payload)
                 self.scheduler.on_kv(payload)
             elif kind == _STREAM_END:
                 self._stream_end_at_scheduler(payload)
+                self._dispatch_queued()
+            elif kind == _MODEL_LOADED:
+                self._on_model_loaded(payload)
+            elif kind == _BEST_EFFORT_DEADLINE:
+                self._dispatch_queued()
         if self.in_flight:
             raise RuntimeError(f"simulation ended with {self.in_flight} requests in flight")
+        if len(self.scheduler.best_effort):
+            raise RuntimeError(
+                f"simulation ended with {len(self.scheduler.best_effort)} requests queued"
+            )
         wall_s = time.perf_counter() - wall0
         if self.progress is not None:
             self.progress(len(requests), len(requests))
@@ -575,7 +645,7 @@ class _Run:
         )
 
     def _done(self) -> bool:
-        return self.arrivals_done and self.in_flight == 0
+        return self.arrivals_done and self.in_flight == 0 and not len(self.scheduler.best_effort)
 
     # -- events --------------------------------------------------------------------------------
 
@@ -589,6 +659,10 @@ class _Run:
             if i < len(times):
                 t = times[i] + self._rtt_ms(origin, inst.region) / 2000.0
                 bound = min(bound, t)
+        # A queued best-effort request may be sent at any event from now on.
+        queued_origins = {e.request.origin_region for e in self.scheduler.best_effort}
+        for origin in queued_origins:
+            bound = min(bound, self.now + self._rtt_ms(origin, inst.region) / 2000.0)
         return bound
 
     def _on_arrival(self, index: int) -> None:
@@ -620,9 +694,10 @@ class _Run:
             slo_class=tr.slo_class,
             prompt_tokens=tr.prompt_tokens,
             output_tokens=tr.output_tokens,
+            model=tr.model or self.topology.model.name,
         )
         self.records.append(rec)
-        msg = generate_request(tr, self.topology.model.name)
+        msg = generate_request(tr, rec.model)
         tr.release_tokens()
         scheduler = self.scheduler
         try:
@@ -631,12 +706,24 @@ class _Run:
             rec.error_code = "INVALID_ARGUMENT"
             rec.error = str(err)
             return
-        decision = scheduler.place(vreq)
+        if scheduler.must_wait(vreq):
+            # Best-effort requests wait ahead of it: it must not overtake them.
+            self._enqueue(rec, vreq)
+            return
+        self._decided(rec, vreq, scheduler.place(vreq))
+
+    def _decided(self, rec: SimRecord, vreq: ValidatedRequest, decision: PlacementDecision) -> None:
+        """Acts on a placement decision taken now: queues, fails or sends the request."""
+        now = self.now
+        scheduler = self.scheduler
         self.stats["decisions"] += 1
         if self.sim.on_decision is not None:
             self.sim.on_decision(now, vreq, decision, scheduler.view)
         rec.outcome = decision.outcome
         rec.policy = decision.policy
+        if decision.outcome == "queued":
+            self._enqueue(rec, vreq)
+            return
         chosen = decision.chosen
         if chosen is None or chosen.prediction is None:
             rec.error_code = "RESOURCE_EXHAUSTED" if decision.outcome == "refused" else "UNAVAILABLE"
@@ -648,8 +735,10 @@ class _Run:
         rec.predicted_cost_usd = p.cost_usd
         rec.predicted_ttft_ms = p.ttft_ms
         rec.predicted_queue_wait_ms = p.queue_wait_ms
+        rec.predicted_model_load_ms = p.model_load_ms
+        rec.loads_model = chosen.model_load is not None
         rec.slo_feasible = chosen.feasible
-        rec.wan_rtt_ms = self._rtt_ms(tr.origin_region, chosen.region)
+        rec.wan_rtt_ms = self._rtt_ms(rec.origin_region, chosen.region)
         rec._tokens = vreq.prompt_token_ids.tolist()
         rec._request = vreq
         scheduler.forwarded(vreq, chosen.region, chosen.instance_id)
@@ -659,17 +748,81 @@ class _Run:
         heapq.heappush(self.incoming[chosen.instance_id], at_agent_s)
         self._push(at_agent_s, _AT_AGENT, rec)
 
+    def _enqueue(self, rec: SimRecord, vreq: ValidatedRequest) -> None:
+        """Queues a best-effort request at the scheduler (refused when the queue is full), sets
+        the event of its wait's expiry and runs a dispatch pass, as the live scheduler does."""
+        rec.outcome = "queued"
+        rec.policy = self.policy.name
+        try:
+            shed = self.scheduler.enqueue(vreq, rec)
+        except (BestEffortQueueFull, ValueError) as err:
+            rec.error_code = (
+                "RESOURCE_EXHAUSTED" if isinstance(err, BestEffortQueueFull) else "ALREADY_EXISTS"
+            )
+            rec.error = str(err)
+            return
+        if shed is not None:
+            dropped: SimRecord = shed.payload
+            dropped.best_effort_wait_ms = shed.waited_ms(self._clock_ns())
+            dropped.error_code = "RESOURCE_EXHAUSTED"
+            dropped.error = (
+                f"shed from the best-effort queue for a more urgent request (priority "
+                f"{vreq.priority} < {shed.priority})"
+            )
+        wait_s = self.scheduler.best_effort.max_wait_ms / 1000.0
+        self._push(self.now + wait_s + _DEADLINE_SLACK_S, _BEST_EFFORT_DEADLINE, None)
+        self._dispatch_queued()
+
+    def _dispatch_queued(self) -> None:
+        """A dispatch pass over the scheduler's best-effort queue (every engine advanced to
+        now first, as before any decision); each entry that leaves it is sent or fails."""
+        if not len(self.scheduler.best_effort):
+            return
+        now = self.now
+        for inst in self.instances:
+            self._advance(inst, now)
+        for dispatch in self.scheduler.dispatch_queued():
+            rec: SimRecord = dispatch.entry.payload
+            rec.best_effort_wait_ms = dispatch.waited_ms
+            self._decided(rec, dispatch.entry.request, dispatch.decision)
+
     def _on_at_agent(self, rec: SimRecord) -> None:
         now = self.now
         inst = self.instance_by_id[rec.instance_id]
         region = self.region_by_name[inst.region]
         self._advance(inst, now)
         heapq.heappop(self.incoming[inst.instance_id])  # after advancing: it bounds the run
+        if rec.model != inst.model_name:
+            if not inst.can_switch():
+                # The live agent answers FAILED_PRECONDITION: the model is not loaded there.
+                rec.at_agent_s = now
+                rec._tokens = None
+                rec.error_code = "FAILED_PRECONDITION"
+                rec.error = (
+                    f"instance {inst.instance_id} serves {inst.model_name!r}, not "
+                    f"{rec.model!r}, and cannot switch now"
+                )
+                self.in_flight -= 1
+                self._stream_end(rec, now)
+                return
+            self._begin_switch(inst, region, rec.model, now)
+        if inst.loading_until_s is not None:
+            # Held until the switch ends; the agent accounts for it from now.
+            rec.at_agent_s = now
+            inst.start_request(rec.request_id, rec.prompt_tokens, 0, rec.output_tokens, now)
+            self.live[rec.request_id] = rec
+            self.held[inst.instance_id].append(rec)
+            return
+        self._to_engine(inst, region, rec, now)
+
+    def _to_engine(self, inst: SimInstance, region: SimRegion, rec: SimRecord, now: float) -> None:
+        """Forwards a request that reached its instance's agent to the engine (at ``now``)."""
         tokens = rec._tokens or []
         rec._tokens = None
         rec.at_agent_s = now
-        cached = region.cached_prefix_tokens(inst, tokens)
-        inst.start_request(rec.request_id, rec.prompt_tokens, cached, rec.output_tokens, now)
+        if rec.request_id not in inst.outstanding:
+            cached = region.cached_prefix_tokens(inst, tokens)
+            inst.start_request(rec.request_id, rec.prompt_tokens, cached, rec.output_tokens, now)
         try:
             inst.engine.add_request(
                 EngineRequest(rec.request_id, tokens, rec.output_tokens, ignore_eos=True),
@@ -678,6 +831,7 @@ class _Run:
         except ValueError as err:
             # The engine answers HTTP 400; the agent and the scheduler pass INVALID_ARGUMENT on.
             inst.finish_request(rec.request_id)
+            self.live.pop(rec.request_id, None)
             rec.error_code = "INVALID_ARGUMENT"
             rec.error = str(err)
             self.in_flight -= 1
@@ -687,6 +841,46 @@ class _Run:
         if inst.next_start_s is None:
             inst.next_start_s = now
 
+    def _begin_switch(self, inst: SimInstance, region: SimRegion, model: str, now: float) -> None:
+        """Starts switching ``inst`` to ``model`` at ``now``: a fresh engine on the model, the
+        instance's index cleared, ``M_q`` until it serves (module docstring)."""
+        topo = self.topology
+        ref = topo.model_ref(model)
+        spec = topo.region(region.name)
+        from_cache = model in region.weight_cache_models
+        weights_bytes = ref.resolved_weights_bytes
+        assert weights_bytes is not None  # Topology requires it with several models
+        bandwidth = spec.weight_cache_gb_per_s if from_cache else spec.remote_weights_gb_per_s
+        load_s = model_load_time_s(
+            weights_bytes, load_gb_per_s=bandwidth, overhead_s=inst.model_load_overhead_s
+        )
+        max_len = switched_max_model_len(
+            get_profile(inst.gpu_type),
+            self.sim.model_specs[model],
+            ref.max_model_len,
+            self.cfg.block_size,
+        )
+        engine = self.sim._engine(inst.gpu_type, model, max_len)
+        region.clear_instance(inst)
+        inst.begin_model_load(engine, model, ref.stream_interval, now + load_s)
+        self.stats["model_switches"] += 1
+        self._push(now + load_s, _MODEL_LOADED, (inst.instance_id, model))
+
+    def _on_model_loaded(self, payload: tuple[str, str]) -> None:
+        """A model switch ended: the region's cache holds the model, held requests go to the
+        engine in arrival order."""
+        instance_id, model = payload
+        now = self.now
+        inst = self.instance_by_id[instance_id]
+        region = self.region_by_name[inst.region]
+        region.cache_model(model)
+        inst.engine_ready(now)
+        held, self.held[instance_id] = self.held[instance_id], []
+        for rec in held:
+            assert rec.at_agent_s is not None
+            rec.model_load_wait_s = now - rec.at_agent_s
+            self._to_engine(inst, region, rec, now)
+
     def _on_state_tick(self, region_index: int) -> None:
         now = self.now
         region = self.regions[region_index]
@@ -695,7 +889,8 @@ class _Run:
             self._advance(inst, now)
             inst.tick(now)
             gauges.append(self._gauges(inst))
-        state = region.region_state(self._clock_ns(), gauges)
+            inst.observe_step_times(gauges[-1])
+        state = region.region_state(self._clock_ns(), gauges, now)
         self._push(now + self.cfg.state_delay_ms / 1000.0, _DELIVER_STATE, state)
         if not self._done():
             self._push(now + self.cfg.state_period_ms / 1000.0, _STATE_TICK, region_index)
@@ -799,6 +994,7 @@ class _Run:
             rec.completion_tokens += n
             if out.finished:
                 self._finish(inst, rec, end_s)
+        inst.engine_metrics.on_step(res)
         if res.kv_events:
             self.region_by_name[inst.region].on_kv_events(inst, res.kv_events)
 
@@ -807,6 +1003,7 @@ class _Run:
         live = self.live
         ids = run.request_ids
         inst.decode_tokens_received(ids, n)
+        inst.engine_metrics.on_decode_run(run, j0, j1)
         for rid in ids:
             live[rid].completion_tokens += n
         batch: list = []
@@ -846,7 +1043,7 @@ class _Run:
             rec.region,
             rec.instance_id,
             rec.request_id,
-            model=self.topology.model.name,
+            model=rec.model,
             slo_class=rec.slo_class,
             completion_tokens=rec.completion_tokens if rec.ok else 0,
         )

@@ -53,7 +53,7 @@ class Completion(_message.Message):
     def __init__(self, usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., finish_reason: _Optional[str] = ..., region: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class PredictedTimings(_message.Message):
-    __slots__ = ("ttft_ms", "tpot_ms", "e2e_ms", "queue_wait_ms", "prefill_ms", "decode_ms", "rtt_ms", "transfer_ms")
+    __slots__ = ("ttft_ms", "tpot_ms", "e2e_ms", "queue_wait_ms", "prefill_ms", "decode_ms", "rtt_ms", "transfer_ms", "model_load_ms")
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     E2E_MS_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class PredictedTimings(_message.Message):
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     RTT_MS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_MS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_LOAD_MS_FIELD_NUMBER: _ClassVar[int]
     ttft_ms: float
     tpot_ms: float
     e2e_ms: float
@@ -70,4 +71,5 @@ class PredictedTimings(_message.Message):
     decode_ms: float
     rtt_ms: float
     transfer_ms: float
-    def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., queue_wait_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., rtt_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ...) -> None: ...
+    model_load_ms: float
+    def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., queue_wait_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., rtt_ms: _Optional[float] = ..., transfer_ms: _Optional[float] = ..., model_load_ms: _Optional[float] = ...) -> None: ...

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt_token_ids", "prompt_text", "max_tokens", "ignore_eos", "slo_class", "origin_region", "tenant", "expected_output_tokens")
+    __slots__ = ("request_id", "model", "prompt_token_ids", "prompt_text", "max_tokens", "ignore_eos", "slo_class", "origin_region", "tenant", "expected_output_tokens", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class GenerateRequest(_message.Message):
     ORIGIN_REGION_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -29,10 +30,11 @@ class GenerateRequest(_message.Message):
     origin_region: str
     tenant: str
     expected_output_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., prompt_text: _Optional[str] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., slo_class: _Optional[str] = ..., origin_region: _Optional[str] = ..., tenant: _Optional[str] = ..., expected_output_tokens: _Optional[int] = ...) -> None: ...
+    priority: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., prompt_text: _Optional[str] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., slo_class: _Optional[str] = ..., origin_region: _Optional[str] = ..., tenant: _Optional[str] = ..., expected_output_tokens: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("request_id", "region", "instance_id", "agent_endpoint", "predicted", "cached_prefix_tokens", "predicted_cost_usd", "objective", "policy", "origin_region", "slo_class", "slo_feasible")
+    __slots__ = ("request_id", "region", "instance_id", "agent_endpoint", "predicted", "cached_prefix_tokens", "predicted_cost_usd", "objective", "policy", "origin_region", "slo_class", "slo_feasible", "loads_model")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +47,7 @@ class Placement(_message.Message):
     ORIGIN_REGION_FIELD_NUMBER: _ClassVar[int]
     SLO_CLASS_FIELD_NUMBER: _ClassVar[int]
     SLO_FEASIBLE_FIELD_NUMBER: _ClassVar[int]
+    LOADS_MODEL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     region: str
     instance_id: str
@@ -57,7 +60,8 @@ class Placement(_message.Message):
     origin_region: str
     slo_class: str
     slo_feasible: bool
-    def __init__(self, request_id: _Optional[str] = ..., region: _Optional[str] = ..., instance_id: _Optional[str] = ..., agent_endpoint: _Optional[str] = ..., predicted: _Optional[_Union[_common_pb2.PredictedTimings, _Mapping]] = ..., cached_prefix_tokens: _Optional[int] = ..., predicted_cost_usd: _Optional[float] = ..., objective: _Optional[float] = ..., policy: _Optional[str] = ..., origin_region: _Optional[str] = ..., slo_class: _Optional[str] = ..., slo_feasible: _Optional[bool] = ...) -> None: ...
+    loads_model: bool
+    def __init__(self, request_id: _Optional[str] = ..., region: _Optional[str] = ..., instance_id: _Optional[str] = ..., agent_endpoint: _Optional[str] = ..., predicted: _Optional[_Union[_common_pb2.PredictedTimings, _Mapping]] = ..., cached_prefix_tokens: _Optional[int] = ..., predicted_cost_usd: _Optional[float] = ..., objective: _Optional[float] = ..., policy: _Optional[str] = ..., origin_region: _Optional[str] = ..., slo_class: _Optional[str] = ..., slo_feasible: _Optional[bool] = ..., loads_model: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("placement", "tokens", "completion")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16slomesh/v1/state.proto\x12\nslomesh.v1\"\xb2\x04\n\rInstanceState\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x10\n\x08gpu_type\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\x1c\n\x14num_requests_running\x18\x06 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x07 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x08 \x01(\x01\x12\x1d\n\x15queued_prefill_tokens\x18\t \x01(\x04\x12\x1c\n\x14queued_decode_tokens\x18\n \x01(\x04\x12\x1c\n\x14prefill_tokens_per_s\x18\x0b \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x0c \x01(\x01\x12\x12\n\nblock_size\x18\r \x01(\r\x12\x16\n\x0enum_gpu_blocks\x18\x0e \x01(\x04\x12\x15\n\rmax_model_len\x18\x0f \x01(\r\x12\x1a\n\x12price_usd_per_hour\x18\x10 \x01(\x01\x12\x1f\n\x17spot_price_usd_per_hour\x18\x11 \x01(\x01\x12\"\n\x1aprefix_cache_queries_total\x18\x12 \x01(\x04\x12\x1f\n\x17prefix_cache_hits_total\x18\x13 \x01(\x04\x12 \n\x18num_requests_outstanding\x18\x14 \x01(\r\x12\x1a\n\x12num_indexed_blocks\x18\x15 \x01(\x04\"\xc1\x01\n\x0bRegionState\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x19\n\x11timestamp_unix_ns\x18\x03 \x01(\x03\x12\x16\n\x0e\x61gent_endpoint\x18\x04 \x01(\t\x12,\n\tinstances\x18\x05 \x03(\x0b\x32\x19.slomesh.v1.InstanceState\x12\x19\n\x11\x61gent_incarnation\x18\x06 \x01(\t\x12\x19\n\x11\x65gress_usd_per_gb\x18\x07 \x01(\x01\"y\n\x12InstanceBlockDelta\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0bstored_keys\x18\x02 \x03(\x04\x12\x14\n\x0cremoved_keys\x18\x03 \x03(\x04\x12\x0f\n\x07\x63leared\x18\x04 \x01(\x08\x12\x12\n\nblock_size\x18\x05 \x01(\r\"\x94\x01\n\x0cKvIndexDelta\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x19\n\x11timestamp_unix_ns\x18\x03 \x01(\x03\x12\x31\n\tinstances\x18\x04 \x03(\x0b\x32\x1e.slomesh.v1.InstanceBlockDelta\x12\x19\n\x11\x61gent_incarnation\x18\x05 \x01(\t\"\x97\x01\n\x0fKvIndexSnapshot\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x19\n\x11timestamp_unix_ns\x18\x03 \x01(\x03\x12\x31\n\tinstances\x18\x04 \x03(\x0b\x32\x1e.slomesh.v1.InstanceBlockDelta\x12\x19\n\x11\x61gent_incarnation\x18\x05 \x01(\t\"\x96\x01\n\tRttReport\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x19\n\x11timestamp_unix_ns\x18\x02 \x01(\x03\x12\x30\n\x06rtt_ms\x18\x03 \x03(\x0b\x32 .slomesh.v1.RttReport.RttMsEntry\x1a,\n\nRttMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16slomesh/v1/state.proto\x12\nslomesh.v1\"\xe9\x05\n\rInstanceState\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x10\n\x08gpu_type\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\x1c\n\x14num_requests_running\x18\x06 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x07 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x08 \x01(\x01\x12\x1d\n\x15queued_prefill_tokens\x18\t \x01(\x04\x12\x1c\n\x14queued_decode_tokens\x18\n \x01(\x04\x12\x1c\n\x14prefill_tokens_per_s\x18\x0b \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x0c \x01(\x01\x12\x12\n\nblock_size\x18\r \x01(\r\x12\x16\n\x0enum_gpu_blocks\x18\x0e \x01(\x04\x12\x15\n\rmax_model_len\x18\x0f \x01(\r\x12\x1a\n\x12price_usd_per_hour\x18\x10 \x01(\x01\x12\x1f\n\x17spot_price_usd_per_hour\x18\x11 \x01(\x01\x12\"\n\x1aprefix_cache_queries_total\x18\x12 \x01(\x04\x12\x1f\n\x17prefix_cache_hits_total\x18\x13 \x01(\x04\x12 \n\x18num_requests_outstanding\x18\x14 \x01(\r\x12\x1a\n\x12num_indexed_blocks\x18\x15 \x01(\x04\x12\x11\n\tswappable\x18\x16 \x01(\x08\x12\x1d\n\x15model_load_overhead_s\x18\x17 \x01(\x01\x12\x1e\n\x16model_load_remaining_s\x18\x18 \x01(\x01\x12\x30\n\ndecode_fit\x18\x1a \x01(\x0b\x32\x1c.slomesh.v1.OnlineLatencyFit\x12\x31\n\x0bprefill_fit\x18\x1b \x01(\x0b\x32\x1c.slomesh.v1.OnlineLatencyFit\"\x9e\x02\n\x0bRegionState\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x19\n\x11timestamp_unix_ns\x18\x03 \x01(\x03\x12\x16\n\x0e\x61gent_endpoint\x18\x04 \x01(\t\x12,\n\tinstances\x18\x05 \x03(\x0b\x32\x19.slomesh.v1.InstanceState\x12\x19\n\x11\x61gent_incarnation\x18\x06 \x01(\t\x12\x19\n\x11\x65gress_usd_per_gb\x18\x07 \x01(\x01\x12\x1b\n\x13weight_cache_models\x18\x08 \x03(\t\x12\x1d\n\x15weight_cache_gb_per_s\x18\t \x01(\x01\x12\x1f\n\x17remote_weights_gb_per_s\x18\n \x01(\x01\"y\n\x12InstanceBlockDelta\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x13\n\x0bstored_keys\x18\x02 \x03(\x04\x12\x14\n\x0cremoved_keys\x18\x03 \x03(\x04\x12\x0f\n\x07\x63leared\x18\x04 \x01(\x08\x12\x12\n\nblock_size\x18\x05 \x01(\r\"\x94\x01\n\x0cKvIndexDelta\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x19\n\x11timestamp_unix_ns\x18\x03 \x01(\x03\x12\x31\n\tinstances\x18\x04 \x03(\x0b\x32\x1e.slomesh.v1.InstanceBlockDelta\x12\x19\n\x11\x61gent_incarnation\x18\x05 \x01(\t\"\x97\x01\n\x0fKvIndexSnapshot\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x19\n\x11timestamp_unix_ns\x18\x03 \x01(\x03\x12\x31\n\tinstances\x18\x04 \x03(\x0b\x32\x1e.slomesh.v1.InstanceBlockDelta\x12\x19\n\x11\x61gent_incarnation\x18\x05 \x01(\t\"\x8f\x01\n\x10OnlineLatencyFit\x12\x14\n\x0c\x63oefficients\x18\x01 \x03(\x01\x12\x14\n\x0cobservations\x18\x02 \x01(\x04\x12\n\n\x02r2\x18\x03 \x01(\x01\x12\x0f\n\x07rmse_ms\x18\x04 \x01(\x01\x12\x16\n\x0estatic_rmse_ms\x18\x05 \x01(\x01\x12\x1a\n\x12prediction_rmse_ms\x18\x06 \x01(\x01\"\x96\x01\n\tRttReport\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x19\n\x11timestamp_unix_ns\x18\x02 \x01(\x03\x12\x30\n\x06rtt_ms\x18\x03 \x03(\x0b\x32 .slomesh.v1.RttReport.RttMsEntry\x1a,\n\nRttMsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x88\x02\n\tLinkStats\x12\x1c\n\x14\x63\x61pacity_bytes_per_s\x18\x01 \x01(\x01\x12\x1e\n\x16throughput_bytes_per_s\x18\x02 \x01(\x01\x12\x19\n\x11spare_bytes_per_s\x18\x03 \x01(\x01\x12\x1e\n\x16\x66oreground_bytes_per_s\x18\x04 \x01(\x01\x12\x14\n\x0cqueued_bytes\x18\x05 \x01(\x04\x12\x1c\n\x14prefetch_bytes_per_s\x18\x06 \x01(\x01\x12\x1b\n\x13prewarm_bytes_per_s\x18\x07 \x01(\x01\x12\x1f\n\x17queued_foreground_bytes\x18\x08 \x01(\x04\x12\x10\n\x08window_s\x18\t \x01(\x01\"\xb8\x01\n\x0fLinkStatsReport\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x19\n\x11timestamp_unix_ns\x18\x02 \x01(\x03\x12\x35\n\x05links\x18\x03 \x03(\x0b\x32&.slomesh.v1.LinkStatsReport.LinksEntry\x1a\x43\n\nLinksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.slomesh.v1.LinkStats:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,18 +33,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RTTREPORT_RTTMSENTRY']._loaded_options = None
   _globals['_RTTREPORT_RTTMSENTRY']._serialized_options = b'8\001'
+  _globals['_LINKSTATSREPORT_LINKSENTRY']._loaded_options = None
+  _globals['_LINKSTATSREPORT_LINKSENTRY']._serialized_options = b'8\001'
   _globals['_INSTANCESTATE']._serialized_start=39
-  _globals['_INSTANCESTATE']._serialized_end=601
-  _globals['_REGIONSTATE']._serialized_start=604
-  _globals['_REGIONSTATE']._serialized_end=797
-  _globals['_INSTANCEBLOCKDELTA']._serialized_start=799
-  _globals['_INSTANCEBLOCKDELTA']._serialized_end=920
-  _globals['_KVINDEXDELTA']._serialized_start=923
-  _globals['_KVINDEXDELTA']._serialized_end=1071
-  _globals['_KVINDEXSNAPSHOT']._serialized_start=1074
-  _globals['_KVINDEXSNAPSHOT']._serialized_end=1225
-  _globals['_RTTREPORT']._serialized_start=1228
-  _globals['_RTTREPORT']._serialized_end=1378
-  _globals['_RTTREPORT_RTTMSENTRY']._serialized_start=1334
-  _globals['_RTTREPORT_RTTMSENTRY']._serialized_end=1378
+  _globals['_INSTANCESTATE']._serialized_end=784
+  _globals['_REGIONSTATE']._serialized_start=787
+  _globals['_REGIONSTATE']._serialized_end=1073
+  _globals['_INSTANCEBLOCKDELTA']._serialized_start=1075
+  _globals['_INSTANCEBLOCKDELTA']._serialized_end=1196
+  _globals['_KVINDEXDELTA']._serialized_start=1199
+  _globals['_KVINDEXDELTA']._serialized_end=1347
+  _globals['_KVINDEXSNAPSHOT']._serialized_start=1350
+  _globals['_KVINDEXSNAPSHOT']._serialized_end=1501
+  _globals['_ONLINELATENCYFIT']._serialized_start=1504
+  _globals['_ONLINELATENCYFIT']._serialized_end=1647
+  _globals['_RTTREPORT']._serialized_start=1650
+  _globals['_RTTREPORT']._serialized_end=1800
+  _globals['_RTTREPORT_RTTMSENTRY']._serialized_start=1756
+  _globals['_RTTREPORT_RTTMSENTRY']._serialized_end=1800
+  _globals['_LINKSTATS']._serialized_start=1803
+  _globals['_LINKSTATS']._serialized_end=2067
+  _globals['_LINKSTATSREPORT']._serialized_start=2070
+  _globals['_LINKSTATSREPORT']._serialized_end=2254
+  _globals['_LINKSTATSREPORT_LINKSENTRY']._serialized_start=2187
+  _globals['_LINKSTATSREPORT_LINKSENTRY']._serialized_end=2254
 # @@protoc_insertion_point(module_scope)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
@@ -29,6 +30,7 @@ from services.global_scheduler.routes import Routes
 from services.global_scheduler.server import SchedulerConfig, SchedulerService
 from slomesh import bus
 from slomesh.kv.hashing import compute_block_keys
+from slomesh.scheduler.policy import BUILTIN_PROFILES
 from slomesh.service import GrpcServerHandle, start_grpc_server
 from slomesh.telemetry import setup_telemetry
 from slomesh.topology import Topology
@@ -142,6 +144,7 @@ class Mesh:
         staleness_ms: float = 1000.0,
         routes=None,
         failing: Sequence[str] = (),
+        **config: object,
     ) -> Mesh:
         for region in regions:
             agent = FakeAgent(region, fail=region in failing)
@@ -170,6 +173,7 @@ class Mesh:
                 ledger_retry_max_s=0.3,
                 grace_s=1.0,
                 registry=CollectorRegistry(),
+                **config,
             )
         )
         await self.service.start()
@@ -410,6 +414,192 @@ async def test_overload_is_refused_with_retry_after(mesh):
     # The batch class is placed best effort instead.
     placement = await mesh.stub.Place(request(request_id="r-2", slo_class="batch"))
     assert placement.region == "washington-dc" and not placement.slo_feasible
+
+
+# -- soft admission: the best-effort queue ----------------------------------------------------
+
+#: "interactive": an SLO class whose TPOT target (20 ms) an H100 meets; "bulk": a best-effort
+#: tier at priority 2 with an unreachable target. The profile lets a priority-2 request slow
+#: the requests running on an instance to at most 20 % of their TPOT target (4 ms): no
+#: instance running an interactive request can take a bulk one, which waits in the queue.
+BEST_EFFORT_SLO = {
+    "classes": {
+        "interactive": {"ttft_base_ms": 500, "ttft_per_prompt_token_ms": 0.25, "tpot_ms": 20},
+        "bulk": {"tpot_ms": 1, "on_infeasible": "best_effort", "priority": 2},
+    }
+}
+
+
+async def start_best_effort_mesh(mesh: Mesh, tmp_path: Path, **profile) -> None:
+    """Washington DC publishing its H100 only, with the SLO classes and profile above."""
+    slo_path = tmp_path / "slo.yaml"
+    slo_path.write_text(yaml.safe_dump(BEST_EFFORT_SLO))
+    policy_path = tmp_path / "policy.yaml"
+    data = {**BUILTIN_PROFILES["slomesh"], "priority_slo_margins": {2: 0.2}, **profile}
+    policy_path.write_text(yaml.safe_dump(data))
+    await mesh.start(
+        regions=("washington-dc",), policy=str(policy_path), slo_config_path=str(slo_path)
+    )
+    mesh.regions["washington-dc"].instances = [instance("wdc-h100-0", "H100")]
+    view = mesh.service.view
+    for _ in range(100):
+        if [i.instance_id for i in view.instances()] == ["wdc-h100-0"]:
+            break
+        await asyncio.sleep(0.02)
+    assert [i.instance_id for i in view.instances()] == ["wdc-h100-0"]
+
+
+async def wait_until(predicate, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_best_effort_request_is_queued_then_served(mesh, tmp_path):
+    exporter = InMemorySpanExporter()
+    setup_telemetry("test-scheduler", extra_exporters=[exporter])
+    await start_best_effort_mesh(mesh, tmp_path)
+    service = mesh.service
+    queue = service.servicer.best_effort
+    registry = service.config.registry
+
+    interactive = mesh.stub.Generate(
+        request(request_id="i-1", slo_class="interactive", max_tokens=300)
+    )
+    first = await interactive.read()
+    assert first.placement.instance_id == "wdc-h100-0" and first.placement.slo_feasible
+    assert service.view.tightest_inflight_tpot_ms("washington-dc", "wdc-h100-0") == 20.0
+
+    bulk_events: list[tuple[float, scheduler_pb2.GenerateResponse]] = []
+
+    async def run_bulk() -> None:
+        call = mesh.stub.Generate(request(request_id="b-1", slo_class="bulk", max_tokens=4))
+        async for event in call:
+            bulk_events.append((time.monotonic(), event))
+
+    sent = time.monotonic()
+    bulk = asyncio.create_task(run_bulk())
+    await wait_until(lambda: "b-1" in queue)
+    # It waits while the interactive request runs, through several state updates.
+    await asyncio.sleep(0.3)
+    assert "b-1" in queue and not bulk_events
+    assert registry.get_sample_value("slomesh_scheduler_best_effort_queue_depth") == 1.0
+
+    while (event := await interactive.read()) is not grpc.aio.EOF:
+        last = event
+    interactive_done = time.monotonic()
+    assert last.WhichOneof("event") == "completion"
+    await asyncio.wait_for(bulk, 10)
+
+    kinds = [e.WhichOneof("event") for _, e in bulk_events]
+    assert kinds == ["placement"] + ["tokens"] * 4 + ["completion"]
+    placed_at, placement = bulk_events[0][0], bulk_events[0][1].placement
+    assert placed_at >= interactive_done - 0.05  # not before the interactive stream ended
+    assert placement.instance_id == "wdc-h100-0" and not placement.slo_feasible
+    # The time queued is part of its TTFT.
+    completion = bulk_events[-1][1].completion
+    assert completion.timings.ttft_ms >= (interactive_done - sent) * 1000.0 - 50.0
+    assert len(queue) == 0
+
+    assert await service.ledger.flush(5)
+    row = await service.ledger.redis.hgetall(request_key("b-1"))
+    assert row["placement_outcome"] == "best_effort" and row["outcome"] == "ok"
+    assert row["best_effort_result"] == "placed" and row["priority"] == "2"
+    assert float(row["best_effort_wait_ms"]) >= 300.0
+    assert int(row["queued_at_unix_ns"]) > 0
+    placements = {
+        (e[1]["request_id"], e[1]["outcome"])
+        for e in await service.ledger.redis.xrange(DECISIONS_STREAM)
+    }
+    assert {("b-1", "queued"), ("b-1", "best_effort")} <= placements
+
+    wait = registry.get_sample_value(
+        "slomesh_scheduler_best_effort_queue_wait_seconds_count", {"result": "placed"}
+    )
+    assert wait == 1.0
+    assert registry.get_sample_value("slomesh_scheduler_best_effort_queue_depth") == 0.0
+    queued = {"policy": "slomesh", "outcome": "queued", "region": ""}
+    assert registry.get_sample_value("slomesh_scheduler_placements_total", queued) == 1.0
+
+    spans = exporter.get_finished_spans()
+    (queue_span,) = [s for s in spans if s.name == "scheduler.best_effort_queue"]
+    assert queue_span.attributes["slomesh.best_effort_result"] == "placed"
+    assert queue_span.attributes["slomesh.best_effort_wait_ms"] >= 300.0
+    assert queue_span.attributes["slomesh.priority"] == 2
+    gen = next(
+        s
+        for s in spans
+        if s.name == "scheduler.generate" and s.context.trace_id == queue_span.context.trace_id
+    )
+    assert queue_span.parent.span_id == gen.context.span_id
+    dispatched = [
+        s
+        for s in spans
+        if s.name == "scheduler.place"
+        and s.parent is not None
+        and s.parent.span_id == queue_span.context.span_id
+    ]
+    assert [s.attributes["slomesh.outcome"] for s in dispatched] == ["best_effort"]
+
+
+async def test_queued_requests_are_cancelled_refused_when_full_and_refused_on_shutdown(
+    mesh, tmp_path
+):
+    await start_best_effort_mesh(mesh, tmp_path, best_effort_queue_limit=1)
+    service = mesh.service
+    queue = service.servicer.best_effort
+    registry = service.config.registry
+    interactive = mesh.stub.Generate(
+        request(request_id="i-2", slo_class="interactive", max_tokens=5000)
+    )
+    assert (await interactive.read()).WhichOneof("event") == "placement"
+
+    # A client cancel takes a queued Generate out of the queue.
+    cancelled = mesh.stub.Generate(request(request_id="b-2", slo_class="bulk", max_tokens=4))
+    reader = asyncio.create_task(cancelled.read())
+    await wait_until(lambda: "b-2" in queue)
+    cancelled.cancel()
+    await wait_until(lambda: "b-2" not in queue)
+    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+        await reader
+    await wait_until(
+        lambda: (
+            registry.get_sample_value(
+                "slomesh_scheduler_best_effort_queue_wait_seconds_count", {"result": "cancelled"}
+            )
+            == 1.0
+        )
+    )
+    assert await service.ledger.flush(5)
+    row = await service.ledger.redis.hgetall(request_key("b-2"))
+    assert row["outcome"] == "cancelled" and row["best_effort_result"] == "cancelled"
+
+    # A queued Place waits too; with the queue full (limit 1) the next one is refused.
+    place = asyncio.ensure_future(
+        mesh.stub.Place(request(request_id="b-3", slo_class="bulk", max_tokens=4))
+    )
+    await wait_until(lambda: "b-3" in queue)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await mesh.stub.Place(request(request_id="b-4", slo_class="bulk", max_tokens=4))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue full" in info.value.details()
+    retry_ms = int(dict(info.value.trailing_metadata() or ())["retry-after-ms"])
+    assert 100 <= retry_ms <= 10_000
+    assert registry.get_sample_value("slomesh_scheduler_best_effort_queue_full_total") == 1.0
+
+    # Shutdown refuses what is still queued with UNAVAILABLE at once (a retry reaches a
+    # replica that is up), while the running stream gets the grace period (1 s).
+    assert "b-3" in queue
+    stopping = asyncio.create_task(service.stop())
+    mesh.service = None
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await place
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in info.value.details()
+    assert not stopping.done() and len(queue) == 0
+    interactive.cancel()
+    await asyncio.wait_for(stopping, 10)
 
 
 async def test_kv_snapshot_makes_prefix_hits(mesh):

@@ -465,3 +465,108 @@ async def test_cli_serves_and_exits_cleanly_on_sigterm(nats_server, tmp_path):
             await proc.wait()
         await nc.close()
         await emulator.stop()
+
+
+async def test_online_fit_learns_the_emulators_decode_step_time(nats_server, tmp_path):
+    """The agent refines a deliberately wrong prior (a profile twice as slow as the emulated
+    L4) from the emulator's measured step times, publishes the coefficients, and they predict
+    the emulator's decode step (its roofline) within 20 % where the load ran.
+
+    The emulator reports modelled step times (scaled to wall time by its time_scale, which the
+    agent divides out), so a slow CI machine delays the steps but does not change them."""
+    from slomesh.engine.profiles import DEFAULT_MODEL, PROFILES, decode_step_time_s, step_time_s
+    from slomesh.online_fit import PublishedStepTimeFit
+    from tests.unit.scheduler.test_predictor import fitted_profile
+
+    wrong = fitted_profile()
+    wrong = wrong.model_copy(
+        update={
+            "decode": wrong.decode.model_copy(
+                update={
+                    "coefficients": wrong.decode.coefficients.model_copy(
+                        update={
+                            "intercept_ms": 125.0,
+                            "per_sequence_ms": 0.0,
+                            "per_context_token_ms": 1e-3,
+                        }
+                    )
+                }
+            )
+        }
+    )
+    profile_path = str(wrong.save(tmp_path / "l4-wrong.yaml"))
+    emulator = EmulatorServer(
+        EmulatorConfig(gpu_type="L4", port=0, instance_id="wdc-l4-0", time_scale=0.25)
+    )
+    await emulator.start()
+    config = AgentConfig(
+        region=REGION,
+        bind=f"127.0.0.1:{free_port()}",
+        instances=[InstanceConfig("wdc-l4-0", emulator.url, latency_profile=profile_path)],
+        nats_url=nats_server.url,
+        shutdown_grace_s=1.0,
+    )
+    agent = RegionAgent(config, Topology.default())
+    await agent.start()
+    nc = await bus.connect_nats(nats_server.url, "test-online-fit")
+    states = Collector(state_pb2.RegionState)
+    await nc.subscribe(bus.state_subject(REGION), cb=states.handle)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{agent.port}")
+    stub = region_agent_pb2_grpc.RegionAgentStub(channel)
+    try:
+        await states.wait_for(lambda s: s.instances and s.instances[0].healthy, timeout_s=10)
+        gpu = PROFILES["L4"]
+
+        def truth_ms(batch: int, tokens_per_seq: float) -> float:
+            return decode_step_time_s(gpu, DEFAULT_MODEL, batch, tokens_per_seq) * 1e3
+
+        # Staggered requests: the decode batch grows to 8 and shrinks again, over 1-2k KV
+        # tokens per sequence; each arrival's prefill makes its interval a mixed one.
+        async def one(i: int):
+            await asyncio.sleep(0.4 * i)
+            return await _generate(
+                stub,
+                prompt_token_ids=_prompt(1000 + 100 * i, seed=100 + i),
+                max_tokens=200,
+                ignore_eos=True,
+            )
+
+        results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(8))), 120)
+        assert all(r[-1].completion.usage.completion_tokens == 200 for r in results)
+        await asyncio.sleep(0.3)
+        last = states.items[-1].instances[0]
+        fit = PublishedStepTimeFit.from_pb(last)
+        assert fit is not None
+        assert fit.decode_observations >= 10, fit
+        assert fit.prefill_observations >= 1, fit
+        model = fit.model
+        prior = PublishedStepTimeFit.from_pb(states.items[0].instances[0])
+        for batch, per_seq in ((2, 1300.0), (5, 1500.0), (8, 1500.0)):
+            truth = truth_ms(batch, per_seq)
+            got = model.decode_step_ms(batch, batch * per_seq)
+            assert got == pytest.approx(truth, rel=0.2), (batch, per_seq, got, truth)
+            if prior is not None and prior.decode_observations == 0:
+                start = prior.model.decode_step_ms(batch, batch * per_seq)
+                assert abs(start - truth) > 0.5 * truth  # the prior was far off
+        # Prefill: request i's prompt of 1000 + 100 i tokens ran beside the i decoding before
+        # it (about 1300 KV tokens each); the fit (compute side, as the predictor composes
+        # it) against the emulator's step, looser: 8 requests of similar sizes.
+        for i in (1, 4, 7):
+            n, batch, context = 1000 + 100 * i, i, 1300 * i
+            pairs = n * (n + 1) / 2
+            truth = 1e3 * step_time_s(
+                gpu, DEFAULT_MODEL, n, batch, context + n, attention_pairs=pairs + context
+            )
+            got = model.prefill_step_ms(n + batch, pairs + context)
+            assert got == pytest.approx(truth, rel=0.25), (i, got, truth)
+        labels = {"region": REGION, "instance": "wdc-l4-0", "phase": "decode"}
+        observed = REGISTRY.get_sample_value(
+            "slomesh_agent_instance_online_fit_observations", labels
+        )
+        assert observed is not None and observed >= fit.decode_observations
+        assert REGISTRY.get_sample_value("slomesh_agent_instance_online_fit_r2", labels) is not None
+    finally:
+        await channel.close()
+        await agent.stop(grace_s=1)
+        await nc.close()
+        await emulator.stop()

@@ -17,3 +17,9 @@ def test_region_of_subject():
     assert bus.region_of_subject(bus.kv_snapshot_subject("frankfurt")) == "frankfurt"
     with pytest.raises(ValueError):
         bus.region_of_subject("other.tokyo.state")
+
+
+def test_links_subject_and_wildcard():
+    assert bus.links_subject("tokyo") == "slomesh.region.tokyo.links"
+    assert bus.region_of_subject(bus.links_subject("frankfurt")) == "frankfurt"
+    assert bus.ALL_LINKS == "slomesh.region.*.links"

@@ -4,6 +4,7 @@ planning, and the HTTP probe against a stand-in that speaks vLLM 0.32's wire for
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from datetime import UTC, datetime
 from itertools import product
@@ -20,6 +21,7 @@ from slomesh.profiling import (
     LatencyProfileError,
     PrefillPoint,
     ProfilingError,
+    SequenceTiming,
     ServerLimits,
     SweepConfig,
     attention_pairs,
@@ -30,9 +32,11 @@ from slomesh.profiling import (
     main,
     nonnegative_lstsq,
     plan_sweep,
+    profile_endpoint,
     r_squared,
     read_server_limits,
     run_probe,
+    steady_decode,
 )
 
 PREFILL_TRUE = (5.0, 0.05, 2e-5)  # intercept_ms, per_batch_token_ms, per_attention_pair_ms
@@ -295,16 +299,19 @@ def test_sweep_config_validates():
 
 
 def test_plan_skips_points_beyond_the_server_limits():
-    sweep = SweepConfig(prompt_tokens=(64, 512, 1024, 2040), batch_sizes=(1, 2, 4), output_tokens=16)
+    sweep = SweepConfig(
+        prompt_tokens=(64, 512, 1024, 2040), batch_sizes=(1, 2, 4), output_tokens=16
+    )
     limits = ServerLimits(
         model="m", max_model_len=2048, block_size=128, kv_cache_tokens=4096,
-        max_num_batched_tokens=1024,
+        max_num_batched_tokens=128,
     )  # fmt: skip
     plan = plan_sweep(sweep, limits)
     # 2040 + 1 fits max_model_len, 2040 + 16 does not; 4 x 1024 tokens need 4 x 1152 KV slots.
     assert (2040, 1) in plan.prefill and (2040, 1) not in plan.decode
     assert (1024, 4) not in plan.prefill
-    # Decode batches beyond the 1024-token step budget would chunk their prefill.
+    # At a 128-token step budget, 2 x 512 prompt tokens take 8 steps: the first sequence
+    # decodes in 7 of them, under half its 15 decode steps; 4 x 512 take 16 steps: over half.
     assert (512, 2) in plan.decode and (512, 4) not in plan.decode and (512, 4) in plan.prefill
     assert plan.decode == [(64, 1), (64, 2), (64, 4), (512, 1), (512, 2), (1024, 1)]
     assert any("max_model_len" in s for s in plan.skipped)
@@ -314,11 +321,94 @@ def test_plan_skips_points_beyond_the_server_limits():
 
 def test_plan_assumes_vllms_default_budget_and_refuses_a_tiny_sweep():
     limits = ServerLimits(model="m", max_model_len=4096)
-    plan = plan_sweep(SweepConfig(prompt_tokens=(512, 1024), batch_sizes=(1, 2, 4, 8)), limits)
-    # A 2048-token step budget is assumed.
-    assert plan.decode == [(512, 1), (512, 2), (512, 4), (1024, 1), (1024, 2)]
+    sweep = SweepConfig(prompt_tokens=(512, 1024), batch_sizes=(1, 2, 4, 8), output_tokens=4)
+    plan = plan_sweep(sweep, limits)
+    # A 2048-token step budget is assumed: 8 x 1024 tokens take 4 steps, 3 of which the first
+    # sequences decode in, more than half of the 3 decode steps; 2 steps (1 not steady) fit.
+    assert plan.decode == [(512, 1), (512, 2), (512, 4), (512, 8), (1024, 1), (1024, 2), (1024, 4)]
+    assert plan.skipped == [
+        (
+            "decode 1024 tokens x 8: 8192 prompt tokens take 4 steps at the step budget 2048: "
+            "3 of the 3 decode steps would not be steady"
+        )
+    ]
     with pytest.raises(ProfilingError, match="decode points"):
-        plan_sweep(SweepConfig(prompt_tokens=(1024,), batch_sizes=(1, 2, 4, 8)), limits)
+        plan_sweep(sweep.model_copy(update={"prompt_tokens": (1024,)}), limits)
+
+
+# ------------------------------------------------------------------------------ steady window
+
+
+def staggered_batch(prompt_tokens, output_tokens, *, ramp_step_s=0.03, steady_step_s=0.01,
+                    jitter_s=0.0):  # fmt: skip
+    """Three sequences whose prefills land in engine steps 0, 1 and 2 (the server hands them
+    over one by one), each step with a prefill taking ``ramp_step_s``; every later step, with
+    one token for each running sequence, ``steady_step_s`` while all three run and faster
+    after (5 then 3 ms: fewer sequences). Sequence ``i`` makes tokens in steps ``i`` to
+    ``i + T - 1``; its chunks reach the client ``i * jitter_s`` after the step ends."""
+    ends, t = [], 0.0
+    for step in range(output_tokens + 2):
+        if step <= 2:
+            t += ramp_step_s
+        elif step <= output_tokens - 1:
+            t += steady_step_s
+        else:
+            t += 0.005 if step == output_tokens else 0.003
+        ends.append(t)
+    timings = []
+    for i in range(3):
+        chunks = tuple((ends[step] + i * jitter_s, 1) for step in range(i, i + output_tokens))
+        timings.append(SequenceTiming(ttft_s=chunks[0][0], e2e_s=chunks[-1][0], chunks=chunks))
+    return timings
+
+
+def test_steady_decode_leaves_out_the_ramps():
+    timings = staggered_batch(100, 20)
+    steady = steady_decode(timings, 100)
+    # Steady steps 3..19 (all three decode, none finished): 17 steps, a gap per sequence each.
+    assert steady.step_s == pytest.approx(0.01)
+    assert steady.tokens == 17 * 3
+    # They end tokens 4..20 of sequence 0, 3..19 of sequence 1, 2..18 of sequence 2, attending
+    # to L + m - 1 tokens: mean m over the window is 11 = T / 2 + 1, the KV mean L + T / 2.
+    assert steady.context_tokens == pytest.approx(3 * (100 + 20 / 2))
+    # The whole-call TPOT mixes the ramps in: (e2e - ttft) / (T - 1) is off for every sequence.
+    for t in timings:
+        assert abs((t.e2e_s - t.ttft_s) / 19 - 0.01) > 0.0005
+
+
+def test_steady_decode_tolerates_client_jitter_below_a_step():
+    # Sequence i's chunks arrive 2i ms late: the window opens at sequence 2's first token,
+    # after the chunks of step 2 of sequences 0 and 1, whose next gaps (step 3) are left out,
+    # and closes at sequence 0's last token, before the chunks of step 19 of sequences 1 and 2.
+    steady = steady_decode(staggered_batch(100, 20, jitter_s=0.002), 100)
+    assert steady.step_s == pytest.approx(0.01)
+    assert steady.tokens == 16 + 15 + 16  # steps 4-19, 4-18 and 3-18
+
+
+def test_steady_decode_splits_chunks_and_ignores_stalls():
+    # One sequence of T = 32 tokens, stream_interval 4: the first token alone, then 4 tokens
+    # every 40 ms, the 4th such chunk 400 ms late (a stall of the host, which delays the rest),
+    # the last chunk with the 3 tokens left.
+    arrivals = [(0.1, 1)] + [(0.1 + 0.04 * c + (0.4 if c >= 4 else 0.0), 4) for c in range(1, 8)]
+    arrivals.append((arrivals[-1][0] + 0.03, 3))
+    seq = SequenceTiming(ttft_s=0.1, e2e_s=arrivals[-1][0], chunks=tuple(arrivals))
+    steady = steady_decode([seq], 50)
+    assert steady.tokens == 31  # T - 1 gaps: a 4-token chunk counts 4
+    # The median: the stall's 4 gaps of 110 ms are outvoted (the mean would be 23 ms).
+    assert steady.step_s == pytest.approx(0.01)
+    assert steady.context_tokens == pytest.approx(50 + 32 / 2)
+
+
+def test_steady_decode_refuses_a_batch_that_never_decodes_together():
+    early = SequenceTiming(ttft_s=0.0, e2e_s=0.05, chunks=((0.0, 1), (0.05, 1)))
+    late = SequenceTiming(ttft_s=0.06, e2e_s=0.1, chunks=((0.06, 1), (0.1, 1)))
+    with pytest.raises(ProfilingError, match="no steady decode window"):
+        steady_decode([early, late], 10)
+    with pytest.raises(ValueError, match="at least one sequence"):
+        steady_decode([], 10)
+    empty_chunk = SequenceTiming(ttft_s=0.0, e2e_s=0.05, chunks=((0.0, 1), (0.05, 0)))
+    with pytest.raises(ValueError, match="at least 1 token"):
+        steady_decode([empty_chunk], 10)
 
 
 # ------------------------------------------------------------------------------ HTTP
@@ -347,10 +437,17 @@ TOKEN_DELAY_S = 0.03
 REQUESTS = web.AppKey("requests", list)
 
 
-def fake_vllm(*, cached_tokens=None, short_by=0):
+PREFILL_DELAY_S = 0.1
+
+
+def fake_vllm(*, cached_tokens=None, short_by=0, stagger=False):
     """An aiohttp app with vLLM 0.32's shapes for a server started with
     ``--skip-tokenizer-init`` (empty text, token ids only with ``return_token_ids``), no
-    ``/slomesh/info``, and ``usage.prompt_tokens_details`` null unless ``cached_tokens``."""
+    ``/slomesh/info``, and ``usage.prompt_tokens_details`` null unless ``cached_tokens``.
+
+    Every step makes a token for each running prompt after ``TOKEN_DELAY_S``; with
+    ``stagger``, prompt ``i`` is prefilled in step ``i`` (as a busy vLLM hands the prompts of
+    a call to its engine one by one), and a step with a prefill takes ``PREFILL_DELAY_S``."""
     requests = []
 
     async def models(request):
@@ -376,15 +473,19 @@ def fake_vllm(*, cached_tokens=None, short_by=0):
             await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
         n_out = max_tokens - short_by
-        for step in range(n_out):
-            await asyncio.sleep(TOKEN_DELAY_S)
+        starts = [i if stagger else 0 for i in range(len(prompts))]
+        for step in range(max(starts) + n_out):
+            await asyncio.sleep(PREFILL_DELAY_S if stagger and step in starts else TOKEN_DELAY_S)
             for i, prompt in enumerate(prompts):
+                token = step - starts[i]
+                if not 0 <= token < n_out:
+                    continue
                 choice = {"index": i, "text": "", "logprobs": None,
-                          "finish_reason": "length" if step == n_out - 1 else None,
+                          "finish_reason": "length" if token == n_out - 1 else None,
                           "stop_reason": None}  # fmt: skip
                 if body.get("return_token_ids"):
-                    choice["token_ids"] = [1000 + step]
-                    if step == 0:
+                    choice["token_ids"] = [1000 + token]
+                    if token == 0:
                         choice["prompt_token_ids"] = prompt
                 await send({"id": "cmpl-1", "object": "text_completion", "created": 0,
                             "model": "tiny-llama", "choices": [choice], "usage": None})  # fmt: skip
@@ -437,16 +538,53 @@ async def test_probe_times_each_sequence_of_a_vllm_stream():
     try:
         async with aiohttp.ClientSession() as session:
             timings = await run_probe(session, url, "tiny-llama", prompts, max_tokens=5)
+            await run_probe(session, url, "tiny-llama", prompts, max_tokens=2, stream_interval=3)
     finally:
         await runner.cleanup()
-    (body,) = app[REQUESTS]
+    (body, chunked) = app[REQUESTS]
     assert body["prompt"] == prompts and body["stream"] and body["ignore_eos"]
     assert body["return_token_ids"] and body["stream_options"] == {"include_usage": True}
+    assert "stream_interval" not in body and chunked["stream_interval"] == 3
     assert len(timings) == 2
     for t in timings:
         assert TOKEN_DELAY_S * 0.9 <= t.ttft_s < t.e2e_s
         # 4 token gaps after the first token.
         assert t.e2e_s - t.ttft_s >= 4 * TOKEN_DELAY_S * 0.9
+        # One chunk per token, in order, from the first token to the last.
+        assert [n for _, n in t.chunks] == [1] * 5
+        assert t.chunks[0][0] == t.ttft_s and t.chunks[-1][0] == t.e2e_s
+        assert all(a[0] < b[0] for a, b in itertools.pairwise(t.chunks))
+
+
+async def test_profile_of_a_staggered_server_measures_its_steady_steps():
+    # Each call's prompts are prefilled one step after another in 100-ms steps: the steady
+    # window leaves those out, where the whole-call TPOT of the first sequence would not.
+    app = fake_vllm(stagger=True)
+    runner, url = await serve(app)
+    sweep = SweepConfig(prompt_tokens=(16, 32), batch_sizes=(1, 3), repeats=1, output_tokens=8)
+    try:
+        profile = await profile_endpoint(url, sweep, rng=np.random.default_rng(0))
+    finally:
+        await runner.cleanup()
+    # Warm-up: a decode call per batch size at the shortest prompt, then the sweep's points.
+    assert [(len(b["prompt"]), len(b["prompt"][0]), b["max_tokens"]) for b in app[REQUESTS]] == [
+        (1, 16, 8), (3, 16, 8),
+        (1, 16, 1), (3, 16, 1), (1, 32, 1), (3, 32, 1),
+        (1, 16, 8), (3, 16, 8), (1, 32, 8), (3, 32, 8),
+    ]  # fmt: skip
+    assert [(p.prompt_tokens, p.batch_size) for p in profile.decode.points] == [
+        (16, 1),
+        (16, 3),
+        (32, 1),
+        (32, 3),
+    ]
+    for p in profile.decode.points:
+        # asyncio.sleep is never early; a late wake-up of the test's host shows in single gaps,
+        # not in their median. Whole-call TPOT of the first of 3: (2 * 100 + 5 * 30) / 7 = 50.
+        assert 1000 * TOKEN_DELAY_S <= p.tpot_ms < 1000 * TOKEN_DELAY_S + 15, p
+        # The window is symmetric (the first to start is the first to finish): mean KV L + T/2.
+        assert p.context_tokens == pytest.approx(p.batch_size * (p.prompt_tokens + 8 / 2)), p
+    assert profile.sweep_wall_s is not None and profile.sweep_wall_s > 0
 
 
 @pytest.mark.parametrize(

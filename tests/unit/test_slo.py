@@ -111,7 +111,16 @@ classes:
         assert tenants["acme-eu"].on_infeasible is None
         assert tenants["nightly"].on_infeasible == "best_effort"
         assert not tenants["nightly"].allowed_regions
+        assert tenants["nightly"].priority is None
         assert load_slo_config().tenants == {}
+
+    def test_priorities(self, tmp_path):
+        text = ("classes:\n  batch: {priority: 2}\n"
+                "tenants:\n  vip: {priority: -1}\n")
+        config = load_slo_config(write(tmp_path, text))
+        assert config.classes["batch"].priority == 2
+        assert config.classes["chat"].priority == 0  # the built-in default
+        assert config.tenants["vip"].priority == -1
 
     def test_replace_defaults(self, tmp_path):
         text = "replace_defaults: true\ndefault_class: only\nclasses:\n  only: {e2e_ms: 1000}\n"
@@ -139,6 +148,9 @@ class TestBadValues:
             ("classes:\n  x: {ttft_per_prompt_token_ms: 1}\n", "classes.x"),
             ("classes:\n  'bad name!': {e2e_ms: 5}\n", "classes.bad name!.name"),
             ("tenants:\n  t: {on_infeasible: maybe}\n", "tenants.t.on_infeasible"),
+            ("classes:\n  chat: {priority: urgent}\n", "classes.chat.priority"),
+            ("classes:\n  chat: {priority: 4294967296}\n", "classes.chat.priority"),
+            ("tenants:\n  t: {priority: 1.5}\n", "tenants.t.priority"),
             ("tenants:\n  t: {regions: [x]}\n", "tenants.t.regions"),
             ("tenants:\n  t: [frankfurt]\n", "tenants.t"),
             ("tenants: [a]\n", "tenants"),

@@ -196,3 +196,38 @@ async def test_carries_grpc_and_stop_closes_connections() -> None:
     finally:
         await relay.stop()
         await server.stop(0)
+
+
+async def test_bandwidth_cap_is_shared_by_the_relays_connections() -> None:
+    """The cap is the emulated link's: the connections through one relay share it."""
+    server, port = await _echo_server()
+    nbytes = 100_000
+    bandwidth = 1_000_000.0
+    async with WanRelay(
+        "127.0.0.1", 0, ("127.0.0.1", port), 1.0, bandwidth_bytes_per_s=bandwidth
+    ) as relay:
+        conns = [await asyncio.open_connection("127.0.0.1", relay.port) for _ in range(3)]
+        t0 = time.perf_counter()
+        for _, writer in conns:
+            writer.write(b"y" * nbytes)
+        got = await asyncio.gather(*(_read_exactly(reader, nbytes) for reader, _ in conns))
+        elapsed_s = time.perf_counter() - t0
+        for _, writer in conns:
+            writer.close()
+    server.close()
+    assert got == [b"y" * nbytes] * 3
+    # Each direction carries 3 x nbytes at the shared rate (~0.3 s; a cap per connection would
+    # take ~0.17 s: 0.1 s out, pipelined with the way back).
+    assert elapsed_s >= 3 * nbytes / bandwidth * 0.9
+
+
+def test_relay_plan_arg_carries_the_link_capacity() -> None:
+    from slomesh.launcher import RelayPlan
+
+    plan = RelayPlan("tokyo", "frankfurt", 41000, "127.0.0.1:50052", 114.0, 2.5e8)
+    spec = RelaySpec.parse(plan.relay_arg)
+    assert (spec.name, spec.listen_port, spec.target_port) == ("tokyo->frankfurt", 41000, 50052)
+    assert spec.one_way_delay_ms == 114.0
+    assert spec.bandwidth_bytes_per_s == 2.5e8
+    uncapped = RelayPlan("tokyo", "frankfurt", 41000, "127.0.0.1:50052", 114.0)
+    assert RelaySpec.parse(uncapped.relay_arg).bandwidth_bytes_per_s is None

@@ -54,8 +54,11 @@ async def test_tokens_arrive_in_wall_clock_time():
         elapsed = loop.time() - t0
     finally:
         await runner.stop()
-    assert [len(e.token_ids) for e in events] == [1] * 5
-    assert [e.finished for e in events] == [False] * 4 + [True]
+    # Five tokens, one per step; a reader that lags a step gets two merged into one event
+    # (vLLM's RequestOutputCollector), which a loaded machine can cause.
+    assert sum(len(e.token_ids) for e in events) == 5
+    assert all(len(e.token_ids) >= 1 for e in events)
+    assert [e.finished for e in events] == [False] * (len(events) - 1) + [True]
     assert events[-1].finish_reason == "length"
     times = [e.time_unix_s for e in events]
     assert times == sorted(times)

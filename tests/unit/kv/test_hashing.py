@@ -5,8 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from slomesh.kv.hashing import ROOT_KEY, compute_block_keys, token_bytes
+from slomesh.kv.hashing import (
+    ROOT_KEY,
+    chain_keys,
+    compute_block_keys,
+    token_buffer,
+    token_bytes,
+    token_view,
+)
 from slomesh.v1 import region_agent_pb2
 
 
@@ -94,3 +103,56 @@ def test_invalid_inputs_raise_value_error():
 def test_token_bytes_slices():
     assert token_bytes([1, 2, 3], 1, 3) == (2).to_bytes(4, "little") + (3).to_bytes(4, "little")
     assert token_bytes(np.array([1, 2, 3]), 1) == token_bytes([2, 3])
+
+
+def reference_keys(tokens: list[int], block_size: int, parent_key: int = ROOT_KEY) -> list[int]:
+    """The module docstring's formula, block by block: xxh3_64 of the block's tokens as
+    uint32 little-endian, seeded with the previous block's key."""
+    keys, key = [], parent_key
+    for start in range(0, len(tokens) // block_size * block_size, block_size):
+        block = b"".join(t.to_bytes(4, "little") for t in tokens[start : start + block_size])
+        key = xxhash.xxh3_64_intdigest(block, key)
+        keys.append(key)
+    return keys
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    tokens=st.lists(st.integers(0, 2**32 - 1), max_size=700),
+    block_size=st.sampled_from([1, 2, 3, 16, 64, 128]),
+    parent_key=st.just(ROOT_KEY) | st.integers(0, 2**64 - 1),
+    as_array=st.sampled_from(["list", "uint32", "int64", "big-endian"]),
+)
+def test_keys_equal_the_block_by_block_formula(tokens, block_size, parent_key, as_array):
+    want = reference_keys(tokens, block_size, parent_key)
+    dtype = {"uint32": np.uint32, "int64": np.int64, "big-endian": ">u4"}.get(as_array)
+    given_tokens = tokens if dtype is None else np.array(tokens, dtype=dtype)
+    assert compute_block_keys(given_tokens, block_size, parent_key) == want
+    data = token_bytes(tokens)
+    assert chain_keys(data, block_size, len(want), parent_key) == want
+    # A chain continued from any block's key equals the rest of the whole chain.
+    if len(want) >= 2:
+        cut = len(want) // 2
+        rest = memoryview(data)[cut * block_size * 4 :]
+        assert chain_keys(rest, block_size, len(want) - cut, want[cut - 1]) == want[cut:]
+
+
+def test_token_buffer_views_little_endian_uint32_arrays_in_place():
+    tokens = np.arange(100, 164, dtype=np.uint32)
+    view = token_buffer(tokens, 48)
+    assert isinstance(view, memoryview) and view.readonly
+    assert bytes(view) == token_bytes(tokens.tolist()[:48])
+    assert bytes(token_view(tokens)) == token_bytes(tokens.tolist())
+    for other in (tokens.tolist(), tokens.astype(">u4"), tokens.astype(np.int64), tokens[::2]):
+        assert token_view(other) is None
+    # Anything else is converted (and checked) by token_bytes.
+    assert token_buffer(tokens.astype(np.int64), 48) == token_bytes(tokens.tolist()[:48])
+    assert token_buffer(tokens[::2], 16) == token_bytes(tokens.tolist()[::2][:16])
+    with pytest.raises(ValueError, match="token"):
+        token_buffer(np.array([-1] * 16), 16)
+
+
+def test_chain_keys_needs_every_block_s_bytes():
+    with pytest.raises(ValueError, match="need 128 bytes"):
+        chain_keys(token_bytes(list(range(31))), 16, 2)
+    assert chain_keys(b"", 16, 0) == []

@@ -6,6 +6,8 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from slomesh.kv.hashing import compute_block_keys
 from slomesh.kv.index import PrefixIndex
@@ -135,3 +137,72 @@ def test_match_accepts_protobuf_repeated_field():
     idx.replace_instance("a", compute_block_keys(p, 16)[:5], 16)
     req = region_agent_pb2.AgentGenerateRequest(prompt_token_ids=p)
     assert idx.match(req.prompt_token_ids) == {"a": 80}
+
+
+def reference_match(tokens, instances):
+    """Straightforward lookup: every key of the prompt, then each instance's leading run."""
+    out = {}
+    for iid, (block_size, held) in instances.items():
+        run = 0
+        for key in compute_block_keys(tokens, block_size):
+            if key not in held:
+                break
+            run += 1
+        out[iid] = run * block_size
+    return out
+
+
+@st.composite
+def indexes(draw):
+    """A prompt of up to ~1100 blocks of 16 and instances holding prefixes of it (some with
+    holes or stray keys), of other prompts, or of nothing, in block sizes 16 and 32."""
+    n = draw(st.integers(0, 18_000))
+    seed = draw(st.integers(0, 2**16))
+    tokens = np.random.default_rng(seed).integers(0, 50_000, size=n).astype(np.uint32)
+    instances = {}
+    for i in range(draw(st.integers(1, 6))):
+        block_size = draw(st.sampled_from([16, 16, 32]))
+        keys = compute_block_keys(tokens, block_size)
+        cut = draw(st.integers(0, len(keys)))
+        held = set(keys[:cut])
+        if cut and draw(st.booleans()):  # a hole (a lost block): the run stops there
+            held.discard(keys[draw(st.integers(0, cut - 1))])
+        if draw(st.booleans()):  # keys of another prompt
+            held.update(compute_block_keys(list(range(1, 1 + 16 * 40)), block_size))
+        if held or draw(st.booleans()):
+            instances[f"i{i}"] = (block_size, held)
+    return tokens, instances
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=indexes(), as_list=st.booleans())
+def test_match_equals_the_straightforward_lookup(case, as_list):
+    tokens, instances = case
+    idx = PrefixIndex()
+    for iid, (block_size, held) in instances.items():
+        idx.replace_instance(iid, held, block_size)
+    before = idx.blocks_hashed
+    got = idx.match(tokens.tolist() if as_list else tokens)
+    want = reference_match(tokens, instances)
+    assert got == want
+    # Per block size held by some instance, hashing reaches one block past the longest
+    # leading run (or the prompt's end) and at most one chunk (256 blocks) past it.
+    longest: dict[int, int] = {}
+    for iid, (block_size, held) in instances.items():
+        if held:
+            longest[block_size] = max(longest.get(block_size, 0), want[iid] // block_size)
+    hashed = idx.blocks_hashed - before
+    assert hashed >= sum(min(run + 1, len(tokens) // b) for b, run in longest.items())
+    assert hashed <= sum(min(run + 256, len(tokens) // b) for b, run in longest.items())
+
+
+def test_a_prompt_cached_nowhere_hashes_one_small_chunk():
+    p = prompt(32_768, seed=7)
+    idx = PrefixIndex()
+    idx.replace_instance("a", compute_block_keys(prompt(320, seed=8), 16), 16)
+    assert idx.match(np.array(p, dtype=np.uint32)) == {"a": 0}
+    assert idx.blocks_hashed == 16
+    # A 1536-block hit on a 2048-block prompt hashes one capped chunk past it, not the prompt.
+    idx.replace_instance("b", compute_block_keys(p[: 1536 * 16], 16), 16)
+    assert idx.match(np.array(p, dtype=np.uint32))["b"] == 1536 * 16
+    assert 1537 <= idx.blocks_hashed - 16 <= 1536 + 256

@@ -111,6 +111,7 @@ def make_request(
     request_id: str = "req-1",
     regions: Sequence[str] = ("washington-dc", "frankfurt", "tokyo"),
     ignore_eos: bool = False,
+    priority: int | None = None,
 ) -> ValidatedRequest:
     req = scheduler_pb2.GenerateRequest(
         request_id=request_id,
@@ -122,6 +123,8 @@ def make_request(
         expected_output_tokens=expected_output_tokens,
         ignore_eos=ignore_eos,
     )
+    if priority is not None:
+        req.priority = priority
     return validate_request(
         req,
         models={MODEL: 32768},

@@ -27,6 +27,10 @@ def test_small_run_reports_every_stage(tmp_path):
         assert 0 < s["p50"] <= s["p99"] <= s["max"]
     assert 0 < result["hashing_share"]
     assert result["within_target"] == (result["decision_ms"]["p99"] <= 1.0)
+    # The hashing figure covers the blocks the decision's lookup hashed: past the 64 shared
+    # blocks every instance may hold, and no further than the 128 blocks of the prompt.
+    assert 1024 // 16 < result["hashed_blocks"]["p50"] <= result["prompt_blocks"] == 2048 // 16
+    assert result["cpu_count"] >= 1 and result["load_average"]["start"] >= 0
     out = tmp_path / "decision.json"
     assert main(["--requests", "20", "--prompt-tokens", "512", "--shared-prefix-tokens",
                  "256", "--report-json", str(out)]) == 0

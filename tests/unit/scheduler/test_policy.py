@@ -392,3 +392,102 @@ class TestProfiles:
         }
         decision = make_policy(profile).place(make_request(origin="tokyo"), view)
         assert decision.chosen.region == "frankfurt"
+
+
+class TestPriorityAndBestEffort:
+    """Priorities tighten the SLO margin; best-effort requests take only spare capacity, else
+    are queued (and placed anyway once their wait expired)."""
+
+    @staticmethod
+    def loaded_view():
+        # ~505 ms of queued prefill ahead: a 1000-token chat request (TTFT target 750 ms) is
+        # predicted at ~72 % of its target.
+        busy = make_instance("a", "H100", queued_prefill_tokens=12_000, prefill_tokens_per_s=50_000)
+        return view_with([make_state("washington-dc", [busy])])
+
+    def test_a_less_urgent_request_is_refused_where_an_urgent_one_is_placed(self):
+        view = self.loaded_view()
+        policy = make_policy("slomesh")
+        urgent = policy.place(make_request(prompt(1000), priority=0), view)
+        assert urgent.outcome == "placed"
+        used = urgent.chosen.prediction.ttft_ms / 750.0
+        assert 0.7 < used < 0.8  # the premise: between the margins of priorities 1 and 2
+        assert policy.place(make_request(prompt(1000), priority=1), view).outcome == "placed"
+        assert policy.place(make_request(prompt(1000), priority=-5), view).outcome == "placed"
+        lax = policy.place(make_request(prompt(1000), priority=2), view)
+        assert lax.outcome == "refused" and lax.chosen is None
+        (cand,) = lax.candidates
+        # Same prediction, judged against 70 % of the target instead of 90 %.
+        assert cand.prediction.ttft_ms == pytest.approx(urgent.chosen.prediction.ttft_ms)
+        assert not cand.feasible and cand.rejected_by == "slo-feasible"
+        # The retry hint drains the excess over 70 % of the target (at least the floor).
+        excess_ms = cand.prediction.ttft_ms - 0.7 * 750
+        assert lax.retry_after_ms == pytest.approx(max(100.0, excess_ms))
+        # Without priority margins the priority changes nothing.
+        flat = make_policy("slomesh", priority_slo_margins={})
+        assert flat.place(make_request(prompt(1000), priority=2), view).outcome == "placed"
+
+    def test_priority_margins(self):
+        profile = make_policy("slomesh", slo_margin=0.85).profile
+        assert profile.priority_slo_margins == {1: 0.8, 2: 0.7}
+        got = {p: profile.slo_margin_for(p) for p in (-3, 0, 1, 2, 7)}
+        assert got == {-3: 0.85, 0: 0.85, 1: 0.8, 2: 0.7, 7: 0.7}
+        # A listed margin above slo_margin is capped by it.
+        assert make_policy("slomesh", slo_margin=0.5).profile.slo_margin_for(1) == 0.5
+
+    @pytest.mark.parametrize("margins", [{1: 0.8, 2: 0.85}, {1: 0.0}, {1: 1.5}, {"x": 0.5}])
+    def test_bad_priority_margins_name_the_field(self, margins):
+        with pytest.raises(PolicyConfigError, match="priority_slo_margins"):
+            make_policy("slomesh", priority_slo_margins=margins)
+
+    @pytest.mark.parametrize(
+        ("field", "value"),
+        [("best_effort_max_wait_ms", -1), ("best_effort_queue_limit", -1)],
+    )
+    def test_bad_best_effort_settings_name_the_field(self, field, value):
+        with pytest.raises(PolicyConfigError, match=field):
+            make_policy("slomesh", **{field: value})
+
+    def test_best_effort_goes_where_running_requests_keep_their_tpot(self):
+        # "fast" has the lower TTFT but runs a request with a tight TPOT target; "slow" runs
+        # nothing this scheduler protects. Neither meets the batch class's E2E target.
+        fast = make_instance(
+            "fast", "H100", queued_prefill_tokens=3_000_000, prefill_tokens_per_s=20_000
+        )
+        slow = make_instance(
+            "slow", "H100", queued_prefill_tokens=4_000_000, prefill_tokens_per_s=20_000
+        )
+        view = view_with([make_state("washington-dc", [fast, slow])])
+        view.track_inflight("washington-dc", "fast", "coding-1", 5.0)
+        policy = make_policy("slomesh")
+        decision = policy.place(make_request(slo_class="batch"), view)
+        assert decision.outcome == "best_effort" and decision.chosen.instance_id == "slow"
+        by_id = {c.instance_id: c for c in decision.candidates}
+        assert by_id["fast"].prediction.ttft_ms < by_id["slow"].prediction.ttft_ms
+        assert by_id["fast"].rejected_by == "protect-inflight"
+
+        # Both protected: queued, with a retry estimate; no placement to record.
+        view.track_inflight("washington-dc", "slow", "coding-2", 5.0)
+        queued = policy.place(make_request(slo_class="batch"), view)
+        assert queued.outcome == "queued" and queued.chosen is None
+        assert queued.retry_after_ms is not None and "best-effort admission" in queued.reason
+        assert {c.rejected_by for c in queued.candidates} == {"protect-inflight"}
+        # Its wait expired: the lowest TTFT, whatever runs there.
+        forced = policy.place(make_request(slo_class="batch"), view, wait_expired=True)
+        assert forced.outcome == "best_effort" and forced.chosen.instance_id == "fast"
+        # A refuse-tier request is still refused, never queued.
+        refused = policy.place(make_request(slo_class="chat"), view, wait_expired=True)
+        assert refused.outcome == "refused"
+
+    def test_instances_held_for_requests_queued_ahead_are_not_candidates(self):
+        view = view_with([make_state("washington-dc", [make_instance("a"), make_instance("b")])])
+        policy = make_policy("slomesh")
+        decision = policy.place(
+            make_request(slo_class="batch"), view, exclude_instances=frozenset({"a"})
+        )
+        assert decision.chosen.instance_id == "b"
+        assert {c.instance_id: c.rejected_by for c in decision.candidates}["a"] == "queued-ahead"
+        none_left = policy.place(
+            make_request(slo_class="batch"), view, exclude_instances=frozenset({"a", "b"})
+        )
+        assert none_left.outcome == "unavailable" and "queued ahead" in none_left.reason

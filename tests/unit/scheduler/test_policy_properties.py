@@ -1,8 +1,12 @@
 """Property tests of placement (hypothesis): over random clusters and requests, no policy picks
-an instance a hard constraint excludes, and the admission-controlled policies never place a
-request on a candidate they predicted infeasible."""
+an instance a hard constraint excludes; the admission-controlled policies never place a
+request on a candidate they predicted infeasible (with its priority's margin), place a
+best-effort request only where the requests running keep their TPOT (else queue it), and never
+admit a less urgent request where a more urgent one with the same prediction is not."""
 
 from __future__ import annotations
+
+import math
 
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -59,6 +63,9 @@ def clusters(draw) -> tuple[ClusterView, list[int]]:
     for region in regions:
         insts = draw(instances(region))
         view.apply_state(make_state(region, insts), received_unix_ns=T0)
+        for inst in insts:
+            if draw(st.booleans()):  # runs a request this scheduler admitted, with its TPOT
+                view.track_inflight(region, inst.instance_id, "running", draw(st.floats(5, 200)))
         cached = {
             inst.instance_id: tokens[: draw(st.integers(0, len(tokens)))]
             for inst in insts
@@ -75,6 +82,7 @@ requests = st.fixed_dictionaries({
     "max_tokens": st.integers(1, 2048),
     "expected_output_tokens": st.integers(0, 2048),
     "ignore_eos": st.booleans(),
+    "priority": st.integers(-2, 4),
 })
 
 PROPERTY_SETTINGS = settings(
@@ -96,6 +104,7 @@ def _tenant_request(tokens, tenant_regions, **req):
         request_id="r", model=MODEL, prompt_token_ids=tokens, max_tokens=req["max_tokens"],
         slo_class=req["slo_class"], origin_region=req["origin"], tenant="t",
         expected_output_tokens=req["expected_output_tokens"], ignore_eos=req["ignore_eos"],
+        priority=req["priority"],
     )
     tenants = {"t": TenantPolicy(name="t", allowed_regions=frozenset(tenant_regions))}
     return validate_request(msg, models={MODEL: 32768}, slo_classes=SLO.classes,
@@ -118,7 +127,7 @@ def test_no_policy_places_outside_its_hard_constraints(
     request = _tenant_request(tokens, tenant_regions, **req)
     decision = make_policy(_with_allowlist(policy, allowed)).place(request, view)
     if decision.chosen is None:
-        assert decision.outcome in ("refused", "unavailable")
+        assert decision.outcome in ("refused", "unavailable", "queued")
         return
     chosen = decision.chosen
     assert chosen.region in allowed
@@ -132,27 +141,89 @@ def test_no_policy_places_outside_its_hard_constraints(
     assert any(c is chosen for c in decision.candidates)
 
 
+def _tiered_request(tokens, best_effort_tenant: bool, **req):
+    """A request whose tenant's tier is best effort (whatever its class), or of no tenant."""
+    if not best_effort_tenant:
+        return make_request(tokens, **req)
+    msg = scheduler_pb2.GenerateRequest(
+        request_id="r", model=MODEL, prompt_token_ids=tokens, max_tokens=req["max_tokens"],
+        slo_class=req["slo_class"], origin_region=req["origin"], tenant="bulk",
+        expected_output_tokens=req["expected_output_tokens"], ignore_eos=req["ignore_eos"],
+        priority=req["priority"],
+    )
+    tenants = {"bulk": TenantPolicy(name="bulk", on_infeasible="best_effort")}
+    return validate_request(msg, models={MODEL: 32768}, slo_classes=SLO.classes,
+                            default_slo_class=SLO.default_class, regions=set(REGIONS),
+                            tenants=tenants)
+
+
 @PROPERTY_SETTINGS
-@given(cluster=clusters(), req=requests, policy=st.sampled_from(ADMISSION_POLICIES))
-def test_admission_never_places_on_a_candidate_it_predicted_infeasible(cluster, req, policy):
+@given(
+    cluster=clusters(),
+    req=requests,
+    policy=st.sampled_from(ADMISSION_POLICIES),
+    best_effort_tenant=st.booleans(),
+)
+def test_admission_never_places_on_a_candidate_it_predicted_infeasible(
+    cluster, req, policy, best_effort_tenant
+):
     view, tokens = cluster
-    request = make_request(tokens, **req)
+    request = _tiered_request(tokens, best_effort_tenant, **req)
     pol = make_policy(policy)
     decision = pol.place(request, view)
-    margin = pol.profile.slo_margin
+    margin = pol.profile.slo_margin_for(request.priority)
+    assert margin <= pol.profile.slo_margin
     predicted = [c for c in decision.candidates if c.prediction is not None]
     if decision.outcome == "placed":
         chosen = decision.chosen
         assert chosen is not None and chosen.feasible
         assert chosen.prediction.meets(request.slo, request.prompt_tokens, margin)
     elif decision.outcome == "best_effort":
-        # Only a best-effort class is placed without a feasible candidate.
-        assert request.slo.on_infeasible == "best_effort"
+        # Only a best-effort tier is placed without a feasible candidate, and only where the
+        # requests running keep their TPOT (protect-inflight with the request's margin).
+        assert request.on_infeasible == "best_effort"
         assert not any(c.feasible for c in decision.candidates if not c.rejected_by)
+        chosen = decision.chosen
+        assert chosen.rejected_by == "slo-feasible"
+        limit = chosen.instance.tightest_inflight_tpot_ms
+        assert math.isinf(limit) or chosen.prediction.tpot_ms <= margin * limit
+    elif decision.outcome == "queued":
+        # A best-effort request that would slow every candidate's running requests too much.
+        assert request.on_infeasible == "best_effort"
+        assert decision.chosen is None and decision.retry_after_ms is not None
+        assert predicted and all(c.rejected_by == "protect-inflight" for c in predicted)
+        for c in predicted:
+            assert c.prediction.tpot_ms > margin * c.instance.tightest_inflight_tpot_ms
     elif decision.outcome == "refused":
         assert decision.chosen is None and decision.retry_after_ms is not None
-        assert request.slo.on_infeasible == "refuse"
+        assert request.on_infeasible == "refuse"
         assert not any(c.feasible and not c.rejected_by for c in predicted)
+
+
+@PROPERTY_SETTINGS
+@given(
+    cluster=clusters(),
+    req=requests,
+    policy=st.sampled_from(ADMISSION_POLICIES),
+    less_urgent_by=st.integers(1, 4),
+    best_effort_tenant=st.booleans(),
+)
+def test_a_less_urgent_request_is_admitted_only_where_a_more_urgent_one_is(
+    cluster, req, policy, less_urgent_by, best_effort_tenant
+):
+    view, tokens = cluster
+    pol = make_policy(policy)
+    urgent = pol.place(_tiered_request(tokens, best_effort_tenant, **req), view)
+    lax_req = {**req, "priority": req["priority"] + less_urgent_by}
+    lax = pol.place(_tiered_request(tokens, best_effort_tenant, **lax_req), view)
+    def feasible(decision):
+        return {c.instance_id for c in decision.candidates if c.feasible}
+
+    assert feasible(lax) <= feasible(urgent)
+    if lax.outcome == "placed":
+        assert urgent.outcome == "placed"
+    if urgent.outcome in ("refused", "queued"):
+        assert lax.outcome == urgent.outcome
 
 
 def test_builtin_profiles_match_their_yaml_files():

@@ -112,3 +112,31 @@ def test_largest_allowed_token_id_passes():
 
 def test_prompt_plus_max_tokens_at_the_limit_passes():
     assert validate(prompt_token_ids=list(range(990)), max_tokens=10).max_tokens == 10
+
+
+def test_priority_is_the_requests_own_then_the_tenants_then_the_classes():
+    from slomesh.slo import SloConfig
+
+    classes = {**SLO.classes, "batch": SLO.classes["batch"].model_copy(update={"priority": 3})}
+    slo = SloConfig(classes=classes, default_class="chat")
+    tenants = {
+        "nightly": TenantPolicy(name="nightly", priority=5),
+        "plain": TenantPolicy(name="plain"),
+    }
+
+    def priority(**kw):
+        fields = {"request_id": "r", "model": MODEL, "prompt_token_ids": [1, 2],
+                  "max_tokens": 5, "origin_region": "tokyo"}
+        fields.update(kw)
+        return validate_request(
+            scheduler_pb2.GenerateRequest(**fields), models={MODEL: 1000},
+            slo_classes=slo.classes, default_slo_class="chat", regions=REGIONS, tenants=tenants,
+        ).priority
+
+    assert priority() == 0  # chat's default
+    assert priority(slo_class="batch") == 3  # the class's
+    assert priority(slo_class="batch", tenant="plain") == 3  # a tenant without one
+    assert priority(slo_class="batch", tenant="nightly") == 5  # the tenant's over the class's
+    assert priority(slo_class="batch", tenant="nightly", priority=-2) == -2  # the request's
+    # An explicit 0 is the request's own (proto3 presence), not "unset".
+    assert priority(slo_class="batch", tenant="nightly", priority=0) == 0

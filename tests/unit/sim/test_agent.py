@@ -147,3 +147,52 @@ def test_event_conversion():
     assert isinstance(out[2], kv_events.AllBlocksCleared)
     with pytest.raises(TypeError):
         to_agent_events(["nope"])
+
+
+def test_requests_prefilled_alone_are_counted_for_the_fit(region):
+    inst = region.instances[0]
+    counters = inst.engine_metrics.counters
+
+    def engine_finished(n: int, prompt_tokens: int = 3000, prefill_s: float = 0.1) -> None:
+        counters.request_prefill_time_sum_s += n * prefill_s
+        counters.request_prefill_time_count += n
+        counters.request_prompt_tokens_sum += n * prompt_tokens
+        counters.request_prompt_tokens_count += n
+        counters.request_prefill_kv_computed_tokens_sum += n * prompt_tokens
+        counters.request_prefill_kv_computed_tokens_count += n
+
+    compared = inst.latency_fit.prefill_errors
+    inst.observe_step_times((0, 0, 0.0))  # baseline
+    # "a" alone: forwarded, first token, finished.
+    inst.start_request("a", prompt_tokens=3000, cached_prefix_tokens=0, max_tokens=2, now_s=0.0)
+    inst.tokens_received("a", 1, 0.1)
+    inst.finish_request("a")
+    engine_finished(1)
+    inst.observe_step_times((0, 0, 0.0))
+    assert compared.count == 1
+    # "b" is forwarded while "c" waits for its first token: both may share steps.
+    inst.start_request("c", prompt_tokens=3000, cached_prefix_tokens=0, max_tokens=2, now_s=1.0)
+    inst.start_request("b", prompt_tokens=3000, cached_prefix_tokens=0, max_tokens=2, now_s=1.0)
+    inst.tokens_received("c", 1, 1.1)
+    inst.tokens_received("b", 1, 1.2)
+    inst.finish_request("b")
+    inst.finish_request("c")
+    engine_finished(2)
+    inst.observe_step_times((0, 0, 0.0))
+    assert compared.count == 1
+    # "d" forwarded after "e" got its first token (still decoding): both alone.
+    inst.start_request("e", prompt_tokens=3000, cached_prefix_tokens=0, max_tokens=9, now_s=2.0)
+    inst.tokens_received("e", 1, 2.1)
+    inst.start_request("d", prompt_tokens=3000, cached_prefix_tokens=0, max_tokens=2, now_s=2.2)
+    inst.tokens_received("d", 1, 2.3)
+    inst.finish_request("d")
+    inst.finish_request("e")
+    engine_finished(2)
+    inst.observe_step_times((0, 0, 0.0))
+    assert compared.count == 2
+    # A request that failed before its first token is no solo prefill.
+    inst.start_request("f", prompt_tokens=3000, cached_prefix_tokens=0, max_tokens=2, now_s=3.0)
+    inst.finish_request("f")
+    engine_finished(1)
+    inst.observe_step_times((0, 0, 0.0))
+    assert compared.count == 2
