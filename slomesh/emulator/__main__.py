@@ -18,6 +18,7 @@ import logging
 import signal
 import sys
 
+from slomesh.emulator.kv_store import DEFAULT_LOAD_BYTES_PER_S, DEFAULT_SAVE_BYTES_PER_S
 from slomesh.emulator.server import EmulatorConfig, EmulatorServer
 from slomesh.engine.profiles import DEFAULT_MODEL, PROFILES
 
@@ -70,6 +71,30 @@ def build_parser(prog: str = "python -m slomesh.emulator") -> argparse.ArgumentP
         help="wall seconds per modelled second (0.1 = ten times faster than the GPU)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of output token ids")
+    p.add_argument(
+        "--kv-store-path",
+        default=None,
+        help="directory of an ExampleConnector-like external KV store (prefix KV saved and "
+        "loaded like vLLM's ExampleConnector with this shared_storage_path)",
+    )
+    p.add_argument(
+        "--kv-store-scale",
+        type=float,
+        default=1.0,
+        help="size of the store's KV files relative to the real model's KV, in (0, 1]",
+    )
+    p.add_argument(
+        "--kv-store-load-bytes-per-s",
+        type=float,
+        default=DEFAULT_LOAD_BYTES_PER_S,
+        help="load bandwidth of the store (real-size KV bytes/s)",
+    )
+    p.add_argument(
+        "--kv-store-save-bytes-per-s",
+        type=float,
+        default=DEFAULT_SAVE_BYTES_PER_S,
+        help="save bandwidth of the store (real-size KV bytes/s)",
+    )
     p.add_argument("--spans-out", default=None, help="JSON-lines span file")
     p.add_argument("--log-level", default="INFO", help="log level")
     return p
@@ -102,6 +127,10 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         instance_id=args.instance_id,
         time_scale=args.time_scale,
         seed=args.seed,
+        kv_store_path=args.kv_store_path,
+        kv_store_scale=args.kv_store_scale,
+        kv_store_load_bytes_per_s=args.kv_store_load_bytes_per_s,
+        kv_store_save_bytes_per_s=args.kv_store_save_bytes_per_s,
     )
 
 

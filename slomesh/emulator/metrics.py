@@ -307,6 +307,7 @@ class EmulatorMetrics:
             (self.prompt_tokens, "prompt_tokens_total"),
             (self.prompt_tokens_local_compute, "prompt_tokens_local_compute"),
             (self.prompt_tokens_local_cache_hit, "prompt_tokens_local_cache_hit"),
+            (self.prompt_tokens_external, "prompt_tokens_external_kv_transfer"),
             (self.generation_tokens, "generation_tokens_total"),
             (self.steps, "num_steps"),
             (self.busy_seconds, "busy_time_s"),

@@ -28,6 +28,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from slomesh.emulator.kv_events import ZmqKvEventPublisher
+from slomesh.emulator.kv_store import EmulatorKvStore
 from slomesh.emulator.metrics import EmulatorMetrics
 from slomesh.engine.model import (
     FINISH_ABORT,
@@ -145,6 +146,8 @@ class EngineRunner:
         time_scale: Wall seconds per modelled second (> 0).
         span_attributes: Attributes added to every ``engine.request`` span (instance id, GPU).
         resync_after_s: Lateness (wall seconds) beyond which the step clock is re-based.
+        kv_store: The external KV store whose folders the engine's saves are written to (the
+            one the engine was built with as ``external_kv``), or ``None``.
 
     Raises:
         ValueError: ``time_scale`` <= 0.
@@ -160,6 +163,7 @@ class EngineRunner:
         time_scale: float = 1.0,
         span_attributes: dict[str, str] | None = None,
         resync_after_s: float = 0.25,
+        kv_store: EmulatorKvStore | None = None,
     ) -> None:
         if time_scale <= 0:
             raise ValueError(f"time_scale must be > 0, got {time_scale}")
@@ -169,6 +173,7 @@ class EngineRunner:
         self.tracer = tracer
         self.time_scale = time_scale
         self.resync_after_s = resync_after_s
+        self.kv_store = kv_store
         self._span_attributes = dict(span_attributes or {})
         self._streams: dict[str, RequestStream] = {}
         self._wake = asyncio.Event()
@@ -368,7 +373,22 @@ class EngineRunner:
                 next_start = None
                 if self.metrics is not None:
                     self.metrics.lag_resyncs.inc()
+            if self.kv_store is not None and result.external_kv_saves:
+                # The step's KV saves land before its tokens are delivered (vLLM's
+                # ExampleConnector saves synchronously in the forward pass).
+                await self._save_external_kv(result.external_kv_saves)
             self._deliver(result)
+
+    async def _save_external_kv(self, prompts: list[list[int]]) -> None:
+        store = self.kv_store
+        assert store is not None
+        for prompt in prompts:
+            try:
+                await asyncio.to_thread(store.save, prompt)
+            except OSError:
+                logger.exception(
+                    "external KV save failed", extra={"kv_store_path": str(store.path)}
+                )
 
     def _deliver(self, result: StepResult) -> None:
         end_unix = self.to_unix(result.end_s)

@@ -50,6 +50,11 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import TracerProvider
 
 from slomesh.emulator.kv_events import ZmqKvEventPublisher
+from slomesh.emulator.kv_store import (
+    DEFAULT_LOAD_BYTES_PER_S,
+    DEFAULT_SAVE_BYTES_PER_S,
+    EmulatorKvStore,
+)
 from slomesh.emulator.metrics import EmulatorMetrics
 from slomesh.emulator.runner import EngineRunner, RequestStream, TokenEvent
 from slomesh.emulator.tokenizer import WordTokenizer
@@ -112,6 +117,16 @@ class EmulatorConfig:
     """Seed of the output-token generators."""
     vocab_size: int = 32000
     """Ids produced by the text tokenizer and the output sampler are in ``[3, vocab_size)``."""
+    kv_store_path: str | None = None
+    """Directory of an ExampleConnector-like external KV store
+    (`slomesh.emulator.kv_store.EmulatorKvStore`); ``None``: no external KV, as vLLM without
+    ``--kv-transfer-config``."""
+    kv_store_scale: float = 1.0
+    """Size of the store's files relative to the real model's KV, in (0, 1]."""
+    kv_store_load_bytes_per_s: float = DEFAULT_LOAD_BYTES_PER_S
+    """Bandwidth of a load from the store, real-size KV bytes/s."""
+    kv_store_save_bytes_per_s: float = DEFAULT_SAVE_BYTES_PER_S
+    """Bandwidth of a save to the store, real-size KV bytes/s."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -130,6 +145,11 @@ class EmulatorConfig:
             )
         if self.vocab_size <= 3:
             raise ValueError(f"vocab_size must be > 3, got {self.vocab_size}")
+        if not 0 < self.kv_store_scale <= 1:
+            raise ValueError(f"kv_store_scale must be in (0, 1], got {self.kv_store_scale}")
+        for name in ("kv_store_load_bytes_per_s", "kv_store_save_bytes_per_s"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be > 0 and finite, got {getattr(self, name)}")
         get_profile(self.gpu_type)
         get_model_spec(self.model)
 
@@ -199,6 +219,18 @@ class EmulatorServer:
         self.profile = get_profile(config.gpu_type)
         self.model_spec = get_model_spec(config.model)
         self.served_model_name = config.served_model_name or config.model
+        self.kv_store = (
+            EmulatorKvStore(
+                config.kv_store_path,
+                self.model_spec,
+                config.block_size,
+                scale=config.kv_store_scale,
+                load_bytes_per_s=config.kv_store_load_bytes_per_s,
+                save_bytes_per_s=config.kv_store_save_bytes_per_s,
+            )
+            if config.kv_store_path is not None
+            else None
+        )
         self.engine = Engine(
             self.profile,
             self.model_spec,
@@ -212,6 +244,7 @@ class EmulatorServer:
                 output_vocab_size=config.vocab_size,
                 seed=config.seed,
             ),
+            external_kv=self.kv_store,
         )
         self.max_model_len = self.engine.max_model_len
         self.tokenizer = WordTokenizer(config.vocab_size)
@@ -321,6 +354,7 @@ class EmulatorServer:
                 "slomesh.instance_id": self.instance_id,
                 "slomesh.gpu_type": self.profile.gpu_type,
             },
+            kv_store=self.kv_store,
         )
         self.runner.start()
 
@@ -356,6 +390,8 @@ class EmulatorServer:
             "kv_events_encoding": self.config.kv_events_encoding,
             "kv_events_replay_endpoint": self.publisher.replay_endpoint if self.publisher else None,
             "tokenizer": {"scheme": "whitespace-xxh3", "vocab_size": self.config.vocab_size},
+            "kv_store_path": self.config.kv_store_path,
+            "kv_store_scale": self.config.kv_store_scale,
             "profile": asdict(self.profile),
         }
 

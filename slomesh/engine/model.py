@@ -20,6 +20,17 @@ Scheduling (Source: vLLM V1 ``vllm/v1/core/sched/scheduler.py``, ``Scheduler.sch
 3. A request whose computed tokens catch up with its tokens samples one new token at the end of
    the step: the step that completes a prefill emits the first token, each later step one more.
 
+External KV (optional, ``Engine(external_kv=...)``; Source: vLLM V1's KV connector API,
+``KVConnectorBase_V1``, as ``ExampleConnector`` implements it): when a waiting request is
+scheduled for the first time, the connector says how many prompt tokens beyond the local prefix
+hit it can load (``get_num_new_matched_tokens``); those count as computed, occupy KV blocks, and
+their load time (``start_load_kv``, synchronous in the forward pass) is added to the step. When a
+request that loaded nothing completes its prefill, the step saves its prompt's KV to the
+connector (``save_kv_layer``), and that save time is added too; the caller writes the data
+(`StepResult.external_kv_saves`). Prompt tokens are then counted by source like vLLM's
+``vllm:prompt_tokens_by_source`` (``local_compute``, ``local_cache_hit``,
+``external_kv_transfer``).
+
 The emulator has no language model: output ids are pseudo-random (seeded per request id) and
 never EOS, so every request generates exactly ``max_tokens`` tokens (``finish_reason ==
 "length"``) unless it reaches ``max_model_len`` first; ``ignore_eos`` is accepted and has no
@@ -33,7 +44,7 @@ import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import xxhash
 
@@ -49,6 +60,29 @@ FINISH_LENGTH = "length"
 """Finish reason: ``max_tokens`` (or ``max_model_len``) reached."""
 FINISH_ABORT = "abort"
 """Finish reason: the request was aborted by the caller."""
+
+
+class ExternalKvConnector(Protocol):
+    """An external KV store an engine loads prompt prefixes from and saves them to (see the
+    module docstring; the emulator's is `slomesh.emulator.kv_store.EmulatorKvStore`)."""
+
+    def num_matched_tokens(self, prompt_token_ids: Sequence[int], num_computed_tokens: int) -> int:
+        """Prompt tokens beyond ``num_computed_tokens`` (the local prefix hit) it can load;
+        0 for none (vLLM's ``get_num_new_matched_tokens``)."""
+        ...
+
+    def tokens_to_save(self, prompt_token_ids: Sequence[int]) -> int:
+        """Prompt tokens whose KV it would save for this prompt; 0 when it holds them already
+        or the prompt is too short."""
+        ...
+
+    def load_time_s(self, num_tokens: int) -> float:
+        """Seconds to load ``num_tokens`` tokens' KV into the KV cache."""
+        ...
+
+    def save_time_s(self, num_tokens: int) -> float:
+        """Seconds to save ``num_tokens`` tokens' KV from the KV cache."""
+        ...
 
 
 @dataclass
@@ -219,6 +253,9 @@ class StepResult:
         num_prefill_tokens: Uncached prompt tokens computed.
         num_decode_seqs: Requests that decoded one token.
         num_scheduled_tokens: ``num_prefill_tokens + num_decode_seqs``.
+        num_external_tokens: Prompt tokens loaded from the external KV connector.
+        external_kv_saves: Prompts (token ids) whose KV this step saved to the external KV
+            connector; the caller writes them (the step's duration includes the save).
     """
 
     start_s: float
@@ -231,6 +268,8 @@ class StepResult:
     num_prefill_tokens: int = 0
     num_decode_seqs: int = 0
     num_scheduled_tokens: int = 0
+    num_external_tokens: int = 0
+    external_kv_saves: list[list[int]] = field(default_factory=list)
 
     @property
     def end_s(self) -> float:
@@ -343,6 +382,9 @@ class EngineStats:
     progress)."""
     remaining_decode_tokens: int
     """Output tokens all live requests still have to generate."""
+    prompt_tokens_external_kv_transfer: int = 0
+    """Prompt tokens loaded from the external KV connector (vLLM's
+    ``prompt_tokens_by_source{source="external_kv_transfer"}``)."""
 
 
 class _Req:
@@ -357,6 +399,7 @@ class _Req:
         "max_tokens",
         "num_cached_tokens",
         "num_computed",
+        "num_external_tokens",
         "num_output",
         "num_preemptions",
         "num_prompt_tokens",
@@ -375,6 +418,7 @@ class _Req:
         self.num_output = 0
         self.num_computed = 0
         self.num_cached_tokens = -1
+        self.num_external_tokens = 0
         self.num_preemptions = 0
         self.first_scheduled_s: float | None = None
         self.first_token_s: float | None = None
@@ -405,6 +449,8 @@ class Engine:
         config: Scheduler and cache settings.
         on_kv_event: Optional callback for every prefix-cache event as it happens (the same
             events are also returned in :attr:`StepResult.kv_events`).
+        external_kv: Optional external KV connector (module docstring); None: none, as vLLM
+            without ``--kv-transfer-config``.
 
     Raises:
         ValueError: the model leaves no room for KV blocks on this GPU (``num_gpu_blocks``), the
@@ -418,8 +464,10 @@ class Engine:
         model: ModelSpec = DEFAULT_MODEL,
         config: EngineConfig | None = None,
         on_kv_event: Callable[[KVEvent], None] | None = None,
+        external_kv: ExternalKvConnector | None = None,
     ) -> None:
         self.profile = profile
+        self.external_kv = external_kv
         self.model = model
         self.config = config if config is not None else EngineConfig()
         cfg = self.config
@@ -462,6 +510,7 @@ class Engine:
         self._prompt_tokens = 0
         self._prompt_compute = 0
         self._prompt_cache_hit = 0
+        self._prompt_external = 0
         self._generation_tokens = 0
         self._preemptions = 0
         self._finished = 0
@@ -598,6 +647,7 @@ class Engine:
             waiting_prefill_tokens=waiting_prefill,
             running_prefill_tokens=running_prefill,
             remaining_decode_tokens=remaining_decode,
+            prompt_tokens_external_kv_transfer=self._prompt_external,
         )
 
     # ------------------------------------------------------------------ stepping
@@ -654,23 +704,41 @@ class Engine:
                 if cfg.enable_prefix_caching:
                     extend_block_hashes(r.block_hashes, r.token_ids, cfg.block_size)
                     num_cached = kv.get_computed_prefix(r.token_ids, r.block_hashes)
-                n = len(r.token_ids) - num_cached
+                num_external = 0
+                if self.external_kv is not None and r.first_scheduled_s is None:
+                    # At least the last prompt token is computed (it samples the first token).
+                    num_external = min(
+                        self.external_kv.num_matched_tokens(
+                            r.token_ids[: r.num_prompt_tokens], num_cached
+                        ),
+                        len(r.token_ids) - num_cached - 1,
+                    )
+                    num_external = max(0, num_external)
+                n = len(r.token_ids) - num_cached - num_external
                 if not cfg.enable_chunked_prefill and n > budget:
                     break
                 n = min(n, budget)
                 if not kv.allocate(
-                    r.request_id, n, r.token_ids, r.block_hashes, num_cached_tokens=num_cached
+                    r.request_id,
+                    num_external + n,
+                    r.token_ids,
+                    r.block_hashes,
+                    num_cached_tokens=num_cached,
                 ):
                     break
                 waiting.popleft()
                 running.append(r)
-                r.num_computed = num_cached
+                r.num_computed = num_cached + num_external
                 self._prefix_queries += len(r.token_ids)
                 self._prefix_hits += num_cached
                 if r.first_scheduled_s is None:
                     r.first_scheduled_s = now_s
-                    r.num_cached_tokens = num_cached
-                    result.first_scheduled.append(FirstScheduled(r.request_id, num_cached))
+                    r.num_cached_tokens = num_cached + num_external
+                    r.num_external_tokens = num_external
+                    result.num_external_tokens += num_external
+                    result.first_scheduled.append(
+                        FirstScheduled(r.request_id, num_cached + num_external)
+                    )
                 scheduled.append((r, n))
                 budget -= n
 
@@ -692,6 +760,20 @@ class Engine:
         duration = step_time_s(
             self.profile, self.model, prefill_tokens, decode_seqs, context, attention_pairs=pairs
         )
+        ext = self.external_kv
+        if ext is not None:
+            save_tokens = 0
+            for r, n in scheduled:
+                if r.num_output == 0 and r.num_computed + n >= len(r.token_ids):
+                    prompt = r.token_ids[: r.num_prompt_tokens]
+                    to_save = 0 if r.num_external_tokens else ext.tokens_to_save(prompt)
+                    if to_save > 0:
+                        save_tokens += to_save
+                        result.external_kv_saves.append(list(prompt))
+            if result.num_external_tokens:
+                duration += ext.load_time_s(result.num_external_tokens)
+            if save_tokens:
+                duration += ext.save_time_s(save_tokens)
         end_s = now_s + duration
         result.duration_s = duration
         result.num_prefill_tokens = prefill_tokens
@@ -718,8 +800,10 @@ class Engine:
             if r.first_token_s is None:
                 r.first_token_s = end_s
                 cached = max(0, r.num_cached_tokens)
+                external = r.num_external_tokens
                 self._prompt_tokens += r.num_prompt_tokens
-                self._prompt_cache_hit += cached
+                self._prompt_cache_hit += cached - external
+                self._prompt_external += external
                 self._prompt_compute += r.num_prompt_tokens - cached
             finished = r.num_output >= r.max_tokens or len(r.token_ids) >= max_len
             reason = FINISH_LENGTH if finished else None

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cslomesh/v1/kv_transfer.proto\x12\nslomesh.v1\"\x10\n\x0eGetInfoRequest\"\xc2\x01\n\x13TransferServiceInfo\x12\x0e\n\x06region\x18\x01 \x01(\t\x12]\n\x19link_capacity_bytes_per_s\x18\x02 \x03(\x0b\x32:.slomesh.v1.TransferServiceInfo.LinkCapacityBytesPerSEntry\x1a<\n\x1aLinkCapacityBytesPerSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32T\n\nKVTransfer\x12\x46\n\x07GetInfo\x12\x1a.slomesh.v1.GetInfoRequest\x1a\x1f.slomesh.v1.TransferServiceInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cslomesh/v1/kv_transfer.proto\x12\nslomesh.v1\"\x10\n\x0eGetInfoRequest\"\xeb\x01\n\x13TransferServiceInfo\x12\x0e\n\x06region\x18\x01 \x01(\t\x12]\n\x19link_capacity_bytes_per_s\x18\x02 \x03(\x0b\x32:.slomesh.v1.TransferServiceInfo.LinkCapacityBytesPerSEntry\x12\x11\n\tkv_stores\x18\x03 \x03(\t\x12\x14\n\x0cweight_cache\x18\x04 \x01(\x08\x1a<\n\x1aLinkCapacityBytesPerSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x88\x02\n\x15TransferPrefixRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rsource_region\x18\x03 \x01(\t\x12\x1a\n\x12source_instance_id\x18\x04 \x01(\t\x12\x1a\n\x12\x64\x65stination_region\x18\x05 \x01(\t\x12\x1f\n\x17\x64\x65stination_instance_id\x18\x06 \x01(\t\x12\x11\n\ttoken_ids\x18\x07 \x03(\r\x12/\n\rtraffic_class\x18\x08 \x01(\x0e\x32\x18.slomesh.v1.TrafficClass\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\t \x01(\x01\"\x80\x02\n\x0ePrewarmRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rsource_region\x18\x03 \x01(\t\x12\x1a\n\x12\x64\x65stination_region\x18\x04 \x01(\t\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x05 \x01(\x01\x12G\n\x0f\x65xpected_sha256\x18\x06 \x03(\x0b\x32..slomesh.v1.PrewarmRequest.ExpectedSha256Entry\x1a\x35\n\x13\x45xpectedSha256Entry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8e\x01\n\x0eTransferHandle\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x12\n\nobject_key\x18\x03 \x01(\t\x12\x15\n\rprefix_tokens\x18\x04 \x01(\r\x12\x13\n\x0b\x62ytes_total\x18\x05 \x01(\x04\x12\x17\n\x0f\x61lready_present\x18\x06 \x01(\x08\"K\n\x0cWatchRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x16\n\x0emin_interval_s\x18\x03 \x01(\x01\"4\n\rCancelRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\"\xbe\x03\n\x10TransferProgress\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x31\n\x05state\x18\x02 \x01(\x0e\x32\".slomesh.v1.TransferProgress.State\x12\x12\n\nbytes_done\x18\x03 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x04\x12\x18\n\x10rate_bytes_per_s\x18\x05 \x01(\x01\x12\r\n\x05\x65ta_s\x18\x06 \x01(\x01\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\t\x12\x0c\n\x04kind\x18\t \x01(\t\x12\x12\n\nobject_key\x18\n \x01(\t\x12\x16\n\x0e\x63orrupt_chunks\x18\x0b \x01(\x04\x12\x0f\n\x07retries\x18\x0c \x01(\x04\x12\x15\n\rresumed_bytes\x18\r \x01(\x04\x12/\n\rtraffic_class\x18\x0e \x01(\x0e\x32\x18.slomesh.v1.TrafficClass\x12\x0e\n\x06region\x18\x0f \x01(\t\"J\n\x05State\x12\n\n\x06QUEUED\x10\x00\x12\x0b\n\x07RUNNING\x10\x01\x12\r\n\tCOMPLETED\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\x12\r\n\tCANCELLED\x10\x04\"p\n\x15\x44\x65scribeObjectRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\r\n\x05store\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x18\n\x10requester_region\x18\x05 \x01(\t\"U\n\x0c\x46ileManifest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x64igest_algo\x18\x03 \x01(\t\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\"\xe3\x01\n\x0eObjectManifest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x12\n\nobject_key\x18\x02 \x01(\t\x12\'\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x18.slomesh.v1.FileManifest\x12=\n\nstore_info\x18\x04 \x03(\x0b\x32).slomesh.v1.ObjectManifest.StoreInfoEntry\x12\x15\n\rprefix_tokens\x18\x05 \x01(\r\x1a\x30\n\x0eStoreInfoEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x85\x02\n\x12\x46\x65tchChunksRequest\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x18\n\x10requester_region\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05store\x18\x04 \x01(\t\x12\x12\n\nobject_key\x18\x05 \x01(\t\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x0e\n\x06offset\x18\x07 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x08 \x01(\r\x12\x12\n\nsize_bytes\x18\t \x01(\x04\x12/\n\rtraffic_class\x18\n \x01(\x0e\x32\x18.slomesh.v1.TrafficClass\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x0b \x01(\x01\"M\n\x05\x43hunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x18\n\x10\x63hecksum_xxh3_64\x18\x04 \x01(\x06*G\n\x0cTrafficClass\x12\x11\n\rFOREGROUND_KV\x10\x00\x12\x0f\n\x0bPREFETCH_KV\x10\x01\x12\x13\n\x0fPREWARM_WEIGHTS\x10\x02\x32\x83\x04\n\nKVTransfer\x12\x46\n\x07GetInfo\x12\x1a.slomesh.v1.GetInfoRequest\x1a\x1f.slomesh.v1.TransferServiceInfo\x12O\n\x0eTransferPrefix\x12!.slomesh.v1.TransferPrefixRequest\x1a\x1a.slomesh.v1.TransferHandle\x12\x41\n\x07Prewarm\x12\x1a.slomesh.v1.PrewarmRequest\x1a\x1a.slomesh.v1.TransferHandle\x12\x41\n\x05Watch\x12\x18.slomesh.v1.WatchRequest\x1a\x1c.slomesh.v1.TransferProgress0\x01\x12\x41\n\x06\x43\x61ncel\x12\x19.slomesh.v1.CancelRequest\x1a\x1c.slomesh.v1.TransferProgress\x12O\n\x0e\x44\x65scribeObject\x12!.slomesh.v1.DescribeObjectRequest\x1a\x1a.slomesh.v1.ObjectManifest\x12\x42\n\x0b\x46\x65tchChunks\x12\x1e.slomesh.v1.FetchChunksRequest\x1a\x11.slomesh.v1.Chunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRANSFERSERVICEINFO_LINKCAPACITYBYTESPERSENTRY']._loaded_options = None
   _globals['_TRANSFERSERVICEINFO_LINKCAPACITYBYTESPERSENTRY']._serialized_options = b'8\001'
+  _globals['_PREWARMREQUEST_EXPECTEDSHA256ENTRY']._loaded_options = None
+  _globals['_PREWARMREQUEST_EXPECTEDSHA256ENTRY']._serialized_options = b'8\001'
+  _globals['_OBJECTMANIFEST_STOREINFOENTRY']._loaded_options = None
+  _globals['_OBJECTMANIFEST_STOREINFOENTRY']._serialized_options = b'8\001'
+  _globals['_TRAFFICCLASS']._serialized_start=2325
+  _globals['_TRAFFICCLASS']._serialized_end=2396
   _globals['_GETINFOREQUEST']._serialized_start=44
   _globals['_GETINFOREQUEST']._serialized_end=60
   _globals['_TRANSFERSERVICEINFO']._serialized_start=63
-  _globals['_TRANSFERSERVICEINFO']._serialized_end=257
-  _globals['_TRANSFERSERVICEINFO_LINKCAPACITYBYTESPERSENTRY']._serialized_start=197
-  _globals['_TRANSFERSERVICEINFO_LINKCAPACITYBYTESPERSENTRY']._serialized_end=257
-  _globals['_KVTRANSFER']._serialized_start=259
-  _globals['_KVTRANSFER']._serialized_end=343
+  _globals['_TRANSFERSERVICEINFO']._serialized_end=298
+  _globals['_TRANSFERSERVICEINFO_LINKCAPACITYBYTESPERSENTRY']._serialized_start=238
+  _globals['_TRANSFERSERVICEINFO_LINKCAPACITYBYTESPERSENTRY']._serialized_end=298
+  _globals['_TRANSFERPREFIXREQUEST']._serialized_start=301
+  _globals['_TRANSFERPREFIXREQUEST']._serialized_end=565
+  _globals['_PREWARMREQUEST']._serialized_start=568
+  _globals['_PREWARMREQUEST']._serialized_end=824
+  _globals['_PREWARMREQUEST_EXPECTEDSHA256ENTRY']._serialized_start=771
+  _globals['_PREWARMREQUEST_EXPECTEDSHA256ENTRY']._serialized_end=824
+  _globals['_TRANSFERHANDLE']._serialized_start=827
+  _globals['_TRANSFERHANDLE']._serialized_end=969
+  _globals['_WATCHREQUEST']._serialized_start=971
+  _globals['_WATCHREQUEST']._serialized_end=1046
+  _globals['_CANCELREQUEST']._serialized_start=1048
+  _globals['_CANCELREQUEST']._serialized_end=1100
+  _globals['_TRANSFERPROGRESS']._serialized_start=1103
+  _globals['_TRANSFERPROGRESS']._serialized_end=1549
+  _globals['_TRANSFERPROGRESS_STATE']._serialized_start=1475
+  _globals['_TRANSFERPROGRESS_STATE']._serialized_end=1549
+  _globals['_DESCRIBEOBJECTREQUEST']._serialized_start=1551
+  _globals['_DESCRIBEOBJECTREQUEST']._serialized_end=1663
+  _globals['_FILEMANIFEST']._serialized_start=1665
+  _globals['_FILEMANIFEST']._serialized_end=1750
+  _globals['_OBJECTMANIFEST']._serialized_start=1753
+  _globals['_OBJECTMANIFEST']._serialized_end=1980
+  _globals['_OBJECTMANIFEST_STOREINFOENTRY']._serialized_start=1932
+  _globals['_OBJECTMANIFEST_STOREINFOENTRY']._serialized_end=1980
+  _globals['_FETCHCHUNKSREQUEST']._serialized_start=1983
+  _globals['_FETCHCHUNKSREQUEST']._serialized_end=2244
+  _globals['_CHUNK']._serialized_start=2246
+  _globals['_CHUNK']._serialized_end=2323
+  _globals['_KVTRANSFER']._serialized_start=2399
+  _globals['_KVTRANSFER']._serialized_end=2914
 # @@protoc_insertion_point(module_scope)

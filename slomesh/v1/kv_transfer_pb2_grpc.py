@@ -26,9 +26,13 @@ if _version_not_supported:
 
 
 class KVTransferStub:
-    """One per region: moves prefix KV caches and model weights between regions on spare bandwidth.
-    Only the service's health and identity exist so far; transfers are the subject of their own
-    issue and are not part of this contract until they are implemented.
+    """One per region: moves prefix KV caches and model weights between regions (DESIGN.md section 1,
+    the M_q of section 2). A transfer is run by the DESTINATION region's service, which pulls the
+    object's files from the source region's service in checksummed chunks (FetchChunks), stages
+    them under `<store>/.partial/<transfer_id>/` with a journal of verified chunks, verifies every
+    whole file, and only then renames the object into place: a partial object is never visible as
+    complete, a corrupt chunk is re-requested and never stored, and an interrupted transfer (lost
+    connection, restarted destination) resumes from its last verified chunk.
     """
 
     def __init__(self, channel):
@@ -42,16 +46,118 @@ class KVTransferStub:
                 request_serializer=slomesh_dot_v1_dot_kv__transfer__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=slomesh_dot_v1_dot_kv__transfer__pb2.TransferServiceInfo.FromString,
                 _registered_method=True)
+        self.TransferPrefix = channel.unary_unary(
+                '/slomesh.v1.KVTransfer/TransferPrefix',
+                request_serializer=slomesh_dot_v1_dot_kv__transfer__pb2.TransferPrefixRequest.SerializeToString,
+                response_deserializer=slomesh_dot_v1_dot_kv__transfer__pb2.TransferHandle.FromString,
+                _registered_method=True)
+        self.Prewarm = channel.unary_unary(
+                '/slomesh.v1.KVTransfer/Prewarm',
+                request_serializer=slomesh_dot_v1_dot_kv__transfer__pb2.PrewarmRequest.SerializeToString,
+                response_deserializer=slomesh_dot_v1_dot_kv__transfer__pb2.TransferHandle.FromString,
+                _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/slomesh.v1.KVTransfer/Watch',
+                request_serializer=slomesh_dot_v1_dot_kv__transfer__pb2.WatchRequest.SerializeToString,
+                response_deserializer=slomesh_dot_v1_dot_kv__transfer__pb2.TransferProgress.FromString,
+                _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/slomesh.v1.KVTransfer/Cancel',
+                request_serializer=slomesh_dot_v1_dot_kv__transfer__pb2.CancelRequest.SerializeToString,
+                response_deserializer=slomesh_dot_v1_dot_kv__transfer__pb2.TransferProgress.FromString,
+                _registered_method=True)
+        self.DescribeObject = channel.unary_unary(
+                '/slomesh.v1.KVTransfer/DescribeObject',
+                request_serializer=slomesh_dot_v1_dot_kv__transfer__pb2.DescribeObjectRequest.SerializeToString,
+                response_deserializer=slomesh_dot_v1_dot_kv__transfer__pb2.ObjectManifest.FromString,
+                _registered_method=True)
+        self.FetchChunks = channel.unary_stream(
+                '/slomesh.v1.KVTransfer/FetchChunks',
+                request_serializer=slomesh_dot_v1_dot_kv__transfer__pb2.FetchChunksRequest.SerializeToString,
+                response_deserializer=slomesh_dot_v1_dot_kv__transfer__pb2.Chunk.FromString,
+                _registered_method=True)
 
 
 class KVTransferServicer:
-    """One per region: moves prefix KV caches and model weights between regions on spare bandwidth.
-    Only the service's health and identity exist so far; transfers are the subject of their own
-    issue and are not part of this contract until they are implemented.
+    """One per region: moves prefix KV caches and model weights between regions (DESIGN.md section 1,
+    the M_q of section 2). A transfer is run by the DESTINATION region's service, which pulls the
+    object's files from the source region's service in checksummed chunks (FetchChunks), stages
+    them under `<store>/.partial/<transfer_id>/` with a journal of verified chunks, verifies every
+    whole file, and only then renames the object into place: a partial object is never visible as
+    complete, a corrupt chunk is re-requested and never stored, and an interrupted transfer (lost
+    connection, restarted destination) resumes from its last verified chunk.
     """
 
     def GetInfo(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """This service's region and configured WAN links.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TransferPrefix(self, request, context):
+        """Moves the longest prefix of `token_ids` (whole KV blocks) that the source instance's KV store
+        holds into the destination instance's KV store. Any region's service accepts it: one that is
+        not the destination forwards it to the destination's service (deadline propagated). Returns
+        once the transfer is queued (or found already present); follow it with Watch.
+        Errors: INVALID_ARGUMENT (bad request; the message names the field), NOT_FOUND (unknown store
+        or region, or the source holds no prefix of the tokens), FAILED_PRECONDITION (the two stores
+        are incompatible: model, KV block size, KV dtype or folder hash differ, or the source's files
+        contradict its configuration), ALREADY_EXISTS (transfer_id in use by a different transfer),
+        DEADLINE_EXCEEDED (deadline_unix_s has passed), UNAVAILABLE (the source or destination peer
+        cannot be reached, or the source's folder is still being written).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Prewarm(self, request, context):
+        """Copies a model's weight files (safetensors shards plus config) from the source region's weight
+        cache into the destination region's weight cache, verified by sha256 per file, at traffic
+        class PREWARM_WEIGHTS. Forwarded like TransferPrefix.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (no weight cache, or the model is not in the source's),
+        FAILED_PRECONDITION (not a safetensors model, dtype differs from the destination cache's, or
+        the source's sha256 differ from `expected_sha256`, or the destination holds a different copy
+        of the model), ALREADY_EXISTS, DEADLINE_EXCEEDED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """Progress of a transfer: the current progress at once, then on every change (at most every
+        `min_interval_s`), ending after the terminal state (COMPLETED, FAILED or CANCELLED).
+        Errors: INVALID_ARGUMENT, NOT_FOUND (unknown transfer_id; finished transfers are kept for a
+        while, not across a restart), UNAVAILABLE (the named region's peer cannot be reached).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Stops a transfer and removes its staging data; returns its final progress (CANCELLED, or the
+        terminal state it had reached already). Errors: INVALID_ARGUMENT, NOT_FOUND, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeObject(self, request, context):
+        """Peer data path (service to service): the manifest of an object in this region's store.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (unknown store, no such object), FAILED_PRECONDITION (the
+        object's files contradict the store's configuration).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchChunks(self, request, context):
+        """Peer data path: the bytes of one file of an object from `offset` on, in chunks, each with its
+        checksum; every chunk is granted by the link scheduler of this region -> requester_region
+        before it is sent. Errors: INVALID_ARGUMENT, NOT_FOUND (unknown store, object or file),
+        FAILED_PRECONDITION (no link configured to requester_region; or the file's size is not
+        `size_bytes` any more: the object changed at the source).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -64,6 +170,36 @@ def add_KVTransferServicer_to_server(servicer, server):
                     request_deserializer=slomesh_dot_v1_dot_kv__transfer__pb2.GetInfoRequest.FromString,
                     response_serializer=slomesh_dot_v1_dot_kv__transfer__pb2.TransferServiceInfo.SerializeToString,
             ),
+            'TransferPrefix': grpc.unary_unary_rpc_method_handler(
+                    servicer.TransferPrefix,
+                    request_deserializer=slomesh_dot_v1_dot_kv__transfer__pb2.TransferPrefixRequest.FromString,
+                    response_serializer=slomesh_dot_v1_dot_kv__transfer__pb2.TransferHandle.SerializeToString,
+            ),
+            'Prewarm': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prewarm,
+                    request_deserializer=slomesh_dot_v1_dot_kv__transfer__pb2.PrewarmRequest.FromString,
+                    response_serializer=slomesh_dot_v1_dot_kv__transfer__pb2.TransferHandle.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=slomesh_dot_v1_dot_kv__transfer__pb2.WatchRequest.FromString,
+                    response_serializer=slomesh_dot_v1_dot_kv__transfer__pb2.TransferProgress.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=slomesh_dot_v1_dot_kv__transfer__pb2.CancelRequest.FromString,
+                    response_serializer=slomesh_dot_v1_dot_kv__transfer__pb2.TransferProgress.SerializeToString,
+            ),
+            'DescribeObject': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeObject,
+                    request_deserializer=slomesh_dot_v1_dot_kv__transfer__pb2.DescribeObjectRequest.FromString,
+                    response_serializer=slomesh_dot_v1_dot_kv__transfer__pb2.ObjectManifest.SerializeToString,
+            ),
+            'FetchChunks': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchChunks,
+                    request_deserializer=slomesh_dot_v1_dot_kv__transfer__pb2.FetchChunksRequest.FromString,
+                    response_serializer=slomesh_dot_v1_dot_kv__transfer__pb2.Chunk.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'slomesh.v1.KVTransfer', rpc_method_handlers)
@@ -73,9 +209,13 @@ def add_KVTransferServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class KVTransfer:
-    """One per region: moves prefix KV caches and model weights between regions on spare bandwidth.
-    Only the service's health and identity exist so far; transfers are the subject of their own
-    issue and are not part of this contract until they are implemented.
+    """One per region: moves prefix KV caches and model weights between regions (DESIGN.md section 1,
+    the M_q of section 2). A transfer is run by the DESTINATION region's service, which pulls the
+    object's files from the source region's service in checksummed chunks (FetchChunks), stages
+    them under `<store>/.partial/<transfer_id>/` with a journal of verified chunks, verifies every
+    whole file, and only then renames the object into place: a partial object is never visible as
+    complete, a corrupt chunk is re-requested and never stored, and an interrupted transfer (lost
+    connection, restarted destination) resumes from its last verified chunk.
     """
 
     @staticmethod
@@ -95,6 +235,168 @@ class KVTransfer:
             '/slomesh.v1.KVTransfer/GetInfo',
             slomesh_dot_v1_dot_kv__transfer__pb2.GetInfoRequest.SerializeToString,
             slomesh_dot_v1_dot_kv__transfer__pb2.TransferServiceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TransferPrefix(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slomesh.v1.KVTransfer/TransferPrefix',
+            slomesh_dot_v1_dot_kv__transfer__pb2.TransferPrefixRequest.SerializeToString,
+            slomesh_dot_v1_dot_kv__transfer__pb2.TransferHandle.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prewarm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slomesh.v1.KVTransfer/Prewarm',
+            slomesh_dot_v1_dot_kv__transfer__pb2.PrewarmRequest.SerializeToString,
+            slomesh_dot_v1_dot_kv__transfer__pb2.TransferHandle.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/slomesh.v1.KVTransfer/Watch',
+            slomesh_dot_v1_dot_kv__transfer__pb2.WatchRequest.SerializeToString,
+            slomesh_dot_v1_dot_kv__transfer__pb2.TransferProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slomesh.v1.KVTransfer/Cancel',
+            slomesh_dot_v1_dot_kv__transfer__pb2.CancelRequest.SerializeToString,
+            slomesh_dot_v1_dot_kv__transfer__pb2.TransferProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeObject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slomesh.v1.KVTransfer/DescribeObject',
+            slomesh_dot_v1_dot_kv__transfer__pb2.DescribeObjectRequest.SerializeToString,
+            slomesh_dot_v1_dot_kv__transfer__pb2.ObjectManifest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/slomesh.v1.KVTransfer/FetchChunks',
+            slomesh_dot_v1_dot_kv__transfer__pb2.FetchChunksRequest.SerializeToString,
+            slomesh_dot_v1_dot_kv__transfer__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,265 @@
+"""KV transfer between two REAL vLLM instances on CPU, as two regions (../shared/REAL_VLLM.md).
+
+Each vLLM runs vLLM's file-based KV connector (``ExampleConnector``) on a directory of its own.
+A 512-token prompt served in region A makes A write its prefix KV (384 tokens: vLLM stores whole
+blocks of 128, never the prompt's last token). The KV transfer service of region B then pulls
+that folder from A's service over a slow link, while A's side damages one chunk of every file in
+transit and B's service is stopped half-way and restarted. Checked: the damaged chunks are
+detected and re-sent, the restarted destination resumes from its journal (the source sends
+exactly the bytes not yet verified), the folder appears in B byte for byte, and the same prompt
+on B is then served from it: vLLM's own ``vllm:prompt_tokens_by_source_total{source=
+"external_kv_transfer"}`` grows by the 384 tokens. Both instances' server-side TTFT for the
+prompt (B loading the moved KV; A's recompute of a fresh prompt of the same length on B as the
+baseline) are printed, not asserted (the machine is shared).
+
+Needs the vLLM environment of `scripts/setup_vllm_env.sh` (skipped, with the reason, when it is
+not installed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import REGISTRY
+
+from services.kv_transfer.server import TransferOptions, serve
+from slomesh.transfer.chunks import FaultInjector
+from slomesh.transfer.staging import PARTIAL_DIR
+from slomesh.transfer.stores import (
+    KvStoreConfig,
+    example_connector_folder_name,
+    example_connector_stored_tokens,
+)
+from slomesh.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
+from tests.vllm_server import (
+    CPU_BLOCK_SIZE,
+    SERVED_MODEL_NAME,
+    VllmServer,
+    VllmUnavailable,
+    find_vllm_python,
+    metric_value,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.slow]
+
+REGION_A, REGION_B = "region-a", "region-b"
+PROMPT_TOKENS = 512
+NUM_LAYERS = 2  # configs/vllm/tiny-llama: num_hidden_layers
+CHUNK_BYTES = 64 * 1024
+LINK_BYTES_PER_S = 400_000.0
+
+
+def _prompt(seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 32000) for _ in range(PROMPT_TOKENS)]
+
+
+def _kv_transfer_config(path: Path) -> str:
+    return json.dumps(
+        {
+            "kv_connector": "ExampleConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"shared_storage_path": str(path)},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def two_vllms(tmp_path_factory):
+    """Two real vLLM servers, each with an ExampleConnector directory, started side by side."""
+    try:
+        python = find_vllm_python()
+    except VllmUnavailable as exc:
+        pytest.skip(str(exc))
+    root = tmp_path_factory.mktemp("kv")
+    servers = {}
+    for region in (REGION_A, REGION_B):
+        path = root / region
+        path.mkdir()
+        servers[region] = (
+            VllmServer(python, extra_args=["--kv-transfer-config", _kv_transfer_config(path)]),
+            path,
+        )
+    errors: list[Exception] = []
+
+    def start(server: VllmServer) -> None:
+        try:
+            server.start(timeout_s=420.0)
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s, _ in servers.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        if errors:
+            raise errors[0]
+        yield servers
+    finally:
+        for server, _ in servers.values():
+            server.stop()
+
+
+def _complete(server: VllmServer, prompt: list[int]) -> float:
+    """Sends one completion; returns vLLM's own TTFT of it (the histogram's sum delta), s."""
+    before = server.metrics()
+    body = json.dumps(
+        {"model": SERVED_MODEL_NAME, "prompt": prompt, "max_tokens": 4, "ignore_eos": True}
+    ).encode()
+    request = urllib.request.Request(
+        f"{server.url}/v1/completions", body, {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        assert resp.status == 200
+        json.loads(resp.read())
+    after = server.metrics()
+    name = "vllm:time_to_first_token_seconds_sum"
+    return metric_value(after, name) - metric_value(before, name)
+
+
+def _by_source(server: VllmServer, source: str) -> float:
+    samples = server.metrics()["vllm:prompt_tokens_by_source_total"]
+    return sum(v for labels, v in samples if labels.get("source") == source)
+
+
+async def _watch(stub, transfer_id: str, until_bytes: int | None = None):
+    async for p in stub.Watch(
+        kv_transfer_pb2.WatchRequest(transfer_id=transfer_id, min_interval_s=0.02)
+    ):
+        if until_bytes is not None and p.bytes_done >= until_bytes:
+            return p
+        last = p
+    return last
+
+
+def _counter(name: str, region: str, peer: str) -> float:
+    labels = {"region": region, "peer": peer, "traffic_class": "FOREGROUND_KV"}
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def _sent_bytes() -> float:
+    return _counter("slomesh_kv_transfer_sent_bytes_total", REGION_A, REGION_B)
+
+
+async def test_prefix_moved_between_real_vllms_is_served_from_external_kv(two_vllms):
+    server_a, dir_a = two_vllms[REGION_A]
+    server_b, dir_b = two_vllms[REGION_B]
+    prompt = _prompt(1)
+    stored = example_connector_stored_tokens(PROMPT_TOKENS, CPU_BLOCK_SIZE)
+    folder = example_connector_folder_name(prompt[:stored])
+
+    # Region A serves the prompt: vLLM's connector writes the prefix's KV folder.
+    _complete(server_a, prompt)
+    assert (dir_a / folder).is_dir(), sorted(p.name for p in dir_a.iterdir())
+    # Region B: a warm-up, then the baseline TTFT of a fresh prompt of the same length.
+    _complete(server_b, _prompt(2))
+    baseline_ttft_s = _complete(server_b, _prompt(3))
+    external_before = _by_source(server_b, "external_kv_transfer")
+
+    def store(region: str, path: Path) -> KvStoreConfig:
+        return KvStoreConfig(
+            id=f"{region}-vllm-0",
+            kind="vllm_example",
+            path=path,
+            model=SERVED_MODEL_NAME,
+            block_size=CPU_BLOCK_SIZE,
+            kv_dtype="bfloat16",
+            num_layers=NUM_LAYERS,
+        )
+
+    faults = FaultInjector.corrupting([1])
+    src = await serve(
+        REGION_A,
+        {REGION_B: LINK_BYTES_PER_S},
+        "127.0.0.1:0",
+        kv_stores=[store(REGION_A, dir_a)],
+        options=TransferOptions(fault_injector=faults, link_burst_bytes=2 * CHUNK_BYTES),
+    )
+    dst_options = TransferOptions(chunk_bytes=CHUNK_BYTES, retry_backoff_s=0.01)
+
+    async def start_dst():
+        return await serve(
+            REGION_B,
+            {REGION_A: LINK_BYTES_PER_S},
+            "127.0.0.1:0",
+            peers={REGION_A: f"127.0.0.1:{src.port}"},
+            kv_stores=[store(REGION_B, dir_b)],
+            options=dst_options,
+        )
+
+    dst = await start_dst()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{dst.port}") as channel:
+            handle = await kv_transfer_pb2_grpc.KVTransferStub(channel).TransferPrefix(
+                kv_transfer_pb2.TransferPrefixRequest(
+                    transfer_id="real-vllm-prefix",
+                    model=SERVED_MODEL_NAME,
+                    source_region=REGION_A,
+                    source_instance_id=f"{REGION_A}-vllm-0",
+                    destination_instance_id=f"{REGION_B}-vllm-0",
+                    token_ids=prompt,
+                    traffic_class=kv_transfer_pb2.FOREGROUND_KV,
+                )
+            )
+            assert (handle.object_key, handle.prefix_tokens) == (folder, stored)
+            half = await asyncio.wait_for(
+                _watch(
+                    kv_transfer_pb2_grpc.KVTransferStub(channel),
+                    handle.transfer_id,
+                    handle.bytes_total // 2,
+                ),
+                60,
+            )
+            assert half.state == kv_transfer_pb2.TransferProgress.RUNNING
+        await dst.stop(0)  # region B's service dies half-way
+        assert not (dir_b / folder).exists()
+        assert (dir_b / PARTIAL_DIR / "real-vllm-prefix").is_dir()
+        sent_at_restart = _sent_bytes()
+        received_at_restart = _counter(
+            "slomesh_kv_transfer_received_bytes_total", REGION_B, REGION_A
+        )
+        dst = await start_dst()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{dst.port}") as channel:
+            final = await asyncio.wait_for(
+                _watch(kv_transfer_pb2_grpc.KVTransferStub(channel), handle.transfer_id), 60
+            )
+    finally:
+        await dst.stop(0)
+        await src.stop(0)
+    assert final.state == kv_transfer_pb2.TransferProgress.COMPLETED, final.error
+    assert final.resumed_bytes >= half.bytes_done
+    # After the restart the destination verified exactly the bytes it did not have; the source
+    # sent those, plus the chunk(s) damaged on the way and re-sent, plus at most the chunks it
+    # had put in flight behind a damaged one before the destination re-requested.
+    rest = handle.bytes_total - final.resumed_bytes
+    assert _counter("slomesh_kv_transfer_received_bytes_total", REGION_B, REGION_A) == (
+        received_at_restart + rest
+    )
+    sent_after = _sent_bytes() - sent_at_restart
+    assert rest <= sent_after <= rest + final.corrupt_chunks * 3 * CHUNK_BYTES
+    assert len(faults.corrupted) >= 1
+    assert half.corrupt_chunks + final.corrupt_chunks >= 1
+    for layer_file in (dir_a / folder).iterdir():
+        assert (dir_b / folder / layer_file.name).read_bytes() == layer_file.read_bytes()
+
+    # Region B serves the same prompt from the moved KV, by vLLM's own account.
+    transferred_ttft_s = _complete(server_b, prompt)
+    external = _by_source(server_b, "external_kv_transfer") - external_before
+    assert external == stored
+    assert "External Cache Hit!" in server_b.log_tail(200_000)
+    print(
+        f"\nregion B TTFT (vLLM's histogram): fresh {PROMPT_TOKENS}-token prompt "
+        f"{baseline_ttft_s * 1e3:.1f} ms, the moved prefix's prompt {transferred_ttft_s * 1e3:.1f} ms "
+        f"(ratio {transferred_ttft_s / baseline_ttft_s:.2f}); moved {handle.bytes_total} bytes, "
+        f"{time.strftime('%H:%M:%S')}"
+    )
