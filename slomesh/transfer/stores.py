@@ -28,6 +28,7 @@ the service maps to FAILED_PRECONDITION.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import logging
@@ -373,7 +374,7 @@ class WeightCacheConfig(BaseModel):
 # -- the interface -------------------------------------------------------------------------------
 
 
-class ObjectStore:
+class ObjectStore(abc.ABC):
     """What the transfer service needs of a store, on both ends.
 
     Source side: a ``describe_*`` method (the adapter's own) and `file_path`. Destination side:
@@ -393,21 +394,24 @@ class ObjectStore:
         self._digest_cache: dict[tuple[str, int, int, int], str] = {}
         self._digest_lock = threading.Lock()
 
+    @abc.abstractmethod
     def store_info(self) -> dict[str, str]:
         """The engine configuration a peer checks compatibility against."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def validate_key(self, object_key: str) -> str:
         """Checks an object key's syntax. Raises `InvalidObjectRequest`."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def check_compatible(self, manifest: ObjectManifest) -> None:
         """Checks that an object from a peer may be stored here.
 
         Raises:
             IncompatibleStores: the configurations differ (the message lists every field).
         """
-        raise NotImplementedError
+        ...
 
     def object_dir(self, object_key: str) -> Path:
         """The object's directory in this store (validated key)."""
