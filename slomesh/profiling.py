@@ -32,27 +32,44 @@ a reported ``usage.prompt_tokens_details.cached_tokens`` > 0 fails the run):
   the token budget of a step). ``k`` prompts in one call reach the engine together, where ``k``
   separate calls would start the first one's step alone.
 - decode point ``(L, B)``: one call carrying ``B`` prompts of ``L`` tokens with
-  ``max_tokens=T`` (all the same, ``ignore_eos``). The decode step time is the median
-  inter-token gap of the call's *steady window* (:func:`steady_decode`): from the moment the
-  last sequence has its first token (every prefill done, all ``B`` sequences decoding) to the
-  moment the first sequence has its last one (none finished yet). That leaves out the ramp-up
-  -- the server hands the ``B`` prompts to the engine one by one, and on a busy host their
-  prefills land in different steps, mixed with the first sequences' decodes (chunked prefill
-  does the same when ``B * L`` exceeds the step's token budget) -- and the ramp-down where the
-  batch is no longer full; the median leaves out the host's stalls. A chunk that carries
-  ``n`` tokens (``stream_interval``, or a reader that lags) counts as ``n`` gaps, each a
-  ``1/n``-th of the chunk's. The point's context is the mean over the steady steps of the
-  batch's KV tokens (each step's sum over the sequences of ``L + j`` at their decode step
-  ``j``; ``B * (L + T / 2)`` when the window spans all ``T - 1`` steps). Gaps between the
-  client's arrival times add the client's jitter but no bias (their sum telescopes); the
-  median of many of them is what vLLM's own ``vllm:inter_token_latency_seconds`` cannot give
-  (its buckets start at 10 ms, and its sum/count mean includes the ramps). Points whose
-  prefill chunks (``ceil(B * L / budget)`` steps) would take more than half the ``T - 1``
-  decode steps are skipped.
+  ``max_tokens=T`` (all the same, ``ignore_eos``), timed in its *steady window*, where all
+  ``B`` sequences decode in every step: after the last sequence's first token (every prefill
+  done) and before the first sequence's last token (none finished). That leaves out the
+  ramp-up -- the server hands the ``B`` prompts to the engine one by one, and on a busy host
+  their prefills land in different steps, mixed with the first sequences' decodes (chunked
+  prefill does the same when ``B * L`` exceeds the step's token budget) -- and the ramp-down
+  where the batch is no longer full. Two ways, the first where the server allows it:
+
+  * *engine timing* (:func:`widest_engine_window`): ``/metrics`` scraped before the call and
+    every ``ENGINE_POLL_INTERVAL_S`` while it runs; the mean of vLLM's own
+    ``vllm:inter_token_latency_seconds`` recorded between the first scrape that counts every
+    first token of the call and the last one that counts no finished request
+    (:func:`engine_decode_window`). The latencies are taken by the server, free of the HTTP
+    path and of the client, and the scrapes show the server's state on the poller's clock:
+    on a 2-core host under load a Python client reads the stream in bursts (its gaps at
+    batch 1 are then mostly zero) and lags the server by more than the whole output. The
+    scrapes are checked against the server's counters (all first tokens counted, no request
+    finished, one latency per output token), and a probe whose window they missed is sent
+    again (``ENGINE_WINDOW_TRIES``). A whole-call delta of the same histogram would average
+    the ramps in (20-30 % too slow at 8 x 1024 tokens on vLLM's CPU backend on a loaded
+    2-core host); its buckets (10 ms and up) are too coarse for a median.
+  * *client timing* (:func:`steady_decode`), for servers without that histogram, or when
+    engine timing fails every try: the median of the inter-token gaps of the streamed chunks in
+    the window (a chunk of ``n`` tokens, from ``stream_interval`` or a lagging reader, counts
+    as ``n`` gaps, each a ``1/n``-th of its gap).
+
+  The point's context is the mean over the window's steps of the batch's KV tokens (each
+  step's sum over the sequences of ``L + j`` at their decode step ``j``; ``B * (L + T / 2)``
+  when the window spans all ``T - 1`` steps). Points whose chunked prefill
+  (``ceil(B * L / budget)`` steps) would leave fewer than half the ``T - 1`` decode steps
+  steady are skipped.
 
 Warm-up probes go first (one decode probe per batch size at the shortest prompt, per
 ``warmup`` round). Every point is probed ``repeats`` times (in rounds over the whole sweep, so
-that a slow spell of the host spreads over all points) and the median kept. Times are
+that a slow spell of the host spreads over all points) and the fastest kept: the host's other
+work only ever slows a probe down, so the minimum is the best estimate of the engine's own
+time (the advice of Python's ``timeit``; on a 2-core host at load average 12, medians of 3
+probes scattered decode points by 2-3x and held-out R² fell to 0.29). Times are
 divided by the server's ``time_scale`` (the emulator's wall seconds per modelled second, from
 ``/slomesh/info``; 1 for vLLM), so a profile holds the modelled GPU's times. Every
 ``holdout_every``-th point (in sweep order) is held out of the fit, and R² is reported on the
@@ -69,7 +86,6 @@ import argparse
 import asyncio
 import json
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -90,6 +106,8 @@ from pydantic import (
     model_validator,
 )
 
+from slomesh.vllm_metrics import MetricsParseError, ScrapedMetrics, parse_vllm_metrics
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -102,7 +120,7 @@ server with the default output tokens."""
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
 """Batch sizes swept by default."""
 DEFAULT_REPEATS = 3
-"""Probes per point by default (the median is kept)."""
+"""Probes per point by default (the fastest is kept)."""
 DEFAULT_OUTPUT_TOKENS = 128
 """Output tokens of a decode probe by default: enough steps for a steady window of about a
 hundred after the ramps (a few steps each), while a probe stays under a second at CPU step
@@ -114,6 +132,11 @@ ASSUMED_MAX_NUM_BATCHED_TOKENS = 2048
 for its OpenAI server on CPUs and on GPUs under 70 GiB (``EngineArgs.get_batch_defaults``)."""
 R2_TARGET = 0.9
 """R² on held-out points below which ``slomesh profile`` warns (issue 4's target)."""
+ENGINE_WINDOW_TRIES = 3
+"""Decode probes sent for one measurement when the server's ``/metrics`` scrapes miss the
+steady window (:func:`engine_decode_window`) before the client's timing is used."""
+ENGINE_POLL_INTERVAL_S = 0.02
+"""Pause between two ``/metrics`` scrapes of a decode probe (:func:`widest_engine_window`)."""
 MIN_POINTS = 4
 """Fewest points of a fit: three coefficients need three training points, plus one held out."""
 
@@ -167,7 +190,7 @@ class PrefillPoint(BaseModel):
     batch_size: int = Field(ge=1)
     """Sequences prefilled together."""
     ttft_ms: float = Field(ge=0)
-    """Median over the probes of the time until every sequence had its first token, ms."""
+    """Fastest over the probes of the time until every sequence had its first token, ms."""
 
     @property
     def batch_tokens(self) -> int:
@@ -196,11 +219,15 @@ class DecodePoint(BaseModel):
     output_tokens: int = Field(ge=2)
     """Tokens each sequence generated (the first one by the prefill)."""
     tpot_ms: float = Field(ge=0)
-    """Median over the probes of the decode step time (TPOT) with the whole batch decoding:
-    the median inter-token gap of each probe's steady window (:func:`steady_decode`), ms."""
+    """Fastest over the probes of the decode step time (TPOT) with the whole batch decoding in
+    each probe's steady window: the engine's mean inter-token latency there
+    (:func:`engine_decode_window`), else the client's median gap (:func:`steady_decode`), ms."""
     context_tokens: float = Field(ge=0)
     """KV tokens the batch attends to in its mean measured decode step (summed over the
-    batch; mean over the probes)."""
+    batch), in the fastest probe."""
+    engine_timed_probes: int = Field(default=0, ge=0)
+    """Probes timed by the server's own inter-token latencies (:func:`engine_decode_window`);
+    the others by the client's arrival times (:func:`steady_decode`)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -446,12 +473,15 @@ class SweepConfig(BaseModel):
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
     """Sequences per probe, each >= 1."""
     repeats: int = Field(default=DEFAULT_REPEATS, ge=1)
-    """Probes per point; the median is kept."""
+    """Probes per point; the fastest is kept."""
     output_tokens: int = Field(default=DEFAULT_OUTPUT_TOKENS, ge=2)
     """Output tokens ``T`` of a decode probe (TPOT needs ``T >= 2``)."""
     warmup: int = Field(default=1, ge=0)
     """Unrecorded warm-up rounds sent first, each one decode probe per batch size of the plan
     at its shortest prompt (engine warm-up, one batch shape after another)."""
+    engine_timing: bool = True
+    """Time decode steps by the server's ``/metrics`` where it has ``ITL_FAMILY``
+    (:func:`engine_decode_window`); false: always by the client's arrival times."""
     stream_interval: int = Field(default=1, ge=1)
     """Tokens per streamed chunk asked of the server (vLLM's per-request ``stream_interval``,
     vLLM >= 0.11 and the emulator; not sent when 1): fewer chunks, less work for the server's
@@ -700,8 +730,6 @@ def cache_config_from_metrics(text: str) -> dict[str, int | None]:
     """``block_size`` and ``kv_cache_tokens`` (``num_gpu_blocks * block_size``) from the
     ``vllm:cache_config_info`` labels of a Prometheus ``/metrics`` body
     (`slomesh.vllm_metrics.parse_vllm_metrics`); ``None`` for what is absent or unparsable."""
-    from slomesh.vllm_metrics import MetricsParseError, parse_vllm_metrics
-
     try:
         scraped = parse_vllm_metrics(text)
     except MetricsParseError:
@@ -715,6 +743,33 @@ async def _get_json(session: aiohttp.ClientSession, url: str, timeout_s: float) 
         if resp.status != 200:
             return resp.status, None
         return resp.status, await resp.json(content_type=None)
+
+
+ITL_FAMILY = "vllm:inter_token_latency_seconds"
+"""The histogram whose presence in ``/metrics`` lets :func:`engine_decode_window` time the
+decode steps inside the server."""
+
+
+async def scrape_step_metrics(
+    session: aiohttp.ClientSession, endpoint: str, timeout_s: float = 10.0
+) -> ScrapedMetrics | None:
+    """``GET /metrics`` parsed (:func:`slomesh.vllm_metrics.parse_vllm_metrics`), or ``None``
+    when the server has no such page, it cannot be read or parsed, or it lacks the
+    ``ITL_FAMILY`` histogram (then the decode steps are timed by the client)."""
+    try:
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with session.get(f"{endpoint}/metrics", timeout=timeout) as resp:
+            if resp.status != 200:
+                return None
+            text = await resp.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+    if ITL_FAMILY not in text:
+        return None
+    try:
+        return parse_vllm_metrics(text)
+    except MetricsParseError:
+        return None
 
 
 async def read_server_limits(
@@ -879,20 +934,120 @@ class SequenceTiming(BaseModel):
     no token ids."""
 
 
-class SteadyDecode(BaseModel):
-    """The steady window of one decode probe (:func:`steady_decode`)."""
+class DecodeWindow(BaseModel):
+    """The steady window of one decode probe: its step time and where it was measured."""
 
     model_config = _FROZEN
 
     step_s: float = Field(ge=0)
-    """Median inter-token gap in the window, seconds: the decode step time of the batch."""
+    """Decode step time of the batch, seconds: the engine's mean inter-token latency over the
+    window (:func:`engine_decode_window`), or the client's median gap (:func:`steady_decode`)."""
     context_tokens: float = Field(ge=0)
     """Mean over the window's tokens of the batch's KV tokens in the step that made them."""
     tokens: int = Field(ge=1)
-    """Tokens (gaps) in the window, summed over the sequences."""
+    """Tokens (inter-token gaps) in the window, summed over the sequences."""
+    source: Literal["engine", "client"]
+    """``engine``: the server's own ``/metrics``; ``client``: the streamed arrival times."""
 
 
-def steady_decode(sequences: Sequence[SequenceTiming], prompt_tokens: int) -> SteadyDecode:
+def engine_decode_window(
+    baseline: ScrapedMetrics,
+    start: ScrapedMetrics,
+    end: ScrapedMetrics,
+    batch_size: int,
+    prompt_tokens: int,
+) -> DecodeWindow | None:
+    """Decode step time of a probe's steady window from the server's own counters.
+
+    Three ``/metrics`` scrapes of an otherwise idle server: ``baseline`` before the call,
+    ``start`` once the client has every sequence's first token, ``end`` before the first
+    sequence's last one. Between ``start`` and ``end`` every step is a pure decode step of the
+    whole batch when ``start`` counts all ``B`` first tokens of the call
+    (``vllm:time_to_first_token_seconds`` count) and ``end`` no finished request
+    (``vllm:request_prompt_tokens`` count, observed as a request finishes) -- the scrapes are
+    checked, not assumed, as the server runs ahead of a client that lags. The step time is
+    then the mean of the inter-token latencies recorded in between
+    (``vllm:inter_token_latency_seconds`` sum / count deltas: each the time between the
+    engine core's outputs of two steps, taken inside the engine, free of the HTTP path and of
+    the client's delays); each is the period of a step, as in
+    ``slomesh.online_fit.step_time_observations``. The mean context of those steps is
+    ``B * L + (G_start + G_end - B) / 2``, with ``G`` the call's output tokens at a scrape
+    (``vllm:generation_tokens``): a step that makes token ``m_i`` of sequence ``i`` attends to
+    ``sum_i (L + m_i - 1)`` = ``B * L + G`` tokens, ``G`` the call's tokens before it.
+    Source of the metric semantics: vLLM 0.32, ``vllm/v1/metrics/stats.py``
+    (``IterationStats.update_from_output``, ``update_from_finished_request``).
+
+    Args:
+        baseline, start, end: The scrapes (:func:`slomesh.vllm_metrics.parse_vllm_metrics`).
+        batch_size: Sequences ``B`` of the call.
+        prompt_tokens: Prompt tokens ``L`` of each.
+
+    Returns:
+        The window (``source="engine"``), or ``None`` when the scrapes do not bracket a
+        steady window: ``start`` too early, ``end`` too late, no inter-token latency in
+        between, or latencies and output tokens that disagree (other traffic on the server).
+
+    Raises:
+        ValueError: ``batch_size`` < 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    first_tokens = start.time_to_first_token_count - baseline.time_to_first_token_count
+    finished = end.request_prompt_tokens_count - baseline.request_prompt_tokens_count
+    itl_count = end.inter_token_latency_count - start.inter_token_latency_count
+    itl_sum_s = end.inter_token_latency_sum_s - start.inter_token_latency_sum_s
+    made_start = start.generation_tokens_total - baseline.generation_tokens_total
+    made_end = end.generation_tokens_total - baseline.generation_tokens_total
+    if first_tokens != batch_size or finished != 0 or itl_count < 1 or itl_sum_s < 0:
+        return None
+    if made_end - made_start != itl_count:
+        return None
+    return DecodeWindow(
+        step_s=itl_sum_s / itl_count,
+        context_tokens=batch_size * prompt_tokens + (made_start + made_end - batch_size) / 2.0,
+        tokens=int(itl_count),
+        source="engine",
+    )
+
+
+def widest_engine_window(
+    baseline: ScrapedMetrics,
+    scrapes: Sequence[ScrapedMetrics],
+    batch_size: int,
+    prompt_tokens: int,
+) -> DecodeWindow | None:
+    """The widest steady window a series of ``/metrics`` scrapes brackets.
+
+    Args:
+        baseline: The scrape before the call.
+        scrapes: Scrapes taken while the call ran, in order.
+        batch_size: Sequences ``B`` of the call.
+        prompt_tokens: Prompt tokens ``L`` of each.
+
+    Returns:
+        :func:`engine_decode_window` from the first scrape that counts every first token of
+        the call to the last one that counts no finished request, or ``None`` when no such
+        pair exists or it does not bracket a steady window.
+    """
+    start = next(
+        (
+            s
+            for s in scrapes
+            if s.time_to_first_token_count - baseline.time_to_first_token_count >= batch_size
+        ),
+        None,
+    )
+    unfinished = [
+        s
+        for s in scrapes
+        if s.request_prompt_tokens_count == baseline.request_prompt_tokens_count
+    ]
+    if start is None or not unfinished:
+        return None
+    return engine_decode_window(baseline, start, unfinished[-1], batch_size, prompt_tokens)
+
+
+def steady_decode(sequences: Sequence[SequenceTiming], prompt_tokens: int) -> DecodeWindow:
     """Decode step time of a batch that decodes together, from its streamed arrival times.
 
     The *steady window* runs from ``lo``, the arrival of the last sequence's first token
@@ -913,7 +1068,7 @@ def steady_decode(sequences: Sequence[SequenceTiming], prompt_tokens: int) -> St
         prompt_tokens: Prompt tokens ``L`` of every sequence.
 
     Returns:
-        The window's median step time, mean context and size.
+        The window's median step time, mean context and size (``source="client"``).
 
     Raises:
         ProfilingError: no gap lies in the window (the ramps overlap: the batch did not
@@ -945,10 +1100,11 @@ def steady_decode(sequences: Sequence[SequenceTiming], prompt_tokens: int) -> St
             f"{prompt_tokens} tokens: the last first token came at {lo:.3f} s, the first last "
             f"token at {hi:.3f} s; raise --output-tokens"
         )
-    return SteadyDecode(
+    return DecodeWindow(
         step_s=float(np.median(gaps_s)),
         context_tokens=len(sequences) * float(np.mean(kv_tokens)),
         tokens=len(gaps_s),
+        source="client",
     )
 
 
@@ -1095,7 +1251,8 @@ async def measure(
     timeout_s: float = 300.0,
 ) -> tuple[list[PrefillPoint], list[DecodePoint]]:
     """Warm the server up, then probe every point of ``plan`` ``sweep.repeats`` times and
-    keep the medians (decode: of the steady step times of :func:`steady_decode`).
+    keep the fastest (decode: of the steady-window step times, :func:`engine_decode_window`
+    where the server has ``ITL_FAMILY``, else :func:`steady_decode`).
 
     Args:
         session: HTTP session.
@@ -1113,7 +1270,7 @@ async def measure(
 
     Raises:
         ProfilingError: a probe failed (see :func:`run_probe`), or a decode probe had no
-            steady window (see :func:`steady_decode`).
+            steady window in the client's timing (see :func:`steady_decode`).
     """
     rng = rng if rng is not None else np.random.default_rng()
     scale_ms = 1000.0 / limits.time_scale
@@ -1125,9 +1282,8 @@ async def measure(
     )
     done = 0
 
-    async def probe(n: int, k: int, max_tokens: int) -> list[SequenceTiming]:
-        nonlocal done
-        timings = await run_probe(
+    async def send(n: int, k: int, max_tokens: int) -> list[SequenceTiming]:
+        return await run_probe(
             session,
             endpoint,
             limits.model,
@@ -1136,10 +1292,60 @@ async def measure(
             timeout_s,
             stream_interval=sweep.stream_interval,
         )
+
+    def count_probe() -> None:
+        nonlocal done
         done += 1
         if progress is not None:
             progress(done, total)
+
+    async def probe(n: int, k: int, max_tokens: int) -> list[SequenceTiming]:
+        timings = await send(n, k, max_tokens)
+        count_probe()
         return timings
+
+    engine_timing = sweep.engine_timing and await scrape_step_metrics(session, endpoint) is not None
+
+    async def engine_timed_probe(
+        n: int, k: int
+    ) -> tuple[list[SequenceTiming], DecodeWindow | None]:
+        baseline = await scrape_step_metrics(session, endpoint)
+        scrapes: list[ScrapedMetrics] = []
+
+        async def poll() -> None:
+            # The server's state at each scrape, on the poller's own clock: a client that
+            # reads the stream in bursts on a loaded host does not shift the window.
+            while True:
+                scraped = await scrape_step_metrics(session, endpoint)
+                if scraped is not None:
+                    scrapes.append(scraped)
+                    if scraped.request_prompt_tokens_count > baseline.request_prompt_tokens_count:
+                        return  # a sequence finished: the steady window is over
+                await asyncio.sleep(ENGINE_POLL_INTERVAL_S)
+
+        if baseline is None:
+            return await send(n, k, out_tokens), None
+        poller = asyncio.create_task(poll())
+        try:
+            timings = await send(n, k, out_tokens)
+        finally:
+            poller.cancel()
+            await asyncio.gather(poller, return_exceptions=True)
+        return timings, widest_engine_window(baseline, scrapes, k, n)
+
+    async def decode_probe(n: int, k: int) -> DecodeWindow:
+        window = None
+        if engine_timing:
+            # A window no pair of scrapes bracketed (a host so loaded that the poller missed
+            # it) is probed again before the client's own timing is taken.
+            for _ in range(ENGINE_WINDOW_TRIES):
+                timings, window = await engine_timed_probe(n, k)
+                if window is not None:
+                    break
+        else:
+            timings = await send(n, k, out_tokens)
+        count_probe()
+        return window or steady_decode(timings, n)
 
     for _ in range(sweep.warmup):
         for k in warm_batches:
@@ -1147,16 +1353,18 @@ async def measure(
     prefill_ms: list[list[float]] = [[] for _ in plan.prefill]
     decode_ms: list[list[float]] = [[] for _ in plan.decode]
     decode_context: list[list[float]] = [[] for _ in plan.decode]
+    engine_timed = [0] * len(plan.decode)
     for _ in range(sweep.repeats):
         for j, (n, k) in enumerate(plan.prefill):
             timings = await probe(n, k, 1)
             prefill_ms[j].append(max(t.ttft_s for t in timings) * scale_ms)
         for j, (n, k) in enumerate(plan.decode):
-            steady = steady_decode(await probe(n, k, out_tokens), n)
-            decode_ms[j].append(steady.step_s * scale_ms)
-            decode_context[j].append(steady.context_tokens)
+            window = await decode_probe(n, k)
+            decode_ms[j].append(window.step_s * scale_ms)
+            decode_context[j].append(window.context_tokens)
+            engine_timed[j] += window.source == "engine"
     prefill_points = [
-        PrefillPoint(uncached_tokens=n, batch_size=k, ttft_ms=statistics.median(samples))
+        PrefillPoint(uncached_tokens=n, batch_size=k, ttft_ms=min(samples))
         for (n, k), samples in zip(plan.prefill, prefill_ms, strict=True)
     ]
     decode_points = [
@@ -1164,10 +1372,13 @@ async def measure(
             batch_size=k,
             prompt_tokens=n,
             output_tokens=out_tokens,
-            tpot_ms=statistics.median(samples),
-            context_tokens=statistics.fmean(contexts),
+            tpot_ms=min(samples),
+            context_tokens=contexts[samples.index(min(samples))],
+            engine_timed_probes=timed,
         )
-        for (n, k), samples, contexts in zip(plan.decode, decode_ms, decode_context, strict=True)
+        for (n, k), samples, contexts, timed in zip(
+            plan.decode, decode_ms, decode_context, engine_timed, strict=True
+        )
     ]
     return prefill_points, decode_points
 
@@ -1333,6 +1544,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="unrecorded warm-up rounds (one decode probe per batch size) sent first",
     )
     p.add_argument(
+        "--client-timing",
+        action="store_true",
+        help="time decode steps by the streamed arrival times only, not by the server's "
+        "/metrics inter-token latencies",
+    )
+    p.add_argument(
         "--stream-interval",
         type=int,
         default=1,
@@ -1376,6 +1593,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             output_tokens=args.output_tokens,
             warmup=args.warmup,
             stream_interval=args.stream_interval,
+            engine_timing=not args.client_timing,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -1425,6 +1643,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = profile.save(args.out)
     wall = f" (probes took {profile.sweep_wall_s:.0f} s)" if profile.sweep_wall_s else ""
     err.print(f"profile written to {path}{wall}")
+    engine_timed = sum(p.engine_timed_probes for p in profile.decode.points)
+    err.print(
+        f"decode steps timed by the server's inter-token latencies in {engine_timed} of "
+        f"{len(profile.decode.points) * sweep.repeats} probes, by the client's arrival times "
+        "in the others"
+    )
     for name, fit in (("prefill", profile.prefill), ("decode", profile.decode)):
         r2 = fit.quality.r2_held_out
         if r2 is None or r2 < R2_TARGET:

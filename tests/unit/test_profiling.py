@@ -26,6 +26,7 @@ from slomesh.profiling import (
     SweepConfig,
     attention_pairs,
     cache_config_from_metrics,
+    engine_decode_window,
     fit_decode,
     fit_prefill,
     held_out_mask,
@@ -37,7 +38,9 @@ from slomesh.profiling import (
     read_server_limits,
     run_probe,
     steady_decode,
+    widest_engine_window,
 )
+from slomesh.vllm_metrics import ScrapedMetrics
 
 PREFILL_TRUE = (5.0, 0.05, 2e-5)  # intercept_ms, per_batch_token_ms, per_attention_pair_ms
 DECODE_TRUE = (7.0, 0.08, 3e-4)  # intercept_ms, per_sequence_ms, per_context_token_ms
@@ -411,6 +414,70 @@ def test_steady_decode_refuses_a_batch_that_never_decodes_together():
         steady_decode([empty_chunk], 10)
 
 
+def scraped(ttft=10, finished=10, itl_sum_s=5.0, itl_count=1000, generated=1100):
+    return ScrapedMetrics(
+        time_to_first_token_count=ttft,
+        request_prompt_tokens_count=finished,
+        inter_token_latency_sum_s=itl_sum_s,
+        inter_token_latency_count=itl_count,
+        generation_tokens_total=generated,
+    )
+
+
+def test_engine_window_is_the_mean_itl_between_the_scrapes():
+    # 4 sequences of 100 tokens. By the start scrape: 4 first tokens and 2 decode steps of the
+    # ramp (20 ms each, mixed with prefills); by the end scrape 40 steady steps of 10 ms.
+    baseline = scraped()
+    start = scraped(ttft=14, itl_sum_s=5.0 + 8 * 0.02, itl_count=1008, generated=1112)
+    end = scraped(ttft=14, itl_sum_s=start.inter_token_latency_sum_s + 160 * 0.01,
+                  itl_count=1168, generated=1272)  # fmt: skip
+    window = engine_decode_window(baseline, start, end, batch_size=4, prompt_tokens=100)
+    assert window is not None and window.source == "engine"
+    assert window.step_s == pytest.approx(0.01)
+    assert window.tokens == 160
+    # The 40 steps run after 12, 16, ..., 168 output tokens of the call: mean 90 on top of the
+    # 4 x 100 prompt tokens.
+    assert window.context_tokens == pytest.approx(4 * 100 + (12 + 168) / 2)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"start": {"ttft": 13}},  # a prefill not done at the start scrape
+        {"end": {"finished": 11}},  # a sequence finished before the end scrape
+        {"end": {"itl_count": 1008, "itl_sum_s": 5.16, "generated": 1112}},  # no step between
+        {"end": {"generated": 1280}},  # tokens without an ITL: another request's prefill
+    ],
+)
+def test_engine_window_refuses_scrapes_that_miss_the_steady_window(change):
+    start = {"ttft": 14, "itl_sum_s": 5.16, "itl_count": 1008, "generated": 1112}
+    end = {"ttft": 14, "itl_sum_s": 6.76, "itl_count": 1168, "generated": 1272}
+    start.update(change.get("start", {}))
+    end.update(change.get("end", {}))
+    window = engine_decode_window(scraped(), scraped(**start), scraped(**end), 4, 100)
+    assert window is None
+    with pytest.raises(ValueError, match="batch_size"):
+        engine_decode_window(scraped(), scraped(**start), scraped(**end), 0, 100)
+
+
+def test_widest_engine_window_spans_the_first_full_to_the_last_unfinished_scrape():
+    # 4 sequences; the poller's scrapes: ramp (3 first tokens), steady x3, one finished.
+    baseline = scraped()
+    series = [
+        scraped(ttft=13, itl_sum_s=5.04, itl_count=1002, generated=1105),
+        scraped(ttft=14, itl_sum_s=5.16, itl_count=1008, generated=1112),  # start
+        scraped(ttft=14, itl_sum_s=5.56, itl_count=1048, generated=1152),
+        scraped(ttft=14, itl_sum_s=6.76, itl_count=1168, generated=1272),  # end
+        scraped(ttft=14, finished=11, itl_sum_s=7.0, itl_count=1190, generated=1294),
+    ]
+    window = widest_engine_window(baseline, series, batch_size=4, prompt_tokens=100)
+    assert window == engine_decode_window(baseline, series[1], series[3], 4, 100)
+    assert window is not None and window.step_s == pytest.approx(0.01)
+    # No scrape after every first token, or none before the first finished request.
+    assert widest_engine_window(baseline, series[:1], 4, 100) is None
+    assert widest_engine_window(baseline, series[4:], 4, 100) is None
+
+
 # ------------------------------------------------------------------------------ HTTP
 
 
@@ -584,6 +651,7 @@ async def test_profile_of_a_staggered_server_measures_its_steady_steps():
         assert 1000 * TOKEN_DELAY_S <= p.tpot_ms < 1000 * TOKEN_DELAY_S + 15, p
         # The window is symmetric (the first to start is the first to finish): mean KV L + T/2.
         assert p.context_tokens == pytest.approx(p.batch_size * (p.prompt_tokens + 8 / 2)), p
+        assert p.engine_timed_probes == 0  # its /metrics has no inter-token latencies
     assert profile.sweep_wall_s is not None and profile.sweep_wall_s > 0
 
 
