@@ -4,25 +4,36 @@
 
 1. nats-server with JetStream and a Redis (valkey) server (`slomesh.procs`);
 2. per instance of the topology, a vLLM emulator (``python -m slomesh.emulator``) on a free HTTP
-   port publishing KV events on a free ZMQ port;
-3. one WAN relay process (``python -m slomesh.wan_relay``) holding a relay for every ordered
-   pair of regions (origin -> target region's agent), each delaying both directions by half the
-   measured RTT between the two regions' `location`s (`Topology.rtt_ms`), so a round trip
-   through it takes the RTT;
-4. per region, a region agent (``python -m services.region_agent``) with its instances, and as
+   port publishing KV events on a free ZMQ port, with an ExampleConnector-like KV store in
+   ``RUN_DIR/kv/<instance id>`` (``--kv-store-path``: the prefixes it serves are saved there,
+   and a prefix moved there is loaded instead of computed);
+3. per region, a KV transfer service (``python -m services.kv_transfer``) with its instances'
+   stores (store id = instance id), as ``--peer`` the relay to each peer region's transfer
+   service, and publishing its link statistics on NATS;
+4. one WAN relay process (``python -m slomesh.wan_relay``) holding, for every ordered pair of
+   regions, a relay origin -> target region's agent and one origin -> target region's KV
+   transfer service, each delaying both directions by half the measured RTT between the two
+   regions' `location`s (`Topology.rtt_ms`), so a round trip through it takes the RTT. The
+   transfer services' relays also cap the bandwidth at the topology's capacity of the link
+   (`Topology.link_capacity_bytes_per_s`, the direction the KV flows: target -> origin) times
+   the KV store scale (`Mesh`'s ``kv_store_scale``): the emulators' KV files are that fraction
+   of the real KV, so a move takes the time the real bytes would take on the link;
+5. per region, a region agent (``python -m services.region_agent``) with its instances, and as
    ``--peer`` the relay from its region to each peer region (so its RTT probes cross the
    emulated WAN);
-5. the global scheduler (``python -m services.global_scheduler``), acting as every region's
+6. the global scheduler (``python -m services.global_scheduler``), acting as every region's
    replica, with ``--routes-json`` naming, per origin region, the address of each serving
    region's agent: the agent itself for the origin's own region, the relay otherwise. A request
-   placed away from its origin therefore pays the RTT on its way there and back.
+   placed away from its origin therefore pays the RTT on its way there and back. Its
+   ``--kv-transfer-routes-json`` names the KV transfer services the same way (own region:
+   the service itself; others: the relay), where the prefix moves of placements start.
 
 It then waits until every service is healthy (HTTP ``/health`` of emulators, gRPC health of
-agents and the scheduler, TCP of the relays), every agent reports all its instances healthy,
-and the scheduler can place a probe from every origin region; writes ``RUN_DIR/mesh.json``
-(endpoints, pids, command lines, the scheduler address, the topology path) and logs every
-service to ``RUN_DIR/logs/<service>.log``. Every child runs in its own process group and is
-stopped with SIGTERM, then SIGKILL after a timeout.
+agents, KV transfer services and the scheduler, TCP of the relays), every agent reports all
+its instances healthy, and the scheduler can place a probe from every origin region; writes
+``RUN_DIR/mesh.json`` (endpoints, pids, command lines, the scheduler address, the topology
+path, the KV transfer routes) and logs every service to ``RUN_DIR/logs/<service>.log``. Every
+child runs in its own process group and is stopped with SIGTERM, then SIGKILL after a timeout.
 
 `slomesh up --detach` runs the mesh under a supervisor process in the background (its pid and
 all children's are in mesh.json) for `slomesh down` to stop.
@@ -52,11 +63,22 @@ from typing import Any, Self
 
 from slomesh.procs import NatsServerProcess, RedisServerProcess, free_ports
 from slomesh.topology import DEFAULT_TOPOLOGY_PATH, Topology
+from slomesh.transfer.stores import KvStoreConfig
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RUN_DIR = Path(".slomesh") / "run"
 MESH_FILE = "mesh.json"
+EMULATOR_BLOCK_SIZE = 16
+"""KV block size of the mesh's emulators, tokens (vLLM's default on GPUs)."""
+DEFAULT_KV_STORE_SCALE = 1 / 256
+"""Size of the local mesh's emulated KV files relative to the real KV (512 bytes per token of
+Llama-3.1-8B instead of 128 KiB): every prompt an emulator serves is saved, so full-size files
+would fill the disk in one benchmark run. The transfer services' relays carry the link
+capacity times this, so a move still takes the real KV's time on the link. The services' own
+link schedulers keep the real capacity (what they publish, and what the scheduler's
+predictions divide real KV bytes by); the relay is the bottleneck, and the foreground use they
+publish counts the scaled bytes, so their spare bandwidth reads high while moves run."""
 STOP_TIMEOUT_S = 10.0
 """Seconds a child gets to exit after SIGTERM before SIGKILL."""
 
@@ -128,13 +150,19 @@ class InstancePlan:
         return f"tcp://127.0.0.1:{self.kv_events_port}"
 
 
+RELAY_AGENT = "agent"
+RELAY_KV_TRANSFER = "kv-transfer"
+
+
 @dataclass
 class RelayPlan:
-    """One emulated WAN link: origin region -> a service of the target region (its agent).
+    """One emulated WAN link: origin region -> a service of the target region.
 
-    ``bandwidth_bytes_per_s`` caps the link per direction (shared by every connection through
-    it; `slomesh.wan_relay`), e.g. `Topology.link_capacity_bytes_per_s` for the links between
-    KV transfer services; None = uncapped (the agents' control traffic).
+    ``service`` is the target region's service it reaches: `RELAY_AGENT` (the region agent) or
+    `RELAY_KV_TRANSFER` (the KV transfer service). ``bandwidth_bytes_per_s`` caps the link per
+    direction (shared by every connection through it; `slomesh.wan_relay`), e.g.
+    `Topology.link_capacity_bytes_per_s` for the links between KV transfer services; None =
+    uncapped (the agents' control traffic).
     """
 
     origin: str
@@ -143,10 +171,13 @@ class RelayPlan:
     target_address: str
     one_way_delay_ms: float
     bandwidth_bytes_per_s: float | None = None
+    service: str = RELAY_AGENT
 
     @property
     def name(self) -> str:
-        return f"{self.origin}->{self.target}"
+        """``origin->target`` (agent), ``origin->target/kv-transfer`` (KV transfer service)."""
+        base = f"{self.origin}->{self.target}"
+        return base if self.service == RELAY_AGENT else f"{base}/{self.service}"
 
     @property
     def relay_arg(self) -> str:
@@ -177,19 +208,37 @@ class MeshPlan:
     scheduler_metrics_port: int
     nats_port: int
     redis_port: int
+    kv_transfer_ports: dict[str, int] = field(default_factory=dict)
+    kv_transfer_metrics_ports: dict[str, int] = field(default_factory=dict)
+    kv_store_scale: float = 1.0
 
     @classmethod
-    def build(cls, topology: Topology, topology_path: Path) -> MeshPlan:
-        """Picks distinct free loopback ports for every service of `topology`."""
+    def build(
+        cls, topology: Topology, topology_path: Path, kv_store_scale: float = 1.0
+    ) -> MeshPlan:
+        """Picks distinct free loopback ports for every service of `topology`.
+
+        Args:
+            topology: the mesh.
+            topology_path: its file.
+            kv_store_scale: size of the emulators' KV files relative to the real KV, in (0, 1];
+                the transfer services' relays carry the link capacity times it.
+
+        Raises:
+            ValueError: `kv_store_scale` out of range.
+        """
+        if not 0 < kv_store_scale <= 1:
+            raise ValueError(f"kv_store_scale must be in (0, 1], got {kv_store_scale}")
         regions = topology.regions
         specs = [(region, inst) for region in regions for inst in region.instances]
         pairs = [(o, t) for o in regions for t in regions if o.name != t.name]
-        ports = iter(free_ports(2 * len(specs) + 2 * len(regions) + len(pairs) + 5))
+        ports = iter(free_ports(2 * len(specs) + 4 * len(regions) + 2 * len(pairs) + 5))
         instances = {
             inst.id: InstancePlan(inst.id, region.name, inst.gpu_type, next(ports), next(ports))
             for region, inst in specs
         }
         agent_ports = {r.name: next(ports) for r in regions}
+        kv_transfer_ports = {r.name: next(ports) for r in regions}
         relays = [
             RelayPlan(
                 origin=o.name,
@@ -197,6 +246,20 @@ class MeshPlan:
                 listen_port=next(ports),
                 target_address=f"127.0.0.1:{agent_ports[t.name]}",
                 one_way_delay_ms=topology.rtt_ms(o.name, t.name) / 2.0,
+            )
+            for o, t in pairs
+        ]
+        relays += [
+            RelayPlan(
+                origin=o.name,
+                target=t.name,
+                listen_port=next(ports),
+                target_address=f"127.0.0.1:{kv_transfer_ports[t.name]}",
+                one_way_delay_ms=topology.rtt_ms(o.name, t.name) / 2.0,
+                # The origin's service pulls from the target's: KV flows target -> origin.
+                bandwidth_bytes_per_s=topology.link_capacity_bytes_per_s(t.name, o.name)
+                * kv_store_scale,
+                service=RELAY_KV_TRANSFER,
             )
             for o, t in pairs
         ]
@@ -212,21 +275,37 @@ class MeshPlan:
             scheduler_metrics_port=next(ports),
             nats_port=next(ports),
             redis_port=next(ports),
+            kv_transfer_ports=kv_transfer_ports,
+            kv_transfer_metrics_ports={r.name: next(ports) for r in regions},
+            kv_store_scale=kv_store_scale,
         )
 
     def agent_address(self, region: str) -> str:
         return f"127.0.0.1:{self.agent_ports[region]}"
 
-    def relay(self, origin: str, target: str) -> RelayPlan:
+    def kv_transfer_address(self, region: str) -> str:
+        return f"127.0.0.1:{self.kv_transfer_ports[region]}"
+
+    def relay(self, origin: str, target: str, service: str = RELAY_AGENT) -> RelayPlan:
+        """The relay origin -> `service` of target. Raises KeyError when there is none."""
         for r in self.relays:
-            if r.origin == origin and r.target == target:
+            if r.origin == origin and r.target == target and r.service == service:
                 return r
-        raise KeyError(f"no relay {origin}->{target}")
+        raise KeyError(f"no relay {origin}->{target} ({service})")
 
     def routes(self) -> dict[str, dict[str, str]]:
         """{origin: {serving region: agent address as reached from origin}} (--routes-json)."""
         return routes_for(
             self.topology, self.agent_address, lambda o, t: self.relay(o, t).address
+        )
+
+    def kv_transfer_routes(self) -> dict[str, dict[str, str]]:
+        """{origin: {region: KV transfer service address as reached from origin}}
+        (the scheduler's --kv-transfer-routes-json)."""
+        return routes_for(
+            self.topology,
+            self.kv_transfer_address,
+            lambda o, t: self.relay(o, t, RELAY_KV_TRANSFER).address,
         )
 
 
@@ -235,11 +314,31 @@ def routes_for(
     agent_address: Callable[[str], str],
     relay_address: Callable[[str, str], str],
 ) -> dict[str, dict[str, str]]:
-    """Routes table: own region = the agent itself, other regions = the relay origin->target."""
+    """Routes table: own region = the service itself (`agent_address`, an agent or a KV
+    transfer service), other regions = the relay origin->target."""
     names = topology.region_names
     return {
         o: {t: agent_address(t) if o == t else relay_address(o, t) for t in names} for o in names
     }
+
+
+def emulator_kv_store_config(
+    topology: Topology, instance_id: str, path: str | Path
+) -> KvStoreConfig:
+    """The KV transfer service's ``--kv-store`` of the emulator `instance_id` whose
+    ``--kv-store-path`` is `path` (store id = instance id; `EMULATOR_BLOCK_SIZE`)."""
+    from slomesh.engine.profiles import MODELS
+
+    model = topology.instance_model(instance_id).name
+    spec = MODELS.get(model)
+    return KvStoreConfig(
+        id=instance_id,
+        kind="emulator",
+        path=Path(path),
+        model=model,
+        block_size=EMULATOR_BLOCK_SIZE,
+        num_layers=spec.num_layers if spec is not None else None,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,10 +456,12 @@ class Mesh:
         log_level: log level of every service.
         startup_timeout_s: how long `start()` waits for the mesh to become ready.
         python: interpreter for the services.
-        extra_args: per service kind ("emulator", "agent", "scheduler", "wan-relay") extra
-            command-line arguments.
+        extra_args: per service kind ("emulator", "agent", "kv-transfer", "scheduler",
+            "wan-relay") extra command-line arguments.
         nats_url: an already running NATS to use instead of starting one.
         redis_url: an already running Redis to use instead of starting one.
+        kv_store_scale: size of the emulators' KV files (``RUN_DIR/kv/<instance>``) relative
+            to the real KV, in (0, 1] (`DEFAULT_KV_STORE_SCALE`).
 
     Attributes:
         scheduler_address: "host:port" of the global scheduler (after `start()`).
@@ -381,7 +482,11 @@ class Mesh:
         extra_args: dict[str, list[str]] | None = None,
         nats_url: str | None = None,
         redis_url: str | None = None,
+        kv_store_scale: float = DEFAULT_KV_STORE_SCALE,
     ):
+        if not 0 < kv_store_scale <= 1:
+            raise ValueError(f"kv_store_scale must be in (0, 1], got {kv_store_scale}")
+        self.kv_store_scale = kv_store_scale
         self.topology_path = Path(topology_path or DEFAULT_TOPOLOGY_PATH).resolve()
         self.topology = Topology.load(self.topology_path)
         self.run_dir = Path(run_dir).resolve()
@@ -428,6 +533,10 @@ class Mesh:
     def logs_dir(self) -> Path:
         return self.run_dir / "logs"
 
+    def kv_store_dir(self, instance_id: str) -> Path:
+        """The emulator `instance_id`'s KV store directory."""
+        return self.run_dir / "kv" / instance_id
+
     @property
     def mesh_file(self) -> Path:
         return self.run_dir / MESH_FILE
@@ -466,7 +575,7 @@ class Mesh:
         if self._stopped:
             return
         self._stopped = True
-        order = ["scheduler", "agent", "wan-relay", "emulator"]
+        order = ["scheduler", "agent", "kv-transfer", "wan-relay", "emulator"]
         for kind in order:
             group = [c for c in self.children if c.kind == kind and c.popen is not None]
             for child in group:
@@ -528,11 +637,16 @@ class Mesh:
                     "location": r.location,
                     "agent": plan.agent_address(r.name),
                     "agent_metrics": f"http://127.0.0.1:{plan.agent_metrics_ports[r.name]}/metrics",
+                    "kv_transfer": plan.kv_transfer_address(r.name),
+                    "kv_transfer_metrics": (
+                        f"http://127.0.0.1:{plan.kv_transfer_metrics_ports[r.name]}/metrics"
+                    ),
                     "instances": {
                         i.id: {
                             "gpu_type": i.gpu_type,
                             "url": plan.instances[i.id].url,
                             "kv_events": plan.instances[i.id].kv_events_endpoint,
+                            "kv_store": str(self.kv_store_dir(i.id)),
                         }
                         for i in r.instances
                     },
@@ -540,11 +654,15 @@ class Mesh:
                 for r in self.topology.regions
             },
             "relays": [
-                {"origin": x.origin, "target": x.target, "listen": x.address,
-                 "target_address": x.target_address, "one_way_delay_ms": x.one_way_delay_ms}
+                {"origin": x.origin, "target": x.target, "service": x.service,
+                 "listen": x.address, "target_address": x.target_address,
+                 "one_way_delay_ms": x.one_way_delay_ms,
+                 "bandwidth_bytes_per_s": x.bandwidth_bytes_per_s}
                 for x in plan.relays
             ],
             "routes": plan.routes(),
+            "kv_transfer_routes": plan.kv_transfer_routes(),
+            "kv_store_scale": self.kv_store_scale,
             "processes": processes,
         }
 
@@ -576,7 +694,7 @@ class Mesh:
     def _start_all(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         topo = self.topology
-        self.plan = plan = MeshPlan.build(topo, self.topology_path)
+        self.plan = plan = MeshPlan.build(topo, self.topology_path, self.kv_store_scale)
         env = self._env()
 
         if not self._external_nats_url:
@@ -615,8 +733,35 @@ class Mesh:
                     "--served-model-name", model.name,
                     "--max-model-len", str(self._max_model_len(inst.id)),
                     "--stream-interval", str(model.stream_interval),
+                    "--block-size", str(EMULATOR_BLOCK_SIZE),
+                    "--kv-store-path", str(self.kv_store_dir(inst.id)),
+                    "--kv-store-scale", f"{self.kv_store_scale:.12g}",
                 ],
                 inst.url,
+            ).start(env)
+
+        for region in topo.regions:
+            args = [
+                "--region", region.name,
+                "--port", str(plan.kv_transfer_ports[region.name]),
+                "--metrics-port", str(plan.kv_transfer_metrics_ports[region.name]),
+                "--nats-url", self.nats_url,
+            ]
+            for peer in topo.regions:
+                if peer.name == region.name:
+                    continue
+                relay = plan.relay(region.name, peer.name, RELAY_KV_TRANSFER)
+                capacity = topo.link_capacity_bytes_per_s(region.name, peer.name)
+                args += ["--peer", f"{peer.name}={relay.address}",
+                         "--link", f"{peer.name}={capacity:.12g}"]
+            for inst in region.instances:
+                store = emulator_kv_store_config(topo, inst.id, self.kv_store_dir(inst.id))
+                args += ["--kv-store", store.model_dump_json()]
+            if self.spans_out:
+                args += ["--spans-out", self.spans_out]
+            self._child(
+                f"kv-transfer-{region.name}", "kv-transfer", "services.kv_transfer", args,
+                plan.kv_transfer_address(region.name),
             ).start(env)
 
         relay_args: list[str] = ["--metrics-port", str(plan.relay_metrics_port)]
@@ -658,12 +803,15 @@ class Mesh:
 
         routes_path = self.run_dir / "routes.json"
         routes_path.write_text(json.dumps(plan.routes(), indent=2))
+        kv_routes_path = self.run_dir / "kv_transfer_routes.json"
+        kv_routes_path.write_text(json.dumps(plan.kv_transfer_routes(), indent=2))
         sched_args = [
             "--port", str(plan.scheduler_port),
             "--nats-url", self.nats_url,
             "--redis-url", self.redis_url,
             "--topology", str(self.topology_path),
             "--routes-json", str(routes_path),
+            "--kv-transfer-routes-json", str(kv_routes_path),
             "--metrics-port", str(plan.scheduler_metrics_port),
         ]
         if self.policy:
@@ -686,6 +834,12 @@ class Mesh:
         self._wait(
             "region agents",
             [c for c in self.children if c.kind == "agent"],
+            lambda c: check_grpc_health(c.endpoint),
+            deadline,
+        )
+        self._wait(
+            "KV transfer services",
+            [c for c in self.children if c.kind == "kv-transfer"],
             lambda c: check_grpc_health(c.endpoint),
             deadline,
         )
@@ -876,6 +1030,8 @@ def print_summary(info: dict[str, Any], console: Any = None) -> None:
     table.add_row("redis", info["redis_url"], str(pids.get("redis", "")))
     for region, r in info["regions"].items():
         table.add_row(f"agent {region}", r["agent"], str(pids.get(f"agent-{region}", "")))
+        table.add_row(f"kv-transfer {region}", r["kv_transfer"],
+                      str(pids.get(f"kv-transfer-{region}", "")))
         for iid, inst in r["instances"].items():
             table.add_row(
                 f"  emulator {iid} ({inst['gpu_type']})", inst["url"],
@@ -884,10 +1040,12 @@ def print_summary(info: dict[str, Any], console: Any = None) -> None:
     table.add_row("wan-relay", f"{len(info['relays'])} links", str(pids.get("wan-relay", "")))
     console.print(table)
     links = Table(title="emulated WAN links (one-way delay = RTT / 2)")
-    for col in ("origin", "target", "relay", "one-way ms"):
+    for col in ("origin", "target", "service", "relay", "one-way ms", "bytes/s"):
         links.add_column(col)
     for r in info["relays"]:
-        links.add_row(r["origin"], r["target"], r["listen"], f"{r['one_way_delay_ms']:g}")
+        bandwidth = r.get("bandwidth_bytes_per_s")
+        links.add_row(r["origin"], r["target"], r.get("service", RELAY_AGENT), r["listen"],
+                      f"{r['one_way_delay_ms']:g}", f"{bandwidth:.3g}" if bandwidth else "-")
     console.print(links)
 
 
@@ -1042,6 +1200,9 @@ COMPOSE_EMULATOR_PORT = 8000
 COMPOSE_KV_EVENTS_PORT = 5557
 COMPOSE_METRICS_PORT = 9100
 COMPOSE_RELAY_BASE_PORT = 41000
+COMPOSE_KV_TRANSFER_PORT = 50052
+COMPOSE_KV_TRANSFER_RELAY_BASE_PORT = 41100
+COMPOSE_KV_DIR = "/kv"
 COMPOSE_IMAGE = "slomesh:local"
 
 
@@ -1058,6 +1219,41 @@ def compose_relays(topology: Topology) -> list[RelayPlan]:
                                  topology.rtt_ms(o.name, t.name) / 2.0))
             port += 1
     return out
+
+
+def compose_kv_transfer_relays(
+    topology: Topology, kv_store_scale: float = DEFAULT_KV_STORE_SCALE
+) -> list[RelayPlan]:
+    """The relays between the compose deployment's KV transfer services, one per ordered
+    region pair (origin -> target's service), fixed ports from 41100, bandwidth as in the
+    local mesh (`MeshPlan.build`)."""
+    out = []
+    port = COMPOSE_KV_TRANSFER_RELAY_BASE_PORT
+    for o in topology.regions:
+        for t in topology.regions:
+            if o.name == t.name:
+                continue
+            out.append(RelayPlan(
+                o.name, t.name, port, f"kv-transfer-{t.name}:{COMPOSE_KV_TRANSFER_PORT}",
+                topology.rtt_ms(o.name, t.name) / 2.0,
+                topology.link_capacity_bytes_per_s(t.name, o.name) * kv_store_scale,
+                RELAY_KV_TRANSFER,
+            ))
+            port += 1
+    return out
+
+
+def compose_kv_transfer_routes(topology: Topology) -> dict[str, dict[str, str]]:
+    """--kv-transfer-routes-json content of the compose deployment."""
+    relays = {
+        (r.origin, r.target): f"wan-relay:{r.listen_port}"
+        for r in compose_kv_transfer_relays(topology)
+    }
+    return routes_for(
+        topology,
+        lambda t: f"kv-transfer-{t}:{COMPOSE_KV_TRANSFER_PORT}",
+        lambda o, t: relays[(o, t)],
+    )
 
 
 def compose_routes(topology: Topology) -> dict[str, dict[str, str]]:
@@ -1102,11 +1298,16 @@ def compose_from_topology(
 
     Services: ``nats`` (JetStream), ``redis`` (valkey), ``otel-collector`` (OTLP in, traces to
     ``jaeger``, Prometheus scrape of every slomesh service), ``jaeger`` (trace viewer, UI on
-    16686), ``scheduler`` (gRPC on 50050, published), per region ``agent-<region>``, per
-    instance ``emulator-<instance id>``, and ``wan-relay`` hosting one relay per ordered region
-    pair on ports 41000+ (one-way delay RTT/2 from the RTT matrix). Shared data (RTT matrix,
+    16686), ``scheduler`` (gRPC on 50050, published), per region ``agent-<region>`` and
+    ``kv-transfer-<region>`` (KV transfer service on 50052, its instances' stores in the
+    region's volume ``kv-<region>`` at ``/kv/<instance id>``, shared with the region's
+    emulators), per instance ``emulator-<instance id>`` (``--kv-store-path``), and
+    ``wan-relay`` hosting one relay per ordered region pair to the target's agent on ports
+    41000+ and one to the target's KV transfer service on ports 41100+ (one-way delay RTT/2
+    from the RTT matrix; the latter capped like the local mesh's). Shared data (RTT matrix,
     prices) is mounted from ``../shared/data``; the topology file is read inside the image at
-    ``/app/<topology_file>``, the routes from ``/app/deploy/routes.compose.json``.
+    ``/app/<topology_file>``, the routes from ``/app/deploy/routes.compose.json`` and
+    ``/app/deploy/kv_transfer_routes.compose.json``.
 
     Args:
         topology: the mesh.
@@ -1166,12 +1367,43 @@ def compose_from_topology(
                     "--served-model-name", model.name,
                     "--max-model-len", str(topology.instance_max_model_len(inst.id)),
                     "--stream-interval", str(model.stream_interval),
+                    "--block-size", str(EMULATOR_BLOCK_SIZE),
+                    "--kv-store-path", f"{COMPOSE_KV_DIR}/{inst.id}",
+                    "--kv-store-scale", f"{DEFAULT_KV_STORE_SCALE:.12g}",
                 ],
                 ["slomesh", "health", "--http",
                  f"http://127.0.0.1:{COMPOSE_EMULATOR_PORT}/health"],
                 dict(collector_dep),
             )
+            services[f"emulator-{inst.id}"]["volumes"].append(
+                f"kv-{region.name}:{COMPOSE_KV_DIR}"
+            )
     relays = compose_relays(topology)
+    kv_relays = compose_kv_transfer_relays(topology)
+    for region in topology.regions:
+        cmd = [
+            "slomesh", "kv-transfer",
+            "--region", region.name,
+            "--host", "0.0.0.0",
+            "--port", str(COMPOSE_KV_TRANSFER_PORT),
+            "--nats-url", "nats://nats:4222",
+            "--metrics-port", metrics,
+        ]
+        for r in kv_relays:
+            if r.origin == region.name:
+                capacity = topology.link_capacity_bytes_per_s(region.name, r.target)
+                cmd += ["--peer", f"{r.target}=wan-relay:{r.listen_port}",
+                        "--link", f"{r.target}={capacity:.12g}"]
+        for inst in region.instances:
+            store = emulator_kv_store_config(topology, inst.id, f"{COMPOSE_KV_DIR}/{inst.id}")
+            cmd += ["--kv-store", store.model_dump_json()]
+        svc = _slomesh_service(
+            cmd,
+            ["slomesh", "health", "--grpc", f"127.0.0.1:{COMPOSE_KV_TRANSFER_PORT}"],
+            {"nats": {"condition": "service_healthy"}, **collector_dep},
+        )
+        svc["volumes"].append(f"kv-{region.name}:{COMPOSE_KV_DIR}")
+        services[f"kv-transfer-{region.name}"] = svc
     for region in topology.regions:
         cmd = [
             "slomesh", "agent",
@@ -1203,19 +1435,27 @@ def compose_from_topology(
             deps,
         )
     relay_cmd = ["slomesh", "wan-relay", "--listen-host", "0.0.0.0", "--metrics-port", metrics]
-    for r in relays:
+    for r in [*relays, *kv_relays]:
         relay_cmd += ["--relay", r.relay_arg]
     services["wan-relay"] = _slomesh_service(
         relay_cmd,
         ["slomesh", "health", "--tcp", f"127.0.0.1:{relays[0].listen_port}"]
         if relays else ["slomesh", "health", "--http", f"http://127.0.0.1:{metrics}/metrics"],
-        {f"agent-{r.name}": {"condition": "service_started"} for r in topology.regions},
+        {
+            f"{kind}-{r.name}": {"condition": "service_started"}
+            for kind in ("agent", "kv-transfer")
+            for r in topology.regions
+        },
     )
     sched_deps = {
         "nats": {"condition": "service_healthy"},
         "redis": {"condition": "service_healthy"},
         "wan-relay": {"condition": "service_healthy"},
-        **{f"agent-{r.name}": {"condition": "service_healthy"} for r in topology.regions},
+        **{
+            f"{kind}-{r.name}": {"condition": "service_healthy"}
+            for kind in ("agent", "kv-transfer")
+            for r in topology.regions
+        },
     }
     sched = _slomesh_service(
         [
@@ -1226,6 +1466,7 @@ def compose_from_topology(
             "--redis-url", "redis://redis:6379/0",
             "--topology", topo_in_image,
             "--routes-json", "/app/deploy/routes.compose.json",
+            "--kv-transfer-routes-json", "/app/deploy/kv_transfer_routes.compose.json",
             "--metrics-port", metrics,
         ],
         ["slomesh", "health", "--grpc", f"127.0.0.1:{COMPOSE_SCHEDULER_PORT}"],
@@ -1233,7 +1474,11 @@ def compose_from_topology(
     )
     sched["ports"] = [f"{COMPOSE_SCHEDULER_PORT}:{COMPOSE_SCHEDULER_PORT}"]
     services["scheduler"] = sched
-    return {"name": "slomesh", "services": services}
+    return {
+        "name": "slomesh",
+        "services": services,
+        "volumes": {f"kv-{r.name}": {} for r in topology.regions},
+    }
 
 
 def collector_config_from_topology(topology: Topology) -> dict[str, Any]:
@@ -1294,7 +1539,8 @@ COMPOSE_HEADER = (
 
 
 def write_compose_files(topology: Topology, repo_root: Path) -> list[Path]:
-    """Writes docker-compose.yml, deploy/otel-collector.yaml and deploy/routes.compose.json."""
+    """Writes docker-compose.yml, deploy/otel-collector.yaml, deploy/routes.compose.json and
+    deploy/kv_transfer_routes.compose.json."""
     import yaml
 
     compose = repo_root / "docker-compose.yml"
@@ -1311,7 +1557,9 @@ def write_compose_files(topology: Topology, repo_root: Path) -> list[Path]:
     )
     routes = deploy / "routes.compose.json"
     routes.write_text(json.dumps(compose_routes(topology), indent=2) + "\n")
-    return [compose, collector, routes]
+    kv_routes = deploy / "kv_transfer_routes.compose.json"
+    kv_routes.write_text(json.dumps(compose_kv_transfer_routes(topology), indent=2) + "\n")
+    return [compose, collector, routes, kv_routes]
 
 
 __all__ = [
@@ -1324,9 +1572,12 @@ __all__ = [
     "check_tcp",
     "collector_config_from_topology",
     "compose_from_topology",
+    "compose_kv_transfer_relays",
+    "compose_kv_transfer_routes",
     "compose_routes",
     "down",
     "down_from_info",
+    "emulator_kv_store_config",
     "mesh_running",
     "read_mesh_file",
     "routes_for",

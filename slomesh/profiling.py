@@ -221,7 +221,8 @@ class DecodePoint(BaseModel):
     tpot_ms: float = Field(ge=0)
     """Fastest over the probes of the decode step time (TPOT) with the whole batch decoding in
     each probe's steady window: the engine's mean inter-token latency there
-    (:func:`engine_decode_window`), else the client's median gap (:func:`steady_decode`), ms."""
+    (:func:`engine_decode_window`) over the probes the server timed, else (none was) the
+    client's median gap (:func:`steady_decode`), ms."""
     context_tokens: float = Field(ge=0)
     """KV tokens the batch attends to in its mean measured decode step (summed over the
     batch), in the fastest probe."""
@@ -1351,35 +1352,34 @@ async def measure(
         for k in warm_batches:
             await probe(shortest, k, out_tokens)
     prefill_ms: list[list[float]] = [[] for _ in plan.prefill]
-    decode_ms: list[list[float]] = [[] for _ in plan.decode]
-    decode_context: list[list[float]] = [[] for _ in plan.decode]
-    engine_timed = [0] * len(plan.decode)
+    decode_windows: list[list[DecodeWindow]] = [[] for _ in plan.decode]
     for _ in range(sweep.repeats):
         for j, (n, k) in enumerate(plan.prefill):
             timings = await probe(n, k, 1)
             prefill_ms[j].append(max(t.ttft_s for t in timings) * scale_ms)
         for j, (n, k) in enumerate(plan.decode):
             window = await decode_probe(n, k)
-            decode_ms[j].append(window.step_s * scale_ms)
-            decode_context[j].append(window.context_tokens)
-            engine_timed[j] += window.source == "engine"
+            decode_windows[j].append(window)
     prefill_points = [
         PrefillPoint(uncached_tokens=n, batch_size=k, ttft_ms=min(samples))
         for (n, k), samples in zip(plan.prefill, prefill_ms, strict=True)
     ]
-    decode_points = [
-        DecodePoint(
-            batch_size=k,
-            prompt_tokens=n,
-            output_tokens=out_tokens,
-            tpot_ms=min(samples),
-            context_tokens=contexts[samples.index(min(samples))],
-            engine_timed_probes=timed,
+    decode_points = []
+    for (n, k), windows in zip(plan.decode, decode_windows, strict=True):
+        engine = [w for w in windows if w.source == "engine"]
+        # The client's timing stands in only where the server never timed the point: on a
+        # loaded host its gaps are as often bursts of ~0 as steps, and would win the minimum.
+        fastest = min(engine or windows, key=lambda w: w.step_s)
+        decode_points.append(
+            DecodePoint(
+                batch_size=k,
+                prompt_tokens=n,
+                output_tokens=out_tokens,
+                tpot_ms=fastest.step_s * scale_ms,
+                context_tokens=fastest.context_tokens,
+                engine_timed_probes=len(engine),
+            )
         )
-        for (n, k), samples, contexts, timed in zip(
-            plan.decode, decode_ms, decode_context, engine_timed, strict=True
-        )
-    ]
     return prefill_points, decode_points
 
 

@@ -2,10 +2,13 @@
 
 The report is built from one `RequestResult` per request. Its section-6 keys are never renamed;
 added keys: ``per_origin``, ``duration_s``, ``throughput_rps``, ``goodput_rps``,
-``gpu_cost_usd``, ``egress_cost_usd``, ``prompt_tokens``, ``completion_tokens``,
+``gpu_cost_usd``, ``predicted_gpu_cost_usd``, ``predicted_cost_per_mtok_usd``,
+``egress_cost_usd``, ``prompt_tokens``, ``completion_tokens``,
 ``cached_prompt_tokens``, ``prefix_hit_rate`` (cached / prompt tokens of completed requests),
-``cross_region_requests``, ``client_send_lag_ms``, ``errors`` (count per error code), and
-``mean``/``max``/``count`` inside each latency summary.
+``cross_region_requests``, ``client_send_lag_ms``, ``errors`` (count per error code),
+``cross_region_kv_bytes`` and ``kv_moves`` (prefix KV moved across regions before requests
+ran, and how many requests waited for such a move), and ``mean``/``max``/``count`` inside each
+latency summary.
 
 Definitions:
 
@@ -21,13 +24,21 @@ Definitions:
 - Cross-region bytes (payload model): when the serving region differs from the origin, the
   prompt crosses the WAN once and the output once, ``bytes_per_token`` (default 4, a uint32
   token id) each: ``(prompt_tokens + completion_tokens) * bytes_per_token``. Protocol framing
-  (HTTP/2, protobuf tags, timestamps) is not counted.
-- Cost: ``gpu_cost_usd`` is the sum of each served request's GPU cost, the placement's
-  predicted cost (GPU seconds x price, `Placement.predicted_cost_usd`) where the scheduler
-  gave one, else ``gpu_seconds x price_usd_per_hour / 3600`` where the caller measured GPU
-  seconds. ``egress_cost_usd`` prices the cross-region bytes at the egress price of the
-  region they leave (prompt bytes leave the origin, output bytes the serving region) when a
-  topology is given. ``cost_usd`` = GPU + egress. ``cost_per_mtok_usd`` = ``cost_usd`` per
+  (HTTP/2, protobuf tags, timestamps) is not counted. A request whose placement moved prefix
+  KV from another region first (``kv_transfer_bytes``) adds those bytes too; they are also
+  reported alone as ``cross_region_kv_bytes``.
+- Cost: ``gpu_cost_usd`` is the sum of each served request's GPU cost: *measured*,
+  ``gpu_seconds x price_usd_per_hour / 3600``, where the caller measured its GPU seconds (the
+  simulator does: each engine step's time split among its requests by tokens,
+  `slomesh.engine.model`); else the placement's *predicted* cost
+  (`Placement.predicted_cost_usd`) where the scheduler gave one (the live replay: engines
+  report no per-request GPU time); else 0. A policy is thus not scored on the cost it
+  predicts wherever cost is measured. ``predicted_gpu_cost_usd`` sums the predictions alone
+  (requests without one add 0) and ``predicted_cost_per_mtok_usd`` is ``cost_per_mtok_usd``
+  with it in place of ``gpu_cost_usd``, so the prediction error of cost can be seen; both
+  are None when no request has a prediction. ``egress_cost_usd`` prices the cross-region
+  bytes at the egress price of the region they leave (prompt bytes leave the origin, output bytes the serving region, moved KV
+  its source region) when a topology is given. ``cost_usd`` = GPU + egress. ``cost_per_mtok_usd`` = ``cost_usd`` per
   million served tokens (prompt + completion tokens of completed requests).
 """
 
@@ -79,6 +90,9 @@ class RequestResult:
         predicted_ttft_ms: the placement's predicted TTFT, ms (0 when not given).
         slo_feasible: the scheduler's verdict that the placement meets the SLO.
         policy: the placement policy that placed it ("" when never placed).
+        kv_transfer_bytes: prefix KV bytes moved to the serving region from another one
+            before it ran (0: none).
+        kv_transfer_source_region: the region that KV left ("" when none moved).
     """
 
     request_id: str
@@ -103,6 +117,8 @@ class RequestResult:
     predicted_ttft_ms: float = 0.0
     slo_feasible: bool = False
     policy: str = ""
+    kv_transfer_bytes: int = 0
+    kv_transfer_source_region: str = ""
 
     @property
     def cross_region(self) -> bool:
@@ -116,13 +132,14 @@ class RequestResult:
         return (self.prompt_tokens + self.completion_tokens) * bytes_per_token
 
     def gpu_cost_usd(self) -> float:
-        """GPU cost of the request in USD (0 when neither predicted nor measured)."""
+        """GPU cost of the request in USD: measured (``gpu_seconds`` x price) when measured,
+        else predicted, else 0 (module docstring, Cost); 0 when never placed."""
         if not self.region:
             return 0.0
-        if self.predicted_cost_usd is not None:
-            return float(self.predicted_cost_usd)
         if self.gpu_seconds is not None and self.price_usd_per_hour is not None:
             return self.gpu_seconds * self.price_usd_per_hour / 3600.0
+        if self.predicted_cost_usd is not None:
+            return float(self.predicted_cost_usd)
         return 0.0
 
 
@@ -192,10 +209,14 @@ def build_report(
     if topology is not None:
         egress_price = {reg.name: reg.egress_usd_per_gb for reg in topology.regions}
     gpu_cost = 0.0
+    predicted_gpu_cost: float | None = None
     egress_cost = 0.0
     cross_bytes = 0
+    kv_bytes = 0
     for r in results:
         gpu_cost += r.gpu_cost_usd()
+        if r.region and r.predicted_cost_usd is not None:
+            predicted_gpu_cost = (predicted_gpu_cost or 0.0) + float(r.predicted_cost_usd)
         b = r.cross_region_bytes(bytes_per_token)
         cross_bytes += b
         if b and egress_price:
@@ -203,11 +224,20 @@ def build_report(
             out_b = r.completion_tokens * bytes_per_token
             egress_cost += prompt_b / 1e9 * egress_price.get(r.origin_region, 0.0)
             egress_cost += out_b / 1e9 * egress_price.get(r.region, 0.0)
+        if r.kv_transfer_bytes:
+            kv_bytes += r.kv_transfer_bytes
+            price = egress_price.get(r.kv_transfer_source_region, 0.0)
+            egress_cost += r.kv_transfer_bytes / 1e9 * price
+    cross_bytes += kv_bytes
     cost = gpu_cost + egress_cost
     prompt_tok = sum(r.prompt_tokens for r in done)
     completion_tok = sum(r.completion_tokens for r in done)
     cached_tok = sum(r.cached_prompt_tokens for r in done)
     served_tok = prompt_tok + completion_tok
+    predicted_cost_per_mtok = None
+    if predicted_gpu_cost is not None:
+        predicted_cost = predicted_gpu_cost + egress_cost
+        predicted_cost_per_mtok = (predicted_cost / served_tok * 1e6) if served_tok else 0.0
 
     def group(key: str) -> dict[str, dict[str, Any]]:
         buckets: dict[str, list[int]] = collections.defaultdict(list)
@@ -244,12 +274,16 @@ def build_report(
         "cost_usd": cost,
         "cost_per_mtok_usd": (cost / served_tok * 1e6) if served_tok else 0.0,
         "cross_region_bytes": int(cross_bytes),
+        "cross_region_kv_bytes": int(kv_bytes),
+        "kv_moves": sum(1 for r in results if r.kv_transfer_bytes),
         "per_region": group("region"),
         "per_origin": group("origin_region"),
         "duration_s": float(duration_s),
         "throughput_rps": (len(done) / duration_s) if duration_s > 0 else 0.0,
         "goodput_rps": (sum(attained) / duration_s) if duration_s > 0 else 0.0,
         "gpu_cost_usd": gpu_cost,
+        "predicted_gpu_cost_usd": predicted_gpu_cost,
+        "predicted_cost_per_mtok_usd": predicted_cost_per_mtok,
         "egress_cost_usd": egress_cost,
         "prompt_tokens": prompt_tok,
         "completion_tokens": completion_tok,
@@ -292,8 +326,16 @@ def print_report(report: Mapping[str, Any], console: Console | None = None) -> N
         ("cost per 1M tokens", f"${report['cost_per_mtok_usd']:.4f}"),
         ("cross-region bytes", f"{report['cross_region_bytes']:,}"),
         ("cross-region requests", f"{report.get('cross_region_requests', 0)}"),
+        (
+            "KV moves / bytes",
+            f"{report.get('kv_moves', 0)} / {report.get('cross_region_kv_bytes', 0):,}",
+        ),
         ("prefix hit rate", f"{report.get('prefix_hit_rate', 0.0) * 100:.1f} %"),
     ]
+    if report.get("predicted_cost_per_mtok_usd") is not None:
+        rows.append(
+            ("predicted cost per 1M tokens", f"${report['predicted_cost_per_mtok_usd']:.4f}")
+        )
     if report.get("errors"):
         rows.append(("errors", ", ".join(f"{k}={v}" for k, v in report["errors"].items())))
     for k, v in rows:

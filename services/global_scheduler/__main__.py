@@ -3,7 +3,8 @@
     python -m services.global_scheduler --port P --nats-url URL --redis-url URL \\
         --topology PATH [--routes-json PATH] [--policy NAME|PATH] [--slo-config PATH] \\
         [--region NAME] [--metrics-port P] [--spans-out PATH] [--staleness-ms 1000] \\
-        [--output-length-window 1000]
+        [--output-length-window 1000] [--kv-transfer-routes-json PATH] \\
+        [--kv-transfer-max-wait-ms 10000]
 
 Runs until SIGINT/SIGTERM, then shuts down gracefully (health NOT_SERVING, in-flight calls
 finish within ``--grace-s``, NATS drained, ledger flushed). Exit status: 0 after a clean
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from services.global_scheduler.kv_moves import DEFAULT_MAX_WAIT_MS
 from services.global_scheduler.routes import RoutesError, load_routes
 from services.global_scheduler.server import SchedulerConfig, SchedulerService
 from slomesh.logs import setup_logging
@@ -47,6 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--routes-json",
         help='JSON {"<origin>": {"<serving region>": "host:port"}}: agent addresses per origin',
+    )
+    p.add_argument(
+        "--kv-transfer-routes-json",
+        help='JSON {"<origin>": {"<region>": "host:port"}}: KV transfer service addresses per '
+        "origin, where the prefix moves placements ask for are started (none: no moves)",
+    )
+    p.add_argument(
+        "--kv-transfer-max-wait-ms",
+        type=float,
+        default=DEFAULT_MAX_WAIT_MS,
+        help="longest wait of a request for its prefix move (ms); the TTFT SLO bounds it too",
     )
     p.add_argument(
         "--policy",
@@ -120,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             output_length_window=args.output_length_window,
             grace_s=args.grace_s,
             forward_retry=not args.no_forward_retry,
+            kv_transfer_routes=load_routes(args.kv_transfer_routes_json),
+            kv_transfer_max_wait_ms=args.kv_transfer_max_wait_ms,
         )
         service = SchedulerService(config)
     except (

@@ -250,7 +250,7 @@ class Ledger:
                 predicted_ttft_ms=p.ttft_ms,
                 predicted_tpot_ms=p.tpot_ms,
                 predicted_e2e_ms=p.e2e_ms,
-                predicted_cost_usd=p.cost_usd,
+                predicted_cost_usd=p.gpu_cost_usd,
                 predicted_queue_wait_ms=p.queue_wait_ms,
                 predicted_prefill_ms=p.prefill_ms,
                 predicted_rtt_ms=p.rtt_ms,

@@ -80,11 +80,16 @@ class SchedulerMetrics:
         slomesh_scheduler_slo_attained_total{slo_class, attained}: finished requests by SLO
             attainment.
         slomesh_scheduler_forward_retries_total: Generate calls retried on another region.
+        slomesh_scheduler_kv_transfers_total{outcome}: prefix moves a placement asked for,
+            by how the wait for them ended (completed, already_present, failed, timeout,
+            no_endpoint, cancelled); the request is forwarded whatever the outcome.
+        slomesh_scheduler_kv_transfer_wait_seconds{outcome}: time a Generate call waited
+            for its prefix move, by outcome.
         slomesh_scheduler_inflight_requests: Generate streams in progress.
         slomesh_scheduler_routable_regions: regions with fresh state and a healthy instance.
         slomesh_scheduler_region_state_age_seconds{region}: age of each region's last state.
         slomesh_scheduler_state_messages_total{kind}: NATS messages applied
-            (state, kv, rtt, kv_snapshot, invalid).
+            (state, kv, rtt, links, kv_snapshot, invalid).
         slomesh_scheduler_kv_snapshots_requested_total: KV index snapshots requested.
         slomesh_scheduler_ledger_backlog: ledger operations not yet written to Redis.
         slomesh_scheduler_ledger_writes_total{result}: ledger operations written (ok) or
@@ -167,6 +172,19 @@ class SchedulerMetrics:
         self.forward_retries = Counter(
             "slomesh_scheduler_forward_retries",
             "Generate calls retried on another region.",
+            registry=r,
+        )
+        self.kv_transfers = Counter(
+            "slomesh_scheduler_kv_transfers",
+            "Prefix moves placements asked for, by outcome of the wait.",
+            ["outcome"],
+            registry=r,
+        )
+        self.kv_transfer_wait = Histogram(
+            "slomesh_scheduler_kv_transfer_wait_seconds",
+            "Time Generate calls waited for their prefix move, by outcome.",
+            ["outcome"],
+            buckets=_REQUEST_BUCKETS_S,
             registry=r,
         )
         self.inflight = Gauge(

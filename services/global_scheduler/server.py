@@ -9,6 +9,10 @@
     of the call to the arrival of the first / last token) -> ledger. If the serving region
     fails before the first token, the request is placed once more with that region excluded
     and a second ``placement`` precedes the tokens (clients should use the last placement).
+    A placement that carries a prefix move (``kv_transfer_source_region`` set) first waits,
+    in a ``kv_transfer`` span, for the destination region's KV transfer service to move the
+    prefix (`services.global_scheduler.kv_moves`), bounded by the TTFT SLO; a failed or late
+    move is logged and counted, and the request is forwarded all the same.
   * ``Place`` (unary): the same decision; the placement carries the agent address as
     reachable from the request's origin (``--routes-json``) and is recorded in the ledger.
   * ``ReportOutcome``: the client's measured timings of a placed request, for the ledger.
@@ -37,10 +41,11 @@
   queued). A client cancelling ``Generate`` cancels the upstream call.
 
 - `SchedulerService` owns the lifecycle: NATS subscriptions (``slomesh.region.*.state``,
-  ``.kv``, ``.rtt``; KV snapshots by request/reply), the Redis ledger, the gRPC server with
-  health checking and reflection, Prometheus metrics, the best-effort queue's timer, and
-  graceful shutdown (queued best-effort requests refused with UNAVAILABLE, NOT_SERVING, grace
-  period, NATS drain, ledger flush).
+  ``.kv``, ``.rtt``, ``.links``: the KV transfer services' link statistics, applied to the
+  view's spare bandwidth per link; KV snapshots by request/reply), the Redis ledger, the gRPC
+  server with health checking and reflection, Prometheus metrics, the best-effort queue's
+  timer, and graceful shutdown (queued best-effort requests refused with UNAVAILABLE,
+  NOT_SERVING, grace period, NATS drain, ledger flush).
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import RedisError
 
+from services.global_scheduler.kv_moves import DEFAULT_MAX_WAIT_MS, KvMover
 from services.global_scheduler.ledger import Ledger
 from services.global_scheduler.metrics import SchedulerMetrics
 from services.global_scheduler.routes import Routes
@@ -84,6 +90,7 @@ from slomesh.service import GrpcServerHandle, start_grpc_server, start_metrics_s
 from slomesh.slo import SloClass, SloConfig, load_slo_config
 from slomesh.telemetry import get_tracer, grpc_metadata_extract, grpc_metadata_inject
 from slomesh.topology import Topology
+from slomesh.transfer.link_stats import parse_link_stats_report
 from slomesh.v1 import (
     common_pb2,
     region_agent_pb2,
@@ -184,6 +191,10 @@ class SchedulerConfig:
             the predictor keeps (in memory and in Redis).
         output_length_load_timeout_s: How long start-up waits for the output-length windows
             from Redis before starting with empty ones, seconds.
+        kv_transfer_routes: KV transfer service addresses as reached from each origin (the
+            routes' format; `services.global_scheduler.kv_moves`): where a placement's prefix
+            move is started. A region without one gets no moves.
+        kv_transfer_max_wait_ms: Longest wait of a Generate call for its prefix move, ms.
     """
 
     nats_url: str
@@ -208,6 +219,8 @@ class SchedulerConfig:
     registry: CollectorRegistry = REGISTRY
     output_length_window: int = DEFAULT_OUTPUT_LENGTH_WINDOW
     output_length_load_timeout_s: float = 2.0
+    kv_transfer_routes: Routes = field(default_factory=Routes)
+    kv_transfer_max_wait_ms: float = DEFAULT_MAX_WAIT_MS
 
 
 class _RpcFailure(Exception):
@@ -268,6 +281,8 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
         region: This replica's region (default origin), or None.
         forward_retry: Retry once on another region before the first token.
         max_remembered: Place'd requests remembered for ReportOutcome (oldest forgotten).
+        kv_mover: Runs the prefix moves placements ask for (default: one without routes,
+            i.e. no moves).
     """
 
     def __init__(
@@ -282,6 +297,7 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
         region: str | None = None,
         forward_retry: bool = True,
         max_remembered: int = 100_000,
+        kv_mover: KvMover | None = None,
     ):
         self.view = view
         self.policy = policy
@@ -292,6 +308,7 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
         self.region = region
         self.forward_retry = forward_retry
         self.max_remembered = max_remembered
+        self.kv_mover = kv_mover or KvMover(Routes(), metrics)
         self.tracer = get_tracer("slomesh.scheduler")
         self._channels: dict[
             str, tuple[grpc.aio.Channel, region_agent_pb2_grpc.RegionAgentStub]
@@ -328,11 +345,12 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
         return entry[1]
 
     async def close_channels(self) -> None:
-        """Closes every cached agent channel."""
+        """Closes every cached agent and KV transfer service channel."""
         channels, self._channels = self._channels, {}
         for channel, _ in channels.values():
             with contextlib.suppress(Exception):
                 await channel.close()
+        await self.kv_mover.close()
 
     def _place(
         self, request: ValidatedRequest, exclude_regions: frozenset[str] = frozenset()
@@ -766,6 +784,10 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
             raise _RpcFailure(
                 grpc.StatusCode.UNAVAILABLE, f"region {chosen.region} has no agent endpoint"
             )
+        placement = decision.to_placement(endpoint)
+        # "Move the prefix, then run here": wait for the move (bounded by the TTFT SLO); a
+        # failed or late one only means the instance computes the prefix itself.
+        await self.kv_mover.run(vreq, placement, received_ns, context.time_remaining())
         stub = self.agent_stub(endpoint)
         agent_request = region_agent_pb2.AgentGenerateRequest(
             request_id=vreq.request_id,
@@ -805,7 +827,7 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
             try:
                 # The upstream call is under way (grpc.aio sends it from a task of its own)
                 # before the placement goes to the client: the client's write does not delay it.
-                yield scheduler_pb2.GenerateResponse(placement=decision.to_placement(endpoint))
+                yield scheduler_pb2.GenerateResponse(placement=placement)
                 async for message in call:
                     kind = message.WhichOneof("event")
                     if kind == "tokens":
@@ -1013,6 +1035,9 @@ class SchedulerService:
             routes=config.routes,
             region=config.region,
             forward_retry=config.forward_retry,
+            kv_mover=KvMover(
+                config.kv_transfer_routes, self.metrics, config.kv_transfer_max_wait_ms
+            ),
         )
         self.nc: NatsClient | None = None
         self.grpc: GrpcServerHandle | None = None
@@ -1039,6 +1064,7 @@ class SchedulerService:
             await self.nc.subscribe(bus.ALL_STATES, cb=self._on_state),
             await self.nc.subscribe(bus.ALL_KV, cb=self._on_kv),
             await self.nc.subscribe(bus.ALL_RTT, cb=self._on_rtt),
+            await self.nc.subscribe(bus.ALL_LINKS, cb=self._on_links),
         ]
         self.grpc = await start_grpc_server(
             [(scheduler_pb2_grpc.add_GlobalSchedulerServicer_to_server, self.servicer)],
@@ -1176,6 +1202,18 @@ class SchedulerService:
             report.region = bus.region_of_subject(msg.subject)
         self.view.apply_rtt(report)
         self.metrics.state_messages.labels("rtt").inc()
+
+    async def _on_links(self, msg: Msg) -> None:
+        """A region's KV transfer service's link statistics: the view's spare bandwidth of
+        each of its WAN links, which the predictor's transfer times use."""
+        try:
+            report = parse_link_stats_report(msg.data, msg.subject)
+        except ValueError as err:
+            self.metrics.state_messages.labels("invalid").inc()
+            logger.warning("invalid link stats", extra={"subject": msg.subject, "error": str(err)})
+            return
+        self.view.apply_link_stats(report)
+        self.metrics.state_messages.labels("links").inc()
 
     def _request_snapshot(self, region: str) -> None:
         """View callback: fetch a region's KV index snapshot in the background."""

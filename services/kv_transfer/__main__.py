@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
+from collections.abc import Mapping
 
+import nats.errors
+
+from slomesh import bus
 from slomesh.logs import setup_logging
 from slomesh.service import install_signal_handlers, start_metrics_server
 from slomesh.telemetry import setup_telemetry, shutdown_telemetry
+from slomesh.transfer.bandwidth import LinkScheduler
 from slomesh.transfer.chunks import DEFAULT_CHUNK_BYTES, FaultInjector
+from slomesh.transfer.link_stats import DEFAULT_PERIOD_S, LinkStatsPublisher
 from slomesh.transfer.stores import KvStoreConfig, WeightCacheConfig
 
 from .server import TransferOptions, serve
@@ -49,7 +56,33 @@ def _parse_weight_cache(text: str) -> WeightCacheConfig:
         raise argparse.ArgumentTypeError(f"--weight-cache: {exc}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+async def publish_link_stats(
+    region: str, links: Mapping[str, LinkScheduler], nats_url: str, period_s: float
+) -> None:
+    """Connects to NATS (retrying until it answers: the transfers do not need it) and
+    publishes the links' statistics on ``slomesh.region.<region>.links`` every `period_s`
+    (`LinkStatsPublisher`) until cancelled; then drains the connection."""
+    delay_s = 0.1
+    while True:
+        try:
+            nc = await bus.connect_nats(nats_url, f"slomesh-kv-transfer-{region}")
+            break
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            logger.warning(
+                "NATS not reachable yet; link stats wait", extra={"error": repr(exc)}
+            )
+            await asyncio.sleep(delay_s)
+            delay_s = min(2.0, delay_s * 2)
+    publisher = LinkStatsPublisher(region, links, nc, period_s=period_s)
+    try:
+        await publisher.run()
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.drain(), timeout=2.0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the KV transfer service."""
     parser = argparse.ArgumentParser(prog="slomesh kv-transfer", description=__doc__)
     parser.add_argument("--region", required=True)
     parser.add_argument("--port", type=int, default=0)
@@ -96,13 +129,32 @@ def main(argv: list[str] | None = None) -> int:
         "--fault-break-after-chunks",
         type=int,
         default=None,
-        help="TEST HOOK: break every sent stream after N chunks, once per transfer and file",
+        help="TEST HOOK: break a sent stream after N chunks of a file, once per transfer and file",
+    )
+    parser.add_argument(
+        "--nats-url",
+        default=None,
+        help="NATS to publish the links' statistics on (slomesh.region.<region>.links) for "
+        "the global scheduler; none: not published",
+    )
+    parser.add_argument(
+        "--link-stats-period-s",
+        type=float,
+        default=DEFAULT_PERIOD_S,
+        help="seconds between two link statistics reports",
     )
     parser.add_argument("--metrics-port", type=int, default=None)
     parser.add_argument("--spans-out", default=None)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--grace-s", type=float, default=5.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.link_stats_period_s > 0:
+        parser.error(f"--link-stats-period-s must be > 0, got {args.link_stats_period_s}")
     faults = None
     if args.fault_corrupt_chunk or args.fault_break_after_chunks is not None:
         faults = FaultInjector(
@@ -143,7 +195,19 @@ def main(argv: list[str] | None = None) -> int:
                 "weight_cache": str(args.weight_cache.path) if args.weight_cache else None,
             },
         )
+        stats = None
+        if args.nats_url and handle.servicer is not None:
+            stats = asyncio.get_running_loop().create_task(
+                publish_link_stats(
+                    args.region, handle.servicer.links, args.nats_url, args.link_stats_period_s
+                ),
+                name="link-stats",
+            )
         await stop.wait()
+        if stats is not None:
+            stats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stats
         await handle.stop(args.grace_s)
 
     try:

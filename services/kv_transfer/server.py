@@ -4,17 +4,23 @@ Destination side (``TransferPrefix``, ``Prewarm``, ``Watch``, ``Cancel``): a tra
 by the destination region's service. It asks the source region's service for the object's
 manifest (``DescribeObject``), checks the two stores are compatible, stages the object under
 ``<store>/.partial/<transfer id>/`` (`slomesh.transfer.staging`) and runs one task per transfer
-that pulls each file from the source (``FetchChunks`` from the file's last verified offset),
-verifies every chunk's checksum before writing it (a corrupt chunk is counted and re-requested,
-never stored), re-opens the stream from the last verified chunk after a lost connection,
-verifies each whole file's digest, and renames the object into place. A service that stops
+that pulls every file it lacks from the source on one stream (``FetchChunks`` of all of them,
+each from its last verified offset: an object of many files, e.g. a KV folder of one file per
+layer, costs one round trip plus its bytes, not a round trip per file), verifies every chunk's
+checksum before writing it (a corrupt chunk is counted and re-requested, never stored),
+re-opens the stream from the last verified chunks after a lost connection, verifies each whole
+file's digest, and renames the object into place. A service that stops
 keeps its staging; the next one to start on the same stores resumes every staged transfer from
 its journal without fetching verified chunks again.
 
 Source side (``DescribeObject``, ``FetchChunks``): reads the store's files and sends them in
 checksummed chunks; each chunk first waits for its grant from the `LinkScheduler` of the link
 this region -> the requesting region (strict priority for FOREGROUND_KV, weighted fair share
-between PREFETCH_KV and PREWARM_WEIGHTS, EDF within a class: `slomesh.transfer.bandwidth`).
+between PREFETCH_KV and PREWARM_WEIGHTS, EDF within a class: `slomesh.transfer.bandwidth`). A
+FOREGROUND_KV stream holds its link as an open flow from its first chunk to its last, so the
+background gets nothing while the stream is open, even between its chunks. Likewise at the
+destination: while a FOREGROUND_KV transfer is set up or pulled here, background pulls take no
+chunks off their streams (the destination's CPU serves the foreground first).
 
 Any region's service accepts ``TransferPrefix``/``Prewarm`` for another destination, and
 ``Watch``/``Cancel`` with another ``region``, and forwards them to that region's service.
@@ -29,8 +35,9 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -40,7 +47,12 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from slomesh.service import GrpcServerHandle, start_grpc_server
 from slomesh.telemetry import get_tracer, grpc_metadata_extract, grpc_metadata_inject
-from slomesh.transfer.bandwidth import DEFAULT_BURST_BYTES, LinkScheduler, TrafficClass
+from slomesh.transfer.bandwidth import (
+    DEFAULT_BURST_BYTES,
+    LinkFlow,
+    LinkScheduler,
+    TrafficClass,
+)
 from slomesh.transfer.chunks import (
     DEFAULT_CHUNK_BYTES,
     ChunkChecksumError,
@@ -238,6 +250,9 @@ class KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
         self._channels: dict[str, tuple[grpc.aio.Channel, kv_transfer_pb2_grpc.KVTransferStub]] = {}
         self._slots: asyncio.Semaphore | None = None
         self._io: dict[str, asyncio.Future[Any]] = {}
+        self._foreground_here = 0
+        self._background_may_run = asyncio.Event()
+        self._background_may_run.set()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -314,9 +329,13 @@ class KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
 
     async def TransferPrefix(self, request, context: grpc.aio.ServicerContext):
         """Queues a prefix-KV transfer into this region (or forwards it); see the proto."""
-        return await self._unary(
-            "TransferPrefix", context, lambda span: self._transfer_prefix(request, context, span)
-        )
+
+        async def run(span: trace.Span) -> kv_transfer_pb2.TransferHandle:
+            here = request.destination_region in ("", self.region)
+            with self._foreground_first(request.traffic_class if here else None):
+                return await self._transfer_prefix(request, context, span)
+
+        return await self._unary("TransferPrefix", context, run)
 
     async def Prewarm(self, request, context: grpc.aio.ServicerContext):
         """Queues a weight prewarm into this region (or forwards it); see the proto."""
@@ -365,7 +384,10 @@ class KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
                 yield progress
                 if progress.state in TERMINAL_STATES:
                     return
-                await asyncio.sleep(interval)
+                # At most one message per interval, but the terminal state at once: a caller
+                # waiting on a transfer (a placed request on its KV) learns it is done then.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(transfer.finished.wait(), interval)
                 if not changed.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(changed.wait(), self.options.watch_refresh_s)
@@ -412,7 +434,8 @@ class KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
         return await self._unary("DescribeObject", context, run)
 
     async def FetchChunks(self, request, context: grpc.aio.ServicerContext):
-        """Streams one file of an object from `offset` in checksummed, link-paced chunks."""
+        """Streams files of an object (`path` from `offset`, then each of `next_files` from
+        its offset) in checksummed, link-paced chunks."""
         parent = grpc_metadata_extract(context.invocation_metadata())
         span = _tracer.start_span(
             "kv_transfer.fetch_chunks",
@@ -424,52 +447,63 @@ class KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
                 "slomesh.peer_region": request.requester_region,
                 "slomesh.path": request.path,
                 "slomesh.offset": request.offset,
+                "slomesh.files": 1 + len(request.next_files),
             },
         )
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         error: RpcError | None = None
         sent_bytes = 0
+        flow: LinkFlow | None = None
         try:
-            path, size, chunk_bytes, link, traffic_class, deadline = await self._open_fetch(request)
+            files, chunk_bytes, link, traffic_class, deadline = await self._open_fetch(request)
+            if link is not None:
+                # Open from before the first chunk to after the last: a foreground stream
+                # keeps the link (strict priority) also while this side reads its next chunk
+                # or the destination holds the stream back. Closed in `finally` and, should
+                # this generator be left suspended by a vanished client, when the RPC ends.
+                flow = link.open_flow(traffic_class)
+                context.add_done_callback(lambda _call, close=flow.close: close())
             peer = request.requester_region
             faults = self.options.fault_injector
-            offset = request.offset
-            chunks_sent = 0
-            while offset < size:
-                nbytes = min(chunk_bytes, size - offset)
-                data = await asyncio.to_thread(read_chunk, path, offset, nbytes)
-                if len(data) != nbytes:
-                    raise RpcError(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"{request.path!r} of {request.object_key!r} shrank while being sent",
-                    )
-                checksum = chunk_checksum(data)
-                if link is not None:
-                    # The one call site of the bandwidth scheduler: the chunk goes on the wire
-                    # once the link (this region -> peer) grants its bytes to its class.
-                    await link.send(nbytes, traffic_class, deadline)
-                if faults is not None:
-                    if faults.should_break(request.transfer_id, request.path, chunks_sent):
+            for name, path, offset, size in files:
+                chunks_sent = 0
+                while offset < size:
+                    nbytes = min(chunk_bytes, size - offset)
+                    data = await asyncio.to_thread(read_chunk, path, offset, nbytes)
+                    if len(data) != nbytes:
                         raise RpcError(
-                            grpc.StatusCode.UNAVAILABLE, "fault injection: stream broken"
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                            f"{name!r} of {request.object_key!r} shrank while being sent",
                         )
-                    data = faults.on_send(
-                        request.transfer_id, request.path, offset // chunk_bytes, data
+                    checksum = chunk_checksum(data)
+                    if link is not None:
+                        # The one call site of the bandwidth scheduler: the chunk goes on the
+                        # wire once the link (this region -> peer) grants its bytes to its class.
+                        await link.send(nbytes, traffic_class, deadline)
+                    if faults is not None:
+                        if faults.should_break(request.transfer_id, name, chunks_sent):
+                            raise RpcError(
+                                grpc.StatusCode.UNAVAILABLE, "fault injection: stream broken"
+                            )
+                        data = faults.on_send(
+                            request.transfer_id, name, offset // chunk_bytes, data
+                        )
+                    yield kv_transfer_pb2.Chunk(
+                        path=name, offset=offset, data=data, checksum_xxh3_64=checksum
                     )
-                yield kv_transfer_pb2.Chunk(
-                    path=request.path, offset=offset, data=data, checksum_xxh3_64=checksum
-                )
-                metrics.BYTES_SENT.labels(self.region, peer, traffic_class.name).inc(nbytes)
-                sent_bytes += nbytes
-                chunks_sent += 1
-                offset += nbytes
+                    metrics.BYTES_SENT.labels(self.region, peer, traffic_class.name).inc(nbytes)
+                    sent_bytes += nbytes
+                    chunks_sent += 1
+                    offset += nbytes
         except RpcError as exc:
             code, error = exc.code, exc
         except TransferStoreError as exc:
             error = RpcError.from_store(exc)
             code = error.code
         finally:
+            if flow is not None:
+                flow.close()
             span.set_attribute("slomesh.sent_bytes", sent_bytes)
             self._record_rpc("FetchChunks", span, code, started, error)
         if error is not None:
@@ -740,7 +774,8 @@ class KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
             async with asyncio.timeout(None if deadline is None else deadline - time.time()):
                 async with self._slots:
                     transfer.set_state(_P.RUNNING)
-                    await self._pull(transfer, store)
+                    with self._foreground_first(transfer.traffic_class):
+                        await self._pull(transfer, store)
             transfer.set_state(_P.COMPLETED)
             metrics.TRANSFER_DURATION.labels(self.region, kind).observe(
                 time.monotonic() - transfer.created_monotonic_s
@@ -800,27 +835,29 @@ class KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
         span.end()
 
     async def _pull(self, transfer: Transfer, store: ObjectStore) -> None:
-        """Fetches and verifies every file, then commits the object into `store`."""
+        """Fetches every missing file on one chunk stream, verifies each file's digest (a file
+        failing it is fetched again), then commits the object into `store`."""
         staged = transfer.staged
         assert staged is not None
         source = str(transfer.spec["source_region"])
         stub = self._peer_stub(source)
-        for entry in transfer.manifest.files:
-            file_failures = 0
-            while not staged.is_file_verified(entry.path):
-                if not staged.is_file_complete(entry.path):
-                    await self._fetch_file(transfer, stub, entry.path, entry.size_bytes)
+        file_failures = dict.fromkeys((f.path for f in transfer.manifest.files), 0)
+        while not staged.is_complete:
+            await self._fetch_files(transfer, stub)
+            for entry in transfer.manifest.files:
+                if staged.is_file_verified(entry.path):
+                    continue
                 try:
                     await self._io_call(transfer, staged.verify_file, entry.path)
                 except ObjectDigestError as exc:
-                    file_failures += 1
+                    file_failures[entry.path] += 1
                     metrics.CORRUPT_FILES.labels(self.region, source).inc()
                     transfer.set_bytes_done(staged.verified_total_bytes)
                     logger.warning(
                         "staged file failed its digest; fetching it again",
                         extra={"transfer_id": transfer.transfer_id, "error": str(exc)},
                     )
-                    if file_failures >= self.options.max_file_attempts:
+                    if file_failures[entry.path] >= self.options.max_file_attempts:
                         raise RpcError(grpc.StatusCode.DATA_LOSS, str(exc)) from None
         final = store.object_dir(transfer.manifest.object_key)
         extra = store.commit_extra_files(staged)
@@ -832,24 +869,31 @@ class KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
             transfer.already_present = True
         transfer.staged = None
 
-    async def _fetch_file(
-        self,
-        transfer: Transfer,
-        stub: kv_transfer_pb2_grpc.KVTransferStub,
-        path: str,
-        size_bytes: int,
+    async def _fetch_files(
+        self, transfer: Transfer, stub: kv_transfer_pb2_grpc.KVTransferStub
     ) -> None:
-        """Pulls one file until all its bytes are verified and staged, re-opening the stream
-        from the last verified chunk after a corrupt chunk or a lost connection."""
+        """Pulls every file not yet complete until all their bytes are verified and staged.
+
+        One FetchChunks stream asks for all of them (in manifest order, each from its last
+        verified chunk), so the object costs one round trip plus its bytes over the link
+        rather than a round trip per file. After a corrupt chunk or a lost connection the
+        stream is re-opened for the files still missing, each from its last verified chunk.
+        """
         staged = transfer.staged
         assert staged is not None
         spec = transfer.spec
         source = str(spec["source_region"])
         class_name = TrafficClass(transfer.traffic_class).name
+        background = transfer.traffic_class != TrafficClass.FOREGROUND_KV
         failures = 0
-        corrupt_offset, corrupt_count = -1, 0
-        while not staged.is_file_complete(path):
-            offset = staged.verified_bytes(path)
+        corrupt_at, corrupt_count = ("", -1), 0
+        while wanted := [
+            kv_transfer_pb2.FileRange(
+                path=f.path, offset=staged.verified_bytes(f.path), size_bytes=f.size_bytes
+            )
+            for f in transfer.manifest.files
+            if not staged.is_file_complete(f.path)
+        ]:
             deadline = transfer.deadline_unix_s
             request = kv_transfer_pb2.FetchChunksRequest(
                 transfer_id=transfer.transfer_id,
@@ -857,27 +901,31 @@ class KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
                 kind=transfer.kind,
                 store=str(spec.get("source_store", "")),
                 object_key=transfer.manifest.object_key,
-                path=path,
-                offset=offset,
+                path=wanted[0].path,
+                offset=wanted[0].offset,
                 chunk_bytes=self.options.chunk_bytes,
-                size_bytes=size_bytes,
+                size_bytes=wanted[0].size_bytes,
                 traffic_class=transfer.traffic_class,
                 deadline_unix_s=deadline or 0.0,
+                next_files=wanted[1:],
             )
             timeout = None if deadline is None else max(0.001, deadline - time.time())
             call = stub.FetchChunks(request, timeout=timeout, metadata=grpc_metadata_inject())
+            paths = {w.path for w in wanted}
             progressed = False
             reason = ""
             try:
                 async for chunk in call:
-                    if chunk.path != path or chunk.offset != staged.verified_bytes(path):
+                    if background:
+                        await self._background_may_run.wait()
+                    if chunk.path not in paths or chunk.offset != staged.verified_bytes(chunk.path):
                         reason = "out_of_order"
                         break
                     try:
                         await self._io_call(
                             transfer,
                             staged.write_chunk,
-                            path,
+                            chunk.path,
                             chunk.offset,
                             chunk.data,
                             chunk.checksum_xxh3_64,
@@ -889,15 +937,15 @@ class KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
                             "corrupt chunk discarded; re-requesting it",
                             extra={"transfer_id": transfer.transfer_id, "error": str(exc)},
                         )
-                        if chunk.offset == corrupt_offset:
+                        if (chunk.path, chunk.offset) == corrupt_at:
                             corrupt_count += 1
                         else:
-                            corrupt_offset, corrupt_count = chunk.offset, 1
+                            corrupt_at, corrupt_count = (chunk.path, chunk.offset), 1
                         if corrupt_count >= self.options.max_chunk_attempts:
                             raise RpcError(
                                 grpc.StatusCode.DATA_LOSS,
-                                f"chunk of {path!r} at offset {chunk.offset} arrived corrupt "
-                                f"{corrupt_count} times",
+                                f"chunk of {chunk.path!r} at offset {chunk.offset} arrived "
+                                f"corrupt {corrupt_count} times",
                             ) from None
                         reason = "corrupt_chunk"
                         break
@@ -914,32 +962,34 @@ class KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
                     )
                     transfer.set_bytes_done(staged.verified_total_bytes)
                 else:
-                    if not staged.is_file_complete(path):
-                        reason = "stream_ended_early"
+                    # Files left over (e.g. a source that predates `next_files` sends only
+                    # the first): asked for again on a new stream.
+                    reason = "stream_ended_early"
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RETRYABLE_FETCH:
                     raise RpcError(exc.code(), f"source {source!r}: {exc.details()}") from None
                 reason = exc.code().name.lower()
             finally:
                 call.cancel()
-            if staged.is_file_complete(path):
+            if all(staged.is_file_complete(path) for path in paths):
                 return
             transfer.retries += 1
             transfer.note()
             metrics.FETCH_RETRIES.labels(self.region, source, reason).inc()
             failures = 0 if progressed else failures + 1
+            first = next(w.path for w in wanted if not staged.is_file_complete(w.path))
             if failures > self.options.max_fetch_retries:
                 raise RpcError(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"source {source!r}: no progress on {path!r} after {failures} attempts "
+                    f"source {source!r}: no progress on {first!r} after {failures} attempts "
                     f"(last: {reason})",
                 )
             logger.info(
                 "re-opening chunk stream from the last verified chunk",
                 extra={
                     "transfer_id": transfer.transfer_id,
-                    "path": path,
-                    "offset": staged.verified_bytes(path),
+                    "path": first,
+                    "offset": staged.verified_bytes(first),
                     "reason": reason,
                 },
             )
@@ -976,8 +1026,8 @@ class KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
     # -- source side: implementation ----------------------------------------------------------
 
     async def _open_fetch(self, request: kv_transfer_pb2.FetchChunksRequest):
-        """Validates a FetchChunks request: (file, size, chunk bytes, link or None, class,
-        deadline or None)."""
+        """Validates a FetchChunks request: (files to send in order, each (object path, file,
+        offset, size); chunk bytes; link or None; class; deadline or None)."""
         if not request.requester_region:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "requester_region must not be empty")
         try:
@@ -998,22 +1048,29 @@ class KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
             store = self._weight_cache()
         else:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown kind {request.kind!r}")
-        path = store.file_path(request.object_key, request.path)
-        try:
-            size = path.stat().st_size
-        except OSError as exc:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"{request.path!r}: {exc}") from None
-        if size != request.size_bytes:
-            raise RpcError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{request.path!r} of {request.object_key!r} is {size} bytes, the manifest said "
-                f"{request.size_bytes}: the object changed at the source",
-            )
-        if request.offset > size:
-            raise RpcError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"offset {request.offset} is past the file's {size} bytes",
-            )
+        files: list[tuple[str, Path, int, int]] = []
+        for wanted in (request, *request.next_files):
+            if wanted.path in (name for name, *_ in files):
+                raise RpcError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"{wanted.path!r} is asked for twice"
+                )
+            path = store.file_path(request.object_key, wanted.path)
+            try:
+                size = path.stat().st_size
+            except OSError as exc:
+                raise RpcError(grpc.StatusCode.NOT_FOUND, f"{wanted.path!r}: {exc}") from None
+            if size != wanted.size_bytes:
+                raise RpcError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{wanted.path!r} of {request.object_key!r} is {size} bytes, the manifest "
+                    f"said {wanted.size_bytes}: the object changed at the source",
+                )
+            if wanted.offset > size:
+                raise RpcError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"offset {wanted.offset} of {wanted.path!r} is past the file's {size} bytes",
+                )
+            files.append((wanted.path, path, wanted.offset, size))
         if request.requester_region == self.region:
             link = None  # a move inside the region crosses no WAN link
         else:
@@ -1024,9 +1081,29 @@ class KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
                     f"no link to region {request.requester_region!r} is configured (--link)",
                 )
         deadline = request.deadline_unix_s or None
-        return path, size, chunk_bytes, link, traffic_class, deadline
+        return files, chunk_bytes, link, traffic_class, deadline
 
     # -- helpers ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _foreground_first(self, traffic_class: int | None) -> Iterator[None]:
+        """While a FOREGROUND_KV transfer into this region is set up (DescribeObject, staging)
+        or pulled, verified and committed, the background pulls here stop taking chunks off
+        their streams: the destination's CPU (gRPC reads, checksums, digests, writes) serves
+        the foreground first, as the source's link does (`LinkScheduler.open_flow`). Their
+        streams back up to the source, whose link the foreground holds meanwhile anyway.
+        Another class (or None) holds nothing."""
+        if traffic_class != TrafficClass.FOREGROUND_KV:
+            yield
+            return
+        self._foreground_here += 1
+        self._background_may_run.clear()
+        try:
+            yield
+        finally:
+            self._foreground_here -= 1
+            if not self._foreground_here:
+                self._background_may_run.set()
 
     def _stores(self) -> list[ObjectStore]:
         stores: list[ObjectStore] = list(self.kv_stores.values())

@@ -96,6 +96,8 @@ class Transfer:
     finished_monotonic_s: float | None = None
     rate: RateMeter = field(default_factory=RateMeter)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the transfer reaches a terminal state."""
 
     @property
     def bytes_total(self) -> int:
@@ -135,6 +137,7 @@ class Transfer:
             self.finished_monotonic_s = time.monotonic()
             if state == kv_transfer_pb2.TransferProgress.COMPLETED:
                 self.bytes_done = self.bytes_total
+            self.finished.set()
         self._notify()
 
     def set_bytes_done(self, bytes_done: int) -> None:

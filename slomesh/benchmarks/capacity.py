@@ -29,6 +29,15 @@ TPOT, and the capacity as a ratio to the best baseline (baselines: every policy 
 ``slomesh`` and ``oracle``). Every evaluated point is kept, and one PNG shows SLO attainment
 against the rate scale for all policies.
 
+**Equal load** (``equal_load`` in the report, the table's last two columns, one printed line
+per non-baseline): capacities alone hide what a policy pays for its headroom, so once every
+baseline's bisection is done, every policy is also run at one common rate scale -- the best
+baseline's capacity, the highest load some baseline just carries (a point a bisection already
+evaluated is reused). There each policy's SLO attainment and ``cost_per_mtok_usd`` are
+reported, the cheapest baseline among those attaining the target there is named, and each
+non-baseline gets ``cost_le_cheapest_baseline``: whether it costs no more per million tokens
+than that baseline (issue 4's criterion).
+
 Requests longer than every instance's context fail under any policy and count against the
 target; the report gives their number (``oversized_requests``), and ``--fit-context`` drops them
 from the trace first (``dropped_oversized_requests``). The Mooncake conversation trace's
@@ -37,6 +46,13 @@ from the trace first (``dropped_oversized_requests``). The Mooncake conversation
 
 Points run in parallel worker processes (``--jobs``, default 2): the bisections of different
 policies advance side by side.
+
+KV moves: ``--kv-moves off`` runs every policy with its profile's ``kv_moves`` and
+``kv_prefetch`` turned off (named ``<policy>-no-kv-moves``); ``--kv-moves both`` runs each
+policy whose profile moves or prefetches KV both ways, side by side (``slomesh`` and
+``slomesh-no-kv-moves``). The table's ``KV moves`` and ``cross-region KV MB`` columns show the
+prefix KV moved across regions at each policy's capacity (also in the report's
+``cross_region_bytes``, which counts every byte crossing regions).
 """
 
 from __future__ import annotations
@@ -59,16 +75,68 @@ from slomesh.plots import save_figure
 
 __all__ = [
     "NOT_BASELINES",
+    "NO_KV_MOVES_SUFFIX",
     "BenchSettings",
     "Bisection",
     "capacity_table",
+    "equal_load_comparison",
+    "equal_load_summary",
     "main",
     "plot_attainment",
+    "policy_source",
     "run_bench",
+    "with_kv_moves",
 ]
 
 NOT_BASELINES = frozenset({"slomesh", "oracle"})
 """Policies that are not baselines (slomesh itself and its oracle variant)."""
+
+NO_KV_MOVES_SUFFIX = "-no-kv-moves"
+"""Suffix of a policy run with its profile's KV moves and prefetch off (``--kv-moves``)."""
+
+
+def policy_source(policy: str) -> str | dict[str, Any]:
+    """What `slomesh.sim.Simulator` builds a benchmarked policy from: the name or YAML path
+    itself, or for ``<policy>-no-kv-moves`` that policy's profile with ``kv_moves`` off and
+    no ``kv_prefetch``, named so.
+
+    Raises:
+        slomesh.scheduler.policy.PolicyConfigError: an unknown policy.
+    """
+    if not policy.endswith(NO_KV_MOVES_SUFFIX):
+        return policy
+    from slomesh.scheduler.policy import load_profile
+
+    profile = load_profile(policy[: -len(NO_KV_MOVES_SUFFIX)]).model_dump()
+    profile.update(name=policy, kv_moves=False, kv_prefetch={})
+    return profile
+
+
+def with_kv_moves(policies: Sequence[str], mode: str) -> list[str]:
+    """The policies a ``--kv-moves`` mode runs (module docstring).
+
+    Args:
+        policies: Policy names or YAML profile paths.
+        mode: ``profile`` (as given), ``off`` (every policy without KV moves) or ``both``
+            (each policy that moves or prefetches KV also without).
+
+    Raises:
+        ValueError: an unknown mode.
+        slomesh.scheduler.policy.PolicyConfigError: an unknown policy.
+    """
+    from slomesh.scheduler.policy import load_profile
+
+    if mode not in ("profile", "off", "both"):
+        raise ValueError(f"--kv-moves: must be profile, off or both, got {mode!r}")
+    out: list[str] = []
+    for p in policies:
+        profile = load_profile(p)
+        moves = profile.kv_moves or bool(profile.kv_prefetch)
+        if mode != "off" or not moves:
+            out.append(p)
+        if moves and mode in ("off", "both"):
+            out.append(p + NO_KV_MOVES_SUFFIX)
+    return out
 
 
 @dataclass
@@ -233,7 +301,7 @@ def evaluate_point(settings: BenchSettings, policy: str, rate_scale: float) -> d
     report, _ = sim_report(
         trace,
         topology,
-        policy,
+        policy_source(policy),
         SimConfig(**dict(settings.sim)),
         load_slo_config(settings.slo_config),
     )
@@ -255,6 +323,8 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
         "cost_per_mtok_usd": report["cost_per_mtok_usd"],
         "fleet_cost_per_mtok_usd": report["fleet_cost_per_mtok_usd"],
         "cross_region_bytes": report["cross_region_bytes"],
+        "cross_region_kv_bytes": report.get("cross_region_kv_bytes", 0),
+        "kv_moves": report.get("kv_moves", 0),
         "ttft_ms": {k: report["ttft_ms"][k] for k in ("p50", "p90", "p99")},
         "tpot_ms": {k: report["tpot_ms"][k] for k in ("p50", "p90", "p99")},
         "sim_wall_s": report["sim"]["wall_s"],
@@ -287,7 +357,9 @@ def run_bench(
 
     Returns:
         ``{"trace", "requests", "target_attainment", "base_rate_rps", "gpus", "baselines",
-        "best_baseline", "wall_s", "policies": {name: {...}}}`` (see `_policy_result`).
+        "best_baseline", "wall_s", "policies": {name: {...}}, "equal_load"}`` (see
+        `_policy_result`; ``equal_load``: `equal_load_comparison` at the best baseline's
+        capacity, None when there is no baseline or none meets the target at any scale).
 
     Raises:
         ValueError: no policy, a duplicate, a bad bisection parameter, or an empty trace.
@@ -300,7 +372,7 @@ def run_bench(
     if len(set(policies)) != len(policies):
         raise ValueError(f"policies: duplicates in {list(policies)}")
     for name in policies:
-        make_policy(name)  # fail before any work on an unknown policy
+        make_policy(policy_source(name))  # fail before any work on an unknown policy
     topology, trace = _load(settings, 1.0)
     if not trace.requests:
         raise ValueError(f"trace {settings.trace} has no requests")
@@ -312,42 +384,77 @@ def run_bench(
         for p in policies
     }
     reports: dict[str, dict[float, dict[str, Any]]] = {p: {} for p in policies}
+    baselines = [
+        p
+        for p in policies
+        if _policy_name(p).removesuffix(NO_KV_MOVES_SUFFIX) not in NOT_BASELINES
+    ]
+    equal_load_sent: set[str] = set()
 
-    def handle(policy: str, scale: float, report: dict[str, Any]) -> None:
+    def equal_load_scale() -> float | None:
+        """The best baseline's capacity once every baseline's bisection is done."""
+        if not baselines or not all(searches[b].done for b in baselines):
+            return None
+        return max(searches[b].capacity_scale for b in baselines) or None
+
+    def next_point(policy: str) -> tuple[float, bool] | None:
+        """(scale, is a bisection point) of the policy's next point; None when it has none."""
+        scale = searches[policy].next_scale()
+        if scale is not None:
+            return scale, True
+        common = equal_load_scale()
+        if common is None or common in reports[policy] or policy in equal_load_sent:
+            return None
+        return common, False
+
+    def handle(policy: str, scale: float, bisecting: bool, report: dict[str, Any]) -> None:
         reports[policy][scale] = report
-        searches[policy].record(scale, report["slo_attainment"])
+        if bisecting:
+            searches[policy].record(scale, report["slo_attainment"])
         if on_point is not None:
             on_point(policy, _summary(report), searches[policy])
 
     if jobs <= 1:
-        for policy, search in searches.items():
-            while (scale := search.next_scale()) is not None:
-                handle(policy, scale, evaluate_point(settings, policy, scale))
+        while todo := next(
+            ((p, nxt) for p in policies if (nxt := next_point(p)) is not None), None
+        ):
+            policy, (scale, bisecting) = todo
+            if not bisecting:
+                equal_load_sent.add(policy)
+            handle(policy, scale, bisecting, evaluate_point(settings, policy, scale))
     else:
         # spawn, not fork: the parent runs threads (progress display) that fork would not copy.
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            running: dict[cf.Future, tuple[str, float]] = {}
+            running: dict[cf.Future, tuple[str, float, bool]] = {}
             while True:
-                busy = {p for p, _ in running.values()}
-                for policy, search in searches.items():
-                    if policy in busy:
+                busy = {p for p, _, _ in running.values()}
+                for policy in policies:
+                    if policy in busy or (nxt := next_point(policy)) is None:
                         continue
-                    scale = search.next_scale()
-                    if scale is not None:
-                        fut = pool.submit(evaluate_point, settings, policy, scale)
-                        running[fut] = (policy, scale)
+                    scale, bisecting = nxt
+                    if not bisecting:
+                        equal_load_sent.add(policy)
+                    fut = pool.submit(evaluate_point, settings, policy, scale)
+                    running[fut] = (policy, scale, bisecting)
                 if not running:
                     break
                 done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for fut in done:
-                    policy, scale = running.pop(fut)
-                    handle(policy, scale, fut.result())
+                    policy, scale, bisecting = running.pop(fut)
+                    handle(policy, scale, bisecting, fut.result())
 
     results = {p: _policy_result(searches[p], reports[p]) for p in policies}
-    baselines = [p for p in policies if _policy_name(p) not in NOT_BASELINES]
     best = max(baselines, key=lambda p: results[p]["capacity_rate_scale"], default=None)
     best_capacity = results[best]["capacity_rate_scale"] if best is not None else 0.0
+    common = equal_load_scale()
+    equal_load = (
+        None
+        if common is None
+        else equal_load_comparison(
+            {p: _summary(reports[p][common]) for p in policies}, baselines, target, common
+        )
+    )
     for p in policies:
         cap = results[p]["capacity_rate_scale"]
         results[p]["ratio_to_best_baseline"] = cap / best_capacity if best_capacity > 0 else None
@@ -371,14 +478,95 @@ def run_bench(
         "best_baseline": best,
         "wall_s": time.perf_counter() - t0,
         "policies": results,
+        "equal_load": equal_load,
     }
+
+
+def equal_load_comparison(
+    points: dict[str, dict[str, Any]],
+    baselines: Sequence[str],
+    target: float,
+    rate_scale: float,
+) -> dict[str, Any]:
+    """Compares every policy's cost at one common load (module docstring, "Equal load").
+
+    Args:
+        points: Policy -> its point summary (`_summary`) at `rate_scale`; every policy of the
+            benchmark, baselines included.
+        baselines: The policies of `points` that are baselines.
+        target: Target SLO attainment, in (0, 1].
+        rate_scale: The common rate scale (the best baseline's capacity).
+
+    Returns:
+        ``{"rate_scale", "cheapest_baseline", "cheapest_baseline_cost_per_mtok_usd",
+        "policies": {name: {"slo_attainment", "cost_per_mtok_usd", "fleet_cost_per_mtok_usd",
+        "attains_target"}}}``; ``cheapest_baseline`` is the baseline with the lowest
+        ``cost_per_mtok_usd`` among those attaining `target` at this load (None if none does:
+        its cost is then None too). Each policy that is not a baseline also gets
+        ``cost_le_cheapest_baseline``: its ``cost_per_mtok_usd`` is at most the cheapest
+        baseline's (None without a cheapest baseline).
+    """
+    rows: dict[str, dict[str, Any]] = {
+        p: {
+            "slo_attainment": pt["slo_attainment"],
+            "cost_per_mtok_usd": pt["cost_per_mtok_usd"],
+            "fleet_cost_per_mtok_usd": pt["fleet_cost_per_mtok_usd"],
+            "attains_target": pt["slo_attainment"] >= target,
+        }
+        for p, pt in points.items()
+    }
+    attaining = [b for b in baselines if rows[b]["attains_target"]]
+    cheapest = min(attaining, key=lambda b: rows[b]["cost_per_mtok_usd"], default=None)
+    cost = rows[cheapest]["cost_per_mtok_usd"] if cheapest is not None else None
+    for p, row in rows.items():
+        if p not in baselines:
+            row["cost_le_cheapest_baseline"] = (
+                None if cost is None else row["cost_per_mtok_usd"] <= cost
+            )
+    return {
+        "rate_scale": rate_scale,
+        "cheapest_baseline": cheapest,
+        "cheapest_baseline_cost_per_mtok_usd": cost,
+        "policies": rows,
+    }
+
+
+def equal_load_summary(bench: dict[str, Any]) -> list[str]:
+    """One line per policy that is not a baseline: its cost at the equal load against the
+    cheapest baseline attaining the target there (empty without an equal-load comparison)."""
+    eq = bench.get("equal_load")
+    if not eq:
+        return []
+    scale, cheapest = eq["rate_scale"], eq["cheapest_baseline"]
+    target = bench["target_attainment"] * 100
+    lines = []
+    for name, row in eq["policies"].items():
+        if "cost_le_cheapest_baseline" not in row:
+            continue
+        head = (
+            f"at equal load x{scale:.3g} ({bench['best_baseline']}'s capacity): {name} "
+            f"${row['cost_per_mtok_usd']:.4f}/Mtok, {row['slo_attainment'] * 100:.1f} % SLO "
+            "attainment; "
+        )
+        if cheapest is None:
+            lines.append(head + f"no baseline attains {target:.0f} % there")
+            continue
+        verdict = "yes" if row["cost_le_cheapest_baseline"] else "NO"
+        if not row["attains_target"]:
+            verdict += f" (but it misses {target:.0f} % itself)"
+        lines.append(
+            head + f"cheapest baseline attaining {target:.0f} %: {cheapest} "
+            f"${eq['cheapest_baseline_cost_per_mtok_usd']:.4f}/Mtok; "
+            f"{name} costs no more: {verdict}"
+        )
+    return lines
 
 
 def _policy_name(source: str) -> str:
     """A policy's name: built-in names as given, YAML profiles by their ``name`` field."""
     from slomesh.scheduler.policy import make_policy
 
-    return make_policy(source).name
+    return make_policy(policy_source(source)).name
 
 
 def _policy_result(search: Bisection, reports: dict[float, dict[str, Any]]) -> dict[str, Any]:
@@ -400,6 +588,8 @@ def _policy_result(search: Bisection, reports: dict[float, dict[str, Any]]) -> d
             "cost_per_mtok_usd",
             "fleet_cost_per_mtok_usd",
             "cross_region_bytes",
+            "cross_region_kv_bytes",
+            "kv_moves",
             "ttft_ms",
             "tpot_ms",
         ):
@@ -438,11 +628,18 @@ def capacity_table(bench: dict[str, Any]):
         "$/Mtok",
         "$/Mtok fleet",
         "cross-region MB",
+        "KV moves",
+        "cross-region KV MB",
         "TTFT p50/p90 ms",
         "TPOT p50/p90 ms",
         "vs best baseline",
     ):
         table.add_column(col, justify="left" if col == "policy" else "right")
+    eq = bench.get("equal_load")
+    if eq:
+        # Every policy at the best baseline's capacity; * marks the cheapest baseline there.
+        table.add_column(f"SLO att. @x{eq['rate_scale']:.3g}", justify="right")
+        table.add_column(f"$/Mtok @x{eq['rate_scale']:.3g}", justify="right")
     for name, r in bench["policies"].items():
         cap = r["capacity_rate_scale"]
         bound = {"exact": "", "lower_bound": ">=", "none": ""}[r["capacity_bound"]]
@@ -455,19 +652,29 @@ def capacity_table(bench: dict[str, Any]):
                 f"{r['cost_per_mtok_usd']:.3f}",
                 f"{r['fleet_cost_per_mtok_usd']:.3f}",
                 f"{r['cross_region_bytes'] / 1e6:.1f}",
+                str(r.get("kv_moves", 0)),
+                f"{r.get('cross_region_kv_bytes', 0) / 1e6:.1f}",
                 ttft,
                 tpot,
             ]
         else:
-            cols = ["-"] * 6
+            cols = ["-"] * 8
         table.add_row(
             name,
             f"{bound}{cap:.3g}",
             f"{r['capacity_rps']:.2f}",
             *cols,
             "-" if ratio is None else f"{ratio:.2f}",
+            *(_equal_load_cells(eq, name) if eq else ()),
         )
     return table
+
+
+def _equal_load_cells(eq: dict[str, Any], name: str) -> list[str]:
+    """The policy's attainment and $/Mtok at the equal load (`capacity_table`)."""
+    row = eq["policies"][name]
+    mark = "*" if name == eq["cheapest_baseline"] else ""
+    return [f"{row['slo_attainment'] * 100:.1f} %", f"{mark}{row['cost_per_mtok_usd']:.3f}"]
 
 
 def plot_attainment(bench: dict[str, Any], path: str | Path) -> Path:
@@ -533,6 +740,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="worker processes (default 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--kv-moves", default="profile", choices=["profile", "off", "both"],
+                        help="KV moves and prefetch as each profile says (default), off for "
+                             "every policy, or both ways for each policy that has them")
     args = parser.parse_args(argv)
 
     from rich.console import Console
@@ -544,6 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     err = Console(stderr=True)
     try:
+        policies = with_kv_moves(policies, args.kv_moves)
         config = sim_config_from_args(args)
         load_slo_config(args.slo_config)
         shares = parse_region_shares(args.region_shares)
@@ -613,6 +824,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # A wide table; when stdout is not a terminal, do not wrap it at 80 columns.
     Console(width=None if sys.stdout.isatty() else 160).print(capacity_table(bench))
+    for line in equal_load_summary(bench):
+        print(line)
     path = Path(args.report_json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(bench, indent=2) + "\n")

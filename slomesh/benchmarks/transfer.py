@@ -5,7 +5,11 @@
     slomesh bench-transfer [--capacity-bytes-per-s 2e8] [--bytes 1e9] [--chunk-bytes 1048576]
                            [--foreground-bytes 67108864] [--foreground-at-s 1.0]
                            [--foreground-gap-s 0.5] [--repeats 3] [--burst-bytes 2097152]
-                           [--rtt-ms 0] [--report-json PATH]
+                           [--rtt-ms 0] [--through-service] [--report-json PATH]
+
+``--through-service`` runs the same measurement end to end through two real KVTransfer
+service processes (``Prewarm`` of a weight-cache model, ``TransferPrefix`` of a vLLM
+ExampleConnector KV folder): `slomesh.benchmarks.transfer_service`. Without it, as follows.
 
 Two endpoints in this process: the receiving region's, a gRPC server on 127.0.0.1 whose
 client-streaming method ``/slomesh.bench.v1.TransferSink/Push`` takes raw byte chunks and
@@ -125,6 +129,7 @@ async def _transfer(
         await call.done_writing()
 
     write_task = loop.create_task(writer())
+    flow = link.open_flow(traffic_class)  # the stream's life, as a service's FetchChunks
     try:
         sent = 0
         while sent < nbytes:
@@ -135,6 +140,7 @@ async def _transfer(
         await granted.put(None)
         await write_task
     finally:
+        flow.close()
         write_task.cancel()
     received = int.from_bytes(await call, "little")
     end = loop.time()
@@ -338,17 +344,18 @@ def _print(result: dict[str, Any]) -> None:
     link = result["link_during_prewarm"]
     prewarm = result["prewarm"]
     fg = result["foreground"]
+    service = "prewarm_with_foreground" in result  # --through-service: the prewarm alone
     table.add_row(
         "link throughput during the prewarm",
         f"{link['throughput_bytes_per_s'] / 1e6:.1f} MB/s",
         f"{link['throughput_ratio']:.3f} of cap",
-        ">= 0.90",
+        "" if service else ">= 0.90",
     )
     table.add_row(
-        "prewarm throughput on what the foreground left",
+        "prewarm throughput alone" if service else "prewarm throughput on what the foreground left",
         f"{prewarm['throughput_bytes_per_s'] / 1e6:.1f} MB/s",
         f"{prewarm['throughput_ratio']:.3f} of cap",
-        "",
+        ">= 0.90" if service else "",
     )
     table.add_row(
         f"foreground on the idle link (median of {len(fg['idle_link_s'])})",
@@ -364,7 +371,14 @@ def _print(result: dict[str, Any]) -> None:
     )
     console = Console()
     console.print(table)
-    for when, stats in result["link_stats"].items():
+    if "load_average" in result:
+        console.print(
+            f"load average {' '.join(f'{x:.2f}' for x in result['load_average'])}; source sent "
+            + ", ".join(f"{c} {b / 1e6:.1f} MB" for c, b in result["source_sent_bytes"].items())
+            + f"; prewarm bytes sent during the foregrounds "
+            f"{fg['background_bytes_sent_meanwhile'] / 1e6:.1f} MB"
+        )
+    for when, stats in result.get("link_stats", {}).items():
         console.print(
             f"link stats {when.replace('_', ' ')}: throughput "
             f"{stats['throughput_bytes_per_s'] / 1e6:.1f} MB/s, foreground "
@@ -412,22 +426,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=0.0,
         help="> 0: through a WanRelay of this RTT and the link's capacity",
     )
+    p.add_argument(
+        "--through-service",
+        action="store_true",
+        help="end to end through two KVTransfer service processes (--burst-bytes: the "
+        "services' default)",
+    )
     p.add_argument("--report-json", default=None)
     args = p.parse_args(argv)
     try:
-        result = asyncio.run(
-            run_transfer_benchmark(
-                capacity_bytes_per_s=args.capacity_bytes_per_s,
-                prewarm_bytes=int(args.bytes),
-                chunk_bytes=args.chunk_bytes,
-                foreground_bytes=args.foreground_bytes,
-                foreground_at_s=args.foreground_at_s,
-                foreground_gap_s=args.foreground_gap_s,
-                repeats=args.repeats,
-                burst_bytes=args.burst_bytes,
-                rtt_ms=args.rtt_ms,
-            )
-        )
+        common = {
+            "capacity_bytes_per_s": args.capacity_bytes_per_s,
+            "prewarm_bytes": int(args.bytes),
+            "chunk_bytes": args.chunk_bytes,
+            "foreground_bytes": args.foreground_bytes,
+            "foreground_at_s": args.foreground_at_s,
+            "foreground_gap_s": args.foreground_gap_s,
+            "repeats": args.repeats,
+            "rtt_ms": args.rtt_ms,
+        }
+        if args.through_service:
+            from slomesh.benchmarks.transfer_service import run_service_transfer_benchmark
+
+            run = run_service_transfer_benchmark(**common)
+        else:
+            run = run_transfer_benchmark(**common, burst_bytes=args.burst_bytes)
+        result = asyncio.run(run)
     except ValueError as exc:
         print(f"slomesh bench-transfer: {exc}", file=sys.stderr)
         return 2

@@ -390,6 +390,86 @@ class KVCacheManager:
         self._emit(AllBlocksCleared())
         return True
 
+    def insert_cached_prefix(
+        self, token_ids: Sequence[int], block_hashes: Sequence[int] | None = None
+    ) -> int:
+        """Put the KV of the full blocks of ``token_ids`` into the prefix cache, unheld.
+
+        What a KV connector does when prefix blocks arrive from elsewhere (e.g. another
+        region's engine): the blocks become cached as if a finished request had left them.
+        Blocks of the prefix already cached are moved to the tail of the free queue (used
+        last, as they are now); the missing ones take free blocks from its head, evicting
+        what those held (one :class:`BlockRemoved`), and are cached with their chained
+        hashes (one :class:`BlockStored` per run of consecutive new blocks). They are queued
+        so that the prefix's last blocks are evicted before its first ones (as `free` does).
+        Blocks held by sequences are never taken: when too few are free only a leading part
+        of the prefix is inserted. The number of free blocks is unchanged.
+
+        Args:
+            token_ids: The prefix, shape ``(n,)``; its ``n // block_size`` full blocks count.
+            block_hashes: Precomputed :func:`compute_block_hashes` of ``token_ids`` (optional).
+
+        Returns:
+            Leading tokens of ``token_ids`` cached after the call (a block multiple); 0 with
+            prefix caching off.
+        """
+        if not self.enable_prefix_caching:
+            return 0
+        bs = self.block_size
+        num_full = len(token_ids) // bs
+        hashes = list(block_hashes[:num_full]) if block_hashes is not None else []
+        if len(hashes) < num_full:
+            extend_block_hashes(hashes, token_ids[: num_full * bs], bs)
+        # The cached part of the prefix must not be taken for the missing part: it moves to
+        # the tail, behind every block that may be taken.
+        protected: set[int] = set()
+        for h in hashes:
+            b = self._hash_to_block.get(h)
+            if b is not None and b in self._free:
+                self._free.move_to_end(b)
+                protected.add(b)
+        done = 0
+        evicted: list[int] = []
+        stored: list[tuple[int, list[int]]] = []  # (first block index, hashes) per run
+        for i, h in enumerate(hashes):
+            if h in self._hash_to_block:
+                done = i + 1
+                continue
+            if not self._free:
+                break
+            b = next(iter(self._free))
+            if b in protected:
+                break  # every free block holds this prefix already
+            self._free.move_to_end(b)
+            protected.add(b)
+            old = self._block_hash[b]
+            if old is not None:
+                del self._hash_to_block[old]
+                evicted.append(old)
+            self._block_hash[b] = h
+            self._hash_to_block[h] = b
+            if stored and stored[-1][0] + len(stored[-1][1]) == i:
+                stored[-1][1].append(h)
+            else:
+                stored.append((i, [h]))
+            done = i + 1
+        # The prefix's first blocks last in the queue: evicted after its later ones.
+        for h in reversed(hashes[:done]):
+            b = self._hash_to_block[h]
+            if b in self._free:
+                self._free.move_to_end(b)
+        if evicted:
+            self._emit(BlockRemoved(block_hashes=evicted))
+        for start, run in stored:
+            parent = hashes[start - 1] if start > 0 else None
+            tokens = [int(t) for t in token_ids[start * bs : (start + len(run)) * bs]]
+            self._emit(
+                BlockStored(
+                    block_hashes=run, parent_block_hash=parent, token_ids=tokens, block_size=bs
+                )
+            )
+        return done * bs
+
     # ------------------------------------------------------------------ internals
 
     def _emit(self, event: KVEvent) -> None:

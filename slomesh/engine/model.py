@@ -35,6 +35,14 @@ The emulator has no language model: output ids are pseudo-random (seeded per req
 never EOS, so every request generates exactly ``max_tokens`` tokens (``finish_reason ==
 "length"``) unless it reaches ``max_model_len`` first; ``ignore_eos`` is accepted and has no
 further effect.
+
+GPU time per request (our choice of rule, the usual token-proportional attribution; no paper we
+know of defines it for mixed batches): each step's ``duration_s`` -- forward pass plus any
+external KV load/save time -- is split among the requests scheduled in it in proportion to the
+tokens each contributes (its prefill chunk's tokens while prefilling, 1 while decoding), and
+accumulated per request as ``RequestMetrics.gpu_seconds``. It is modelled time on the caller's
+clock, not wall time; over all requests it sums to the duration of every step that had work
+(recomputed prefills after a preemption included).
 """
 
 from __future__ import annotations
@@ -188,6 +196,9 @@ class RequestMetrics:
     num_output_tokens: int
     num_preemptions: int
     finish_reason: str
+    gpu_seconds: float = 0.0
+    """The request's share of the duration of the steps it was scheduled in, seconds (module
+    docstring, GPU time per request)."""
 
     @property
     def queue_time_s(self) -> float | None:
@@ -396,6 +407,7 @@ class _Req:
         "eos_token_id",
         "first_scheduled_s",
         "first_token_s",
+        "gpu_seconds",
         "max_tokens",
         "num_cached_tokens",
         "num_computed",
@@ -422,6 +434,7 @@ class _Req:
         self.num_preemptions = 0
         self.first_scheduled_s: float | None = None
         self.first_token_s: float | None = None
+        self.gpu_seconds = 0.0
         self.eos_token_id = req.eos_token_id
         self.rng = random.Random(xxhash.xxh3_64_intdigest(f"{seed}/{req.request_id}".encode()))
 
@@ -437,6 +450,7 @@ class _Req:
             num_output_tokens=self.num_output,
             num_preemptions=self.num_preemptions,
             finish_reason=reason,
+            gpu_seconds=self.gpu_seconds,
         )
 
 
@@ -612,6 +626,21 @@ class Engine:
         """
         return self.kv.reset()
 
+    def insert_cached_prefix(self, token_ids: Sequence[int]) -> tuple[int, list[KVEvent]]:
+        """Caches the KV of a prompt prefix that arrived from elsewhere (a KV move or
+        prefetch from another engine), between steps
+        (`slomesh.engine.kv_cache.KVCacheManager.insert_cached_prefix`).
+
+        Args:
+            token_ids: The prefix, shape ``(n,)`` (its full blocks count).
+
+        Returns:
+            (leading tokens of the prefix now cached, the KV events it raised -- they are
+            not returned by a later step).
+        """
+        cached = self.kv.insert_cached_prefix(token_ids)
+        return cached, self.drain_kv_events()
+
     def drain_kv_events(self) -> list[KVEvent]:
         """Events raised outside :meth:`step` (e.g. by :meth:`reset_prefix_cache`), then cleared."""
         events, self._pending_events = self._pending_events, []
@@ -782,6 +811,10 @@ class Engine:
         if scheduled:
             self._steps += 1
             self._busy_s += duration
+            # Token-proportional attribution (module docstring); every n here is >= 1.
+            total = prefill_tokens + decode_seqs
+            for r, n in scheduled:
+                r.gpu_seconds += duration * n / total
 
         # 4. Advance requests; sample a token for each that caught up.
         any_finished = False
@@ -956,7 +989,13 @@ class Engine:
         # Advance requests and counters; requests that reach their end finish in the last step.
         end_s = starts[-1] + durations[-1]
         finished: list[RequestMetrics] = []
+        # Each step's share per request, added step by step as :meth:`step` adds it.
+        shares = [d / batch for d in durations]
         for idx, r in enumerate(running):
+            g = r.gpu_seconds
+            for share in shares:
+                g += share
+            r.gpu_seconds = g
             r.num_computed += k
             r.num_output += k
             if r.num_output >= r.max_tokens or len(r.token_ids) >= max_len:

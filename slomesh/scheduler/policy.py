@@ -10,7 +10,9 @@ A policy places one request in five steps:
 3. the survivors get a `Prediction` (`slomesh.scheduler.predictor`: RTT, queue wait,
    uncached prefill, decode, cost) and a feasibility verdict against the request's SLO with
    the profile's margin, and the objective ``E_q = e2e_ms / 1000 + alpha_s_per_usd * cost_usd``
-   (DESIGN.md section 2: seconds of latency plus money converted to seconds);
+   (DESIGN.md section 2: seconds of latency plus money converted to seconds); a prediction
+   that leaves the profile's ``cost_first_slo_usage`` slack on every target is *cost-first*:
+   it ranks ahead, with ``cost_first_alpha_s_per_usd`` (money decides) in its ``E_q``;
 4. **admission** filters (``slo-feasible``; ``protect-inflight``: the requests already running
    there must keep their TPOT) drop candidates that would miss an SLO -- with the margin of
    the request's priority: a less urgent request must leave more of its targets unused
@@ -35,6 +37,9 @@ profiles do. Built-in profiles:
   from completed requests of the same model and SLO class, else the class default, and never
   reads the true length (`slomesh.scheduler.output_length.OutputLengthPredictor.predict`, fed
   through ``ClusterView.output_lengths``).
+- ``slomesh`` also weighs "move the prefix, then run here" (``kv_moves``): a candidate may
+  wait for the longest prefix another region holds to be copied to it, then prefill only
+  the rest (`PolicyProfile.kv_moves`, `slomesh.scheduler.predictor.plan_kv_move`).
 - ``oracle``: ``slomesh`` with each request's true output length (``max_tokens`` of an
   ``ignore_eos`` request, as trace replays and the simulator send them): the same profile but
   ``predictor.use_true_output_length``; it bounds what output-length prediction can gain.
@@ -88,6 +93,7 @@ from pydantic import (
 from slomesh.scheduler import predictor as pred
 from slomesh.scheduler.model_load import ModelLoad, plan_model_switch, remaining_load_ms
 from slomesh.scheduler.predictor import Prediction, PredictorConfig
+from slomesh.scheduler.prefetch import PrefetchConfig
 from slomesh.scheduler.registry import FILTERS, PICKERS, PROFILES, SCORERS, UnknownNameError
 from slomesh.scheduler.validation import ValidatedRequest
 from slomesh.scheduler.view import ClusterView, InstanceView
@@ -127,6 +133,9 @@ class Candidate:
         prediction: Predicted timings and cost; ``None`` if a filter dropped it first.
         feasible: The prediction meets the SLO with the profile's margin.
         objective: ``E_q`` in seconds (lower is better); NaN without a prediction.
+        cost_first: The prediction leaves the profile's cost-first slack on every SLO target
+            (`PolicyProfile.cost_first_slo_usage`): ``objective`` weighs its cost with
+            ``cost_first_alpha_s_per_usd`` and it ranks ahead of every candidate that does not.
         rejected_by: Name of the filter that dropped it; "" while it is in the running.
         score: Weighted score from the scorers (higher is better); NaN if not scored.
         prefix_hit_tokens: Longest prefix of the prompt the instance holds, in tokens, as the
@@ -141,6 +150,7 @@ class Candidate:
     prediction: Prediction | None = None
     feasible: bool = False
     objective: float = math.nan
+    cost_first: bool = False
     rejected_by: str = ""
     score: float = math.nan
     prefix_hit_tokens: int = 0
@@ -178,6 +188,14 @@ class Candidate:
                 cost_usd=p.cost_usd,
                 model_load_ms=round(p.model_load_ms, 3),
             )
+            if p.transfer_source_instance:
+                out.update(
+                    transfer_ms=round(p.transfer_ms, 3),
+                    bytes_moved=p.bytes_moved,
+                    transfer_source_region=p.transfer_source_region,
+                    transfer_source_instance=p.transfer_source_instance,
+                    transfer_prefix_tokens=p.transfer_prefix_tokens,
+                )
         load = self.model_load
         if load is not None:
             out.update(
@@ -251,8 +269,9 @@ class PlacementDecision:
 
     def record_in(self, view: ClusterView) -> None:
         """Adds the chosen placement to `view`'s optimistic load until the serving agent's
-        state reflects it (no-op when nothing was chosen). The live scheduler and the
-        simulator both call this after every decision."""
+        state reflects it, and its KV move (if any) to the link's queue
+        (`ClusterView.record_kv_move`); no-op when nothing was chosen. The live scheduler and
+        the simulator both call this after every decision."""
         chosen = self.chosen
         if chosen is None or chosen.prediction is None:
             return
@@ -264,11 +283,17 @@ class PlacementDecision:
             prefill_tokens=chosen.prediction.uncached_prompt_tokens,
             decode_tokens=chosen.prediction.output_tokens,
             placed_unix_ns=self.decided_unix_ns,
-            one_way_ms=chosen.prediction.rtt_ms / 2.0,
+            # A KV move holds the request at the scheduler until it is done.
+            one_way_ms=chosen.prediction.rtt_ms / 2.0 + chosen.prediction.transfer_ms,
             switch_model=load.model if load is not None else "",
             switch_max_model_len=load.instance.max_model_len if load is not None else 0,
             model_load_ms=load.load_ms if load is not None else 0.0,
         )
+        p = chosen.prediction
+        if p.transfer_source_region and p.bytes_moved:
+            view.record_kv_move(
+                p.transfer_source_region, chosen.region, p.bytes_moved, self.decided_unix_ns
+            )
 
     def to_placement(self, agent_endpoint: str) -> scheduler_pb2.Placement:
         """The `Placement` message for the chosen candidate.
@@ -290,13 +315,17 @@ class PlacementDecision:
             agent_endpoint=agent_endpoint,
             predicted=p.to_pb(),
             cached_prefix_tokens=p.cached_prefix_tokens,
-            predicted_cost_usd=p.cost_usd,
+            predicted_cost_usd=p.gpu_cost_usd,
             objective=chosen.objective,
             policy=self.policy,
             origin_region=self.request.origin_region,
             slo_class=self.request.slo_class,
             slo_feasible=chosen.feasible,
             loads_model=chosen.model_load is not None,
+            kv_transfer_source_region=p.transfer_source_region,
+            kv_transfer_source_instance=p.transfer_source_instance,
+            kv_transfer_prefix_tokens=p.transfer_prefix_tokens,
+            kv_transfer_bytes=p.bytes_moved,
         )
 
 
@@ -551,13 +580,24 @@ class NearestRegionFilter(Filter):
 
 
 class ObjectiveScorer(Scorer):
-    """Lowest objective ``E_q`` (predicted E2E plus alpha-weighted cost) scores highest."""
+    """Lowest objective ``E_q`` (predicted E2E plus alpha-weighted cost) scores highest.
+
+    Cost-first candidates (`Candidate.cost_first`) rank ahead of the others: they score in
+    [0.5, 1] by their ``E_q``, the others in [0, 0.5] by theirs.
+    """
 
     name = "objective"
     category = "objective"
 
     def score(self, ctx: PlacementContext, candidates: Sequence[Candidate]) -> list[float]:
-        return lower_is_better([c.objective for c in candidates])
+        if not any(c.cost_first for c in candidates):
+            return lower_is_better([c.objective for c in candidates])
+        first = lower_is_better([c.objective if c.cost_first else math.inf for c in candidates])
+        rest = lower_is_better([math.inf if c.cost_first else c.objective for c in candidates])
+        return [
+            0.5 + 0.5 * f if c.cost_first else 0.5 * r
+            for c, f, r in zip(candidates, first, rest, strict=True)
+        ]
 
 
 class LowestTtftScorer(Scorer):
@@ -892,6 +932,36 @@ class PolicyProfile(BaseModel):
             the next state update, and what sheds (or queues) the less urgent first under
             overload. Empty = `slo_margin` for every priority.
         alpha_s_per_usd: Seconds of latency one USD of cost is worth in ``E_q``.
+        cost_first_slo_usage: Fraction of every SLO target (in [0, 1]; 0 = off) under which a
+            prediction counts as *cost-first*: it leaves so much slack that money, not
+            latency, should decide. Cost-first candidates rank ahead of the others, and among
+            them ``E_q`` weighs cost with `cost_first_alpha_s_per_usd`; the others keep
+            `alpha_s_per_usd`, so a request only tight placements can serve still gets the
+            fastest. (A fast GPU wins E2E on nearly every request, which alone would fill the
+            most expensive GPUs first even where a cheaper one meets the SLO comfortably.)
+        cost_first_alpha_s_per_usd: Seconds of latency one USD is worth in ``E_q`` among
+            cost-first candidates (>= 0).
+        kv_moves: Also consider "move the prefix, then run here" for each candidate: when
+            an instance of another region serving the same model (same block size) holds a
+            longer cached prefix of the prompt, the candidate's *move* variant waits for
+            those blocks to be copied over the WAN (`slomesh.scheduler.predictor.plan_kv_move`:
+            control RTT + bytes / the link's spare bandwidth, egress priced in the cost) and
+            prefills only the rest. A candidate takes its move variant only when that meets
+            the SLO and recompute does not, or both do and the move ranks ahead (cost-first
+            band, then the lower objective); a move never serves a request that misses its
+            SLO anyway (`Policy._predict`).
+        kv_move_min_blocks: Fewest KV blocks a move must carry to be considered, >= 1 (a
+            shorter gain is not worth a WAN round trip and a decision-path prediction).
+        kv_move_scope: Which cached prefixes a move may carry. ``whole-prompt`` (default):
+            only one covering the whole prompt but its last token's block -- what an engine
+            with vLLM's file-based ``ExampleConnector`` (and the emulator's KV store, which
+            mirrors it) can load: it looks up the one object of exactly the request's
+            ``align(len(prompt) - 1)`` tokens, so a moved shorter prefix of a longer prompt
+            (the previous turn of a conversation) would never be read. ``prefix``: any
+            prefix, for engines whose connector loads the longest stored prefix of a prompt
+            (chunked stores such as LMCache); the simulator's engines can do either.
+        kv_prefetch: `slomesh.scheduler.prefetch.PrefetchConfig` fields of the hot-prefix
+            prefetch run beside the policy; empty (the default) = no prefetch.
         min_retry_after_ms: Floor of the retry hint of a refusal, ms.
         max_retry_after_ms: Cap of the retry hint of a refusal, ms.
         predictor: `PredictorConfig` fields.
@@ -916,6 +986,12 @@ class PolicyProfile(BaseModel):
     slo_margin: float = Field(default=0.9, gt=0, le=1)
     priority_slo_margins: dict[int, float] = Field(default_factory=dict)
     alpha_s_per_usd: float = Field(default=1000.0, ge=0, allow_inf_nan=False)
+    cost_first_slo_usage: float = Field(default=0.0, ge=0, le=1)
+    cost_first_alpha_s_per_usd: float = Field(default=100_000.0, ge=0, allow_inf_nan=False)
+    kv_moves: bool = False
+    kv_move_min_blocks: int = Field(default=16, ge=1)
+    kv_move_scope: Literal["whole-prompt", "prefix"] = "whole-prompt"
+    kv_prefetch: dict[str, Any] = Field(default_factory=dict)
     min_retry_after_ms: float = Field(default=100.0, ge=0)
     max_retry_after_ms: float = Field(default=30_000.0, gt=0)
     predictor: dict[str, Any] = Field(default_factory=dict)
@@ -1043,6 +1119,9 @@ class Policy:
             ]
             self.picker: Picker = PICKERS.make(profile.picker.name, **profile.picker.params)
             self.predictor_config = PredictorConfig(**profile.predictor)
+            self.prefetch_config = (
+                PrefetchConfig(**profile.kv_prefetch) if profile.kv_prefetch else None
+            )
         except UnknownNameError as err:
             raise PolicyConfigError(f"policy {profile.name!r}: {err}") from None
         except (TypeError, ValueError) as err:
@@ -1120,7 +1199,7 @@ class Policy:
                     reason += f" in tenant {request.tenant!r}'s regions {sorted(allowed)}"
             return self._decision(ctx, "unavailable", None, candidates, t0, reason=reason)
 
-        self._predict(ctx, alive)
+        self._predict(ctx, alive, candidates)
 
         admitted = self._apply_filters(ctx, alive, self.admission)
         if not admitted:
@@ -1190,18 +1269,43 @@ class Policy:
             alive = kept
         return alive
 
-    def _predict(self, ctx: PlacementContext, candidates: list[Candidate]) -> None:
+    def _objective(self, ctx: PlacementContext, p: pred.Prediction) -> tuple[bool, float]:
+        """(cost-first, ``E_q`` in seconds) of a prediction: ``e2e_ms / 1000 + alpha * cost_usd``
+        with alpha = ``cost_first_alpha_s_per_usd`` where the prediction uses at most
+        ``cost_first_slo_usage`` of every SLO target, else ``alpha_s_per_usd``."""
+        profile = self.profile
+        req = ctx.request
+        cost_first = (
+            profile.cost_first_slo_usage > 0
+            and p.slo_usage(req.slo, req.prompt_tokens) <= profile.cost_first_slo_usage
+        )
+        alpha = profile.cost_first_alpha_s_per_usd if cost_first else profile.alpha_s_per_usd
+        return cost_first, p.e2e_ms / 1000.0 + alpha * p.cost_usd
+
+    def _predict(
+        self,
+        ctx: PlacementContext,
+        candidates: list[Candidate],
+        sources: Sequence[Candidate] = (),
+    ) -> None:
+        """Predicts every candidate (and, with ``kv_moves``, its move variant: the class
+        docstring of `PolicyProfile.kv_moves`); ``sources`` are the instances a prefix may be
+        moved from (every instance of the view, filtered or not)."""
         req = ctx.request
         view = ctx.view
+        tokens = req.prompt_token_ids
+        moves = self.profile.kv_moves and len(tokens) > 0
         cached: dict[str, int] = {}
-        if len(req.prompt_token_ids):
-            cached = view.cached_prefix_tokens(
-                [c.instance_id for c in candidates], req.prompt_token_ids
-            )
+        if len(tokens):
+            ids = [c.instance_id for c in candidates]
+            if moves:
+                ids.extend(c.instance_id for c in sources)
+            cached = view.cached_prefix_tokens(ids, tokens)
+        remote = self._move_sources(ctx, sources, cached) if moves else {}
+        best_source: dict[tuple[str, int], tuple[int, InstanceView] | None] = {}
         config = self.predictor_config
         n_out = view.output_lengths.predict(req, config)
         ctx.output_tokens = n_out
-        alpha = self.profile.alpha_s_per_usd
         margin = ctx.slo_margin
         rtts: dict[str, float] = {}
         for cand in candidates:
@@ -1228,10 +1332,144 @@ class Policy:
                 model_load_ms=load_ms,
                 charge_model_load=charge_load,
             )
+            feasible = p.meets(req.slo, req.prompt_tokens, margin)
+            cost_first, objective = self._objective(ctx, p)
+            if remote and cand.model_load is None and load_ms == 0.0:
+                move = self._kv_move(ctx, inst, hit, remote, best_source)
+                if move is not None and self._move_may_win(
+                    ctx, move, rtt, feasible, cost_first, objective
+                ):
+                    pm = pred.predict(
+                        inst,
+                        rtt_ms=rtt,
+                        prompt_tokens=req.prompt_tokens,
+                        cached_prefix_tokens=hit,
+                        output_tokens=n_out,
+                        config=config,
+                        kv_move=move,
+                    )
+                    feasible_m = pm.meets(req.slo, req.prompt_tokens, margin)
+                    cost_first_m, objective_m = self._objective(ctx, pm)
+                    if feasible_m and (
+                        not feasible
+                        or (not cost_first_m, objective_m) < (not cost_first, objective)
+                    ):
+                        p, feasible, objective = pm, feasible_m, objective_m
+                        cost_first = cost_first_m
             cand.prediction = p
             cand.prefix_hit_tokens = hit
-            cand.feasible = p.meets(req.slo, req.prompt_tokens, margin)
-            cand.objective = p.e2e_ms / 1000.0 + alpha * p.cost_usd
+            cand.feasible = feasible
+            cand.objective = objective
+            cand.cost_first = cost_first
+
+    def _move_may_win(
+        self,
+        ctx: PlacementContext,
+        move: pred.KvMove,
+        rtt_ms: float,
+        feasible: bool,
+        cost_first: bool,
+        objective: float,
+    ) -> bool:
+        """Whether a candidate's move variant is worth predicting: a move is kept only when
+        it meets the SLO and ranks ahead of the recompute variant (`_predict`). Its TTFT is
+        at least its RTT and transfer, so one whose TTFT target cannot hold them never
+        meets the SLO; and against a feasible cost-first recompute (or any feasible one
+        when the profile has no cost-first band) its objective is at least its egress at
+        that band's alpha plus the same RTT and transfer."""
+        req = ctx.request
+        floor_ms = rtt_ms + move.transfer_ms
+        if floor_ms > ctx.slo_margin * req.slo.ttft_target_ms(req.prompt_tokens):
+            return False
+        profile = self.profile
+        if feasible and (cost_first or profile.cost_first_slo_usage <= 0):
+            alpha = profile.cost_first_alpha_s_per_usd if cost_first else profile.alpha_s_per_usd
+            return alpha * move.egress_cost_usd + floor_ms / 1000.0 < objective
+        return True
+
+    def _move_sources(
+        self, ctx: PlacementContext, sources: Sequence[Candidate], cached: Mapping[str, int]
+    ) -> dict[tuple[str, int], tuple[int, InstanceView]]:
+        """(region, block size) -> (longest movable prefix in tokens, the instance holding
+        it) among the healthy instances of fresh regions serving the request's model, for
+        prefixes of at least ``kv_move_min_blocks`` blocks. A prefix is movable up to the
+        last whole block before the prompt's last token (the engine recomputes that one); with
+        ``kv_move_scope`` ``whole-prompt`` only a prefix that long is."""
+        req = ctx.request
+        default_bs = self.predictor_config.default_block_size
+        min_blocks = self.profile.kv_move_min_blocks
+        whole_prompt = self.profile.kv_move_scope == "whole-prompt"
+        staleness_ms = ctx.view.staleness_ms
+        out: dict[tuple[str, int], tuple[int, InstanceView]] = {}
+        for src in sources:
+            inst = src.instance
+            hit = cached.get(inst.instance_id, 0)
+            if (
+                not hit
+                or src.rejected_by == "excluded"
+                or inst.model != req.model
+                or not inst.healthy
+                or inst.state_age_ms > staleness_ms
+                or inst.model_load_remaining_s > 0
+            ):
+                continue
+            block_size = inst.block_size or default_bs
+            movable = (req.prompt_tokens - 1) // block_size * block_size
+            hit = min(hit, movable)
+            if hit < min_blocks * block_size or (whole_prompt and hit < movable):
+                continue
+            key = (inst.region, block_size)
+            best = out.get(key)
+            if best is None or hit > best[0]:
+                out[key] = (hit, inst)
+        return out
+
+    def _kv_move(
+        self,
+        ctx: PlacementContext,
+        inst: InstanceView,
+        hit: int,
+        remote: Mapping[tuple[str, int], tuple[int, InstanceView]],
+        best_source: dict[tuple[str, int], tuple[int, InstanceView] | None],
+    ) -> pred.KvMove | None:
+        """The move to ``inst`` (holding ``hit`` prompt tokens) from the best source of
+        another region: the longest prefix, then the shortest transfer (looked up once per
+        destination region and block size, in ``best_source``); None when no source gains
+        ``kv_move_min_blocks`` blocks or its link has no spare bandwidth."""
+        view = ctx.view
+        now = ctx.now_unix_ns
+        block_size = inst.block_size or self.predictor_config.default_block_size
+        key = (inst.region, block_size)
+        if key not in best_source:
+            kv_bytes = pred.kv_bytes_per_token(inst)
+            best, best_rank = None, None
+            for (region, bs), (h, src) in remote.items():
+                if bs != block_size or region == inst.region:
+                    continue
+                spare = view.link_spare_bytes_per_s(region, inst.region, now)
+                if not spare or not math.isfinite(spare):
+                    continue
+                ms = view.rtt_ms(region, inst.region) + view.link_queue_ms(region, inst.region, now)
+                rank = (-h, ms + h * kv_bytes / spare * 1000.0)
+                if best_rank is None or rank < best_rank:
+                    best, best_rank = (h, src), rank
+            best_source[key] = best
+        best = best_source[key]
+        if best is None or best[0] - hit < self.profile.kv_move_min_blocks * block_size:
+            return None
+        h, src = best
+        return pred.plan_kv_move(
+            source_region=src.region,
+            source_instance=src.instance_id,
+            source_prefix_tokens=h,
+            cached_prefix_tokens=hit,
+            block_size=block_size,
+            kv_bytes_per_token=pred.kv_bytes_per_token(inst),
+            control_rtt_ms=view.rtt_ms(src.region, inst.region),
+            spare_bytes_per_s=view.link_spare_bytes_per_s(src.region, inst.region, now),
+            egress_usd_per_gb=src.egress_usd_per_gb,
+            link_queue_ms=view.link_queue_ms(src.region, inst.region, now),
+        )
 
     @staticmethod
     def _best_effort_pick(
@@ -1396,6 +1634,12 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
         "slo_margin": 0.9,
         "priority_slo_margins": {1: 0.8, 2: 0.7},
         "alpha_s_per_usd": 1000.0,
+        # Placements leaving 40 % of every SLO target unused go by cost (configs/policies/
+        # slomesh.yaml gives the reasons and the measurements).
+        "cost_first_slo_usage": 0.6,
+        "cost_first_alpha_s_per_usd": 100_000.0,
+        "kv_moves": True,
+        "kv_move_min_blocks": 16,
     },
     "round-robin": {
         "name": "round-robin",

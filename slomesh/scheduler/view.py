@@ -12,7 +12,9 @@
   overwritten by the agents' `RttReport`s;
 - optimistic load accounting: a request the scheduler has just placed on an instance is added
   to that instance's queued tokens until a `RegionState` that reflects it arrives, so that a
-  burst of placements does not all land on one instance;
+  burst of placements does not all land on one instance; and the arrival time at the instance
+  and prompt tokens of each recent placement (`InstanceView.prefill_arrivals_ms`), from which
+  the predictor times the instance's prefill steps (the queue-wait timeline);
 - the TPOT targets of the requests this scheduler has running on each instance
   (`track_inflight`), so that a policy can refuse to slow their shared decode step past them;
 - the output lengths of completed requests per (model, SLO class) (`output_lengths`, an
@@ -26,6 +28,7 @@ virtual clock. It is not thread-safe; the scheduler uses it from one asyncio loo
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import time
@@ -52,6 +55,15 @@ DEFAULT_UNKNOWN_RTT_MS = 300.0
 #: lifetime (an Azure conversation request decodes for ~5-10 s); on the Azure trace at 7x load
 #: 3 s and 30 s both placed worse (lower SLO attainment) than 10 s.
 DEFAULT_PREFILL_RATE_WINDOW_S = 10.0
+
+#: How far back the scheduler keeps the arrivals of its placements on an instance for the
+#: queue-wait timeline (`InstanceView.prefill_arrivals_ms`), seconds: longer than the chains of
+#: back-to-back prefill steps that placements arriving 0-0.2 s apart build (a step of up to
+#: 8192 prompt tokens takes 0.05-0.5 s on the GPUs we model).
+PREFILL_TIMELINE_HORIZON_S = 1.0
+
+#: Most arrivals kept per instance for that timeline (the oldest are dropped first).
+PREFILL_TIMELINE_MAX_ARRIVALS = 64
 
 #: Age after which a link's published spare bandwidth is no longer used, ms (five periods of
 #: `slomesh.transfer.link_stats.DEFAULT_PERIOD_S`); the topology's capacity stands in then.
@@ -129,6 +141,15 @@ class InstanceView:
             ``decode_fit``/``prefill_fit``), ``None`` when the state carries none; the
             predictor uses it once it rests on enough observations
             (`PredictorConfig.online_fit_min_observations`).
+        prefill_arrivals_ms: This scheduler's placements that reach the instance within
+            `PREFILL_TIMELINE_HORIZON_S` before the query or later, as (arrival at the
+            instance in ms relative to the query time -- negative: already there --, uncached
+            prompt tokens), in arrival order; the predictor times them step by step
+            (`slomesh.scheduler.predictor.queue_wait_ms`).
+        state_prefill_tokens: Prompt tokens waiting for prefill as the state reports them
+            (``queued_prefill_tokens`` without the pending placements).
+        state_stamp_age_ms: Time since the agent took the state (its timestamp) at the
+            query, ms.
     """
 
     region: str
@@ -161,6 +182,9 @@ class InstanceView:
     remote_weights_gb_per_s: float = 0.0
     prefill_arrival_tokens_per_s: float = 0.0
     online_fit: PublishedStepTimeFit | None = None
+    prefill_arrivals_ms: tuple[tuple[float, int], ...] = ()
+    state_prefill_tokens: int = 0
+    state_stamp_age_ms: float = 0.0
 
 
 @dataclass(slots=True)
@@ -225,6 +249,8 @@ class ClusterView:
         self.prefill_rate_window_s = prefill_rate_window_s
         # instance id -> (time of the last update in unix ns, rate in tokens/s at that time).
         self._prefill_rate: dict[str, tuple[int, float]] = {}
+        # instance id -> (arrival unix ns, uncached prompt tokens) of recent placements, sorted.
+        self._prefill_arrivals: dict[str, list[tuple[int, int]]] = {}
         self.topology = topology
         self.staleness_ms = staleness_ms
         self.request_snapshot = request_snapshot
@@ -244,6 +270,8 @@ class ClusterView:
         self._topology_prices: dict[str, float] = {}
         # (src, dst) -> (received unix ns, spare bytes/s) from `apply_link_stats`.
         self._link_spare: dict[tuple[str, str], tuple[int, float]] = {}
+        # (src, dst) -> unix ns when the foreground KV moves this scheduler ordered are done.
+        self._link_busy_until: dict[tuple[str, str], int] = {}
         self.link_stats_staleness_ms = DEFAULT_LINK_STATS_STALENESS_MS
         # (region, instance) -> request id -> (TPOT target ms, expiry unix ns or None).
         self._inflight: dict[tuple[str, str], dict[str, tuple[float, int | None]]] = {}
@@ -393,6 +421,7 @@ class ClusterView:
         """
         now = self.clock_ns() if now_unix_ns is None else now_unix_ns
         names = list(self._regions) if regions is None else list(regions)
+        since = now - int(PREFILL_TIMELINE_HORIZON_S * 1e9)
         out: list[InstanceView] = []
         for name in names:
             entry = self._regions.get(name)
@@ -424,6 +453,12 @@ class ClusterView:
                                 0.0, (p.loaded_unix_ns - entry.received_unix_ns) / 1e9
                             )
                 price = inst.price_usd_per_hour or self._topology_prices.get(inst.instance_id, 0.0)
+                arrivals = self._prefill_arrivals.get(inst.instance_id)
+                timeline = (
+                    tuple(((t - now) / 1e6, n) for t, n in arrivals if t >= since)
+                    if arrivals
+                    else ()
+                )
                 out.append(
                     InstanceView(
                         region=name,
@@ -460,6 +495,9 @@ class ClusterView:
                             inst.instance_id, now
                         ),
                         online_fit=fit,
+                        prefill_arrivals_ms=timeline,
+                        state_prefill_tokens=inst.queued_prefill_tokens,
+                        state_stamp_age_ms=(now - state.timestamp_unix_ns) / 1e6,
                     )
                 )
         return out
@@ -507,6 +545,12 @@ class ClusterView:
         if last is not None:
             rate += last[1] * math.exp(-max(0, placed - last[0]) / 1e9 / tau_s)
         self._prefill_rate[instance_id] = (placed, rate)
+        arrivals = self._prefill_arrivals.setdefault(instance_id, [])
+        bisect.insort(arrivals, (arrives, prefill_tokens))
+        old = bisect.bisect_left(arrivals, (placed - int(PREFILL_TIMELINE_HORIZON_S * 1e9),))
+        old = max(old, len(arrivals) - PREFILL_TIMELINE_MAX_ARRIVALS)
+        if old > 0:
+            del arrivals[:old]
         queue = entry.pending.setdefault(instance_id, deque())
         queue.append(
             PendingPlacement(
@@ -680,6 +724,36 @@ class ClusterView:
             except KeyError:
                 return None
         return None
+
+    def record_kv_move(
+        self, src: str, dst: str, nbytes: int, placed_unix_ns: int | None = None
+    ) -> None:
+        """Records a foreground KV move this scheduler ordered on the link ``src -> dst``:
+        moves there are served first in, first out at the link's spare bandwidth, so the
+        next one waits for it (`link_queue_ms`). A link of unknown or no spare bandwidth is
+        not tracked.
+
+        Args:
+            src: Source region.
+            dst: Destination region.
+            nbytes: Bytes of the move (>= 0).
+            placed_unix_ns: When it was ordered; default now.
+        """
+        now = self.clock_ns() if placed_unix_ns is None else placed_unix_ns
+        spare = self.link_spare_bytes_per_s(src, dst, now)
+        if src == dst or not spare or not math.isfinite(spare) or nbytes <= 0:
+            return
+        start = max(now, self._link_busy_until.get((src, dst), now))
+        self._link_busy_until[(src, dst)] = start + int(nbytes / spare * 1e9)
+
+    def link_queue_ms(self, src: str, dst: str, now_unix_ns: int | None = None) -> float:
+        """Time until the foreground KV moves this scheduler ordered on ``src -> dst`` are
+        done (`record_kv_move`), ms; 0 when the link is free of them."""
+        busy = self._link_busy_until.get((src, dst))
+        if busy is None:
+            return 0.0
+        now = self.clock_ns() if now_unix_ns is None else now_unix_ns
+        return max(0.0, (busy - now) / 1e6)
 
     # -- KV index ------------------------------------------------------------------------
 

@@ -32,6 +32,19 @@ clock instead of the wall clock:
   and the region's weight cache holds the model afterwards. A request for a model its
   instance does not serve and cannot switch to fails with FAILED_PRECONDITION (the agent's
   "model not loaded").
+- **KV moves and prefetches** (`slomesh.sim.wan`): one link per ordered region pair at the
+  topology's capacity (`Topology.link_capacity_bytes_per_s`). A placement that moves prefix
+  KV (`Prediction.transfer_source_instance`, the ``kv_moves`` profiles) puts the bytes on
+  the link as foreground traffic -- first in, first out at full capacity, preempting
+  prefetches -- plus the control round trip ``RTT(source, dest)``; the request is held at
+  the scheduler meanwhile, then the destination engine caches the prefix
+  (`Engine.insert_cached_prefix`: its KV events reach the agent's index like any others)
+  and the request is forwarded. The hot-prefix prefetch of a profile's ``kv_prefetch``
+  (`slomesh.scheduler.prefetch`) plans every ``period_s`` from the placements and sends its
+  copies as background traffic on what the foreground leaves; a copy lands the same way.
+  The moved and prefetched bytes, the moves' transfer times and the prompt tokens served
+  from prefetched blocks are in the records and the stats. The source's blocks are read
+  as they were at the decision (their eviction during a move is not modelled).
 - **WAN**: a request placed in region ``j`` from origin ``o`` reaches the agent
   ``rtt_ms(o, j) / 2`` after the decision, and every token reaches the client ``rtt/2`` after
   the step that produced it (`Topology.rtt_ms`, 0 within a region). As in the local mesh, the
@@ -76,6 +89,7 @@ from typing import Any
 
 import numpy as np
 
+from slomesh.engine import kv_cache as engine_kv
 from slomesh.engine.model import DecodeRun, Engine, EngineConfig, EngineRequest, StepResult
 from slomesh.engine.profiles import (
     get_model_spec,
@@ -86,10 +100,12 @@ from slomesh.engine.profiles import (
 from slomesh.report import RequestResult
 from slomesh.scheduler.admission import BestEffortQueueFull
 from slomesh.scheduler.policy import PlacementDecision, Policy, make_policy
+from slomesh.scheduler.prefetch import HotPrefixTracker, PrefetchOrder
 from slomesh.scheduler.validation import RequestValidationError, ValidatedRequest
 from slomesh.scheduler.view import ClusterView
 from slomesh.sim.agent import SimInstance, SimRegion
 from slomesh.sim.scheduler import SimScheduler
+from slomesh.sim.wan import WanLink
 from slomesh.slo import SloConfig, load_slo_config
 from slomesh.topology import Topology
 from slomesh.traces import Trace, TraceRequest
@@ -119,6 +135,9 @@ _DELIVER_KV = 5
 _STREAM_END = 6
 _MODEL_LOADED = 7
 _BEST_EFFORT_DEADLINE = 8
+_MOVE_DONE = 9
+_LINK_CHECK = 10
+_PREFETCH_TICK = 11
 
 #: A best-effort wait's expiry event fires this long after the deadline, seconds, so that the
 #: virtual clock's rounding to whole nanoseconds cannot leave the entry a hair short of it.
@@ -219,6 +238,11 @@ class SimRecord:
             or shed it) or "" when validation failed.
         best_effort_wait_ms: Time it spent in the scheduler's best-effort queue, ms.
         predicted_cost_usd: The placement's predicted GPU cost, USD.
+        gpu_seconds: The engine's modelled GPU seconds of the request, its token-proportional
+            share of its steps (`slomesh.engine.model`, ``RequestMetrics.gpu_seconds``); None
+            until it finished.
+        price_usd_per_hour: The price its instance is billed at (spot or on-demand,
+            `Topology.instance_price_usd_per_hour`), USD/hour; None until it finished.
         predicted_ttft_ms: The placement's predicted TTFT, ms.
         predicted_queue_wait_ms: The placement's predicted queue wait (RWT) on the chosen
             instance, ms.
@@ -230,6 +254,14 @@ class SimRecord:
             end, seconds (0 when none).
         queue_wait_ms: Observed queue wait: from reaching the engine to its first scheduled
             step (vLLM's ``request_queue_time_seconds``), ms; None until scheduled.
+        kv_move_bytes: KV bytes moved across the WAN for it before it ran (0: no move).
+        kv_move_source_region: Region the prefix KV came from ("" when none moved).
+        kv_move_prefix_tokens: The prefix the serving instance held once the move was done.
+        predicted_transfer_ms: The placement's predicted ``transfer_ms``.
+        kv_transfer_ms: Time from the decision until the move was done (the request then
+            left the scheduler), ms.
+        prefetched_prompt_tokens: Prompt tokens the engine served from blocks a hot-prefix
+            prefetch had brought (`slomesh.scheduler.prefetch`).
         slo_feasible: The policy's verdict that the placement meets the SLO.
         policy: The policy that placed it.
         error_code: gRPC status code name of a failure ("" when it completed).
@@ -254,6 +286,8 @@ class SimRecord:
     outcome: str = ""
     best_effort_wait_ms: float = 0.0
     predicted_cost_usd: float | None = None
+    gpu_seconds: float | None = None
+    price_usd_per_hour: float | None = None
     predicted_ttft_ms: float = 0.0
     predicted_queue_wait_ms: float = 0.0
     model: str = ""
@@ -265,7 +299,14 @@ class SimRecord:
     policy: str = ""
     error_code: str = ""
     error: str = ""
+    kv_move_bytes: int = 0
+    kv_move_source_region: str = ""
+    kv_move_prefix_tokens: int = 0
+    predicted_transfer_ms: float = 0.0
+    kv_transfer_ms: float = 0.0
+    prefetched_prompt_tokens: int = 0
     _tokens: list[int] | None = None
+    _block_hashes: list[int] | None = None
     _request: ValidatedRequest | None = None
 
     @property
@@ -291,11 +332,15 @@ class SimRecord:
             region=self.region,
             instance_id=self.instance_id,
             predicted_cost_usd=self.predicted_cost_usd,
+            gpu_seconds=self.gpu_seconds,
+            price_usd_per_hour=self.price_usd_per_hour,
             predicted_ttft_ms=self.predicted_ttft_ms,
             slo_feasible=self.slo_feasible,
             policy=self.policy,
             error_code=self.error_code,
             error=self.error,
+            kv_transfer_bytes=self.kv_move_bytes,
+            kv_transfer_source_region=self.kv_move_source_region,
         )
         if self.ok:
             assert self.first_token_s is not None and self.finish_s is not None
@@ -554,7 +599,33 @@ class _Run:
             "decode_run_steps": 0,
             "decisions": 0,
             "model_switches": 0,
+            "kv_moves": 0,
+            "kv_move_bytes": 0,
+            "prefetches": 0,
+            "prefetch_bytes": 0,
+            "prefetch_egress_usd": 0.0,
+            "prefetched_prompt_tokens": 0,
         }
+        # WAN links by (src, dst), made on first use (`slomesh.sim.wan`).
+        self.links: dict[tuple[str, str], WanLink] = {}
+        self.link_checks: dict[tuple[str, str], int] = {}  # link -> version checked for
+        # Earliest a KV move decided now can reach a region: the least RTT into it (the
+        # move's control round trip), when the policy moves KV.
+        names = [r.name for r in self.regions]
+        self.move_lead_s: dict[str, float] = {
+            dst: (
+                min((self._rtt_ms(src, dst) for src in names if src != dst), default=math.inf)
+                / 1000.0
+                if self.policy.profile.kv_moves
+                else math.inf
+            )
+            for dst in names
+        }
+        prefetch = self.policy.prefetch_config
+        self.prefetch = HotPrefixTracker(prefetch) if prefetch is not None else None
+        self.next_prefetch_s = math.inf
+        # Engine block hashes each instance holds because a prefetch brought them.
+        self.prefetched: dict[str, set[int]] = {i.instance_id: set() for i in self.instances}
 
     # -- clock and heap ------------------------------------------------------------------------
 
@@ -588,6 +659,9 @@ class _Run:
             self._push(requests[0].arrival_s, _ARRIVAL, 0)
         else:
             self.arrivals_done = True
+        if self.prefetch is not None and requests:
+            self.next_prefetch_s = requests[0].arrival_s + self.prefetch.config.period_s
+            self._push(self.next_prefetch_s, _PREFETCH_TICK, None)
         heap = self.heap
         pop = heapq.heappop
         events = 0
@@ -619,6 +693,12 @@ class _Run:
                 self._on_model_loaded(payload)
             elif kind == _BEST_EFFORT_DEADLINE:
                 self._dispatch_queued()
+            elif kind == _MOVE_DONE:
+                self._on_move_done(payload)
+            elif kind == _LINK_CHECK:
+                self._drain_link(self.links[payload])
+            elif kind == _PREFETCH_TICK:
+                self._on_prefetch_tick()
         if self.in_flight:
             raise RuntimeError(f"simulation ended with {self.in_flight} requests in flight")
         if len(self.scheduler.best_effort):
@@ -654,15 +734,25 @@ class _Run:
         the next arrival of each origin region plus half its RTT to the instance's region."""
         incoming = self.incoming[inst.instance_id]
         bound = incoming[0] if incoming else math.inf
+        # A KV move decided at an arrival reaches the region its control RTT later at best.
+        lead_s = self.move_lead_s[inst.region]
         for origin, times in self.origin_arrivals.items():
             i = self.origin_cursor[origin]
             if i < len(times):
-                t = times[i] + self._rtt_ms(origin, inst.region) / 2000.0
+                t = times[i] + min(self._rtt_ms(origin, inst.region) / 2000.0, lead_s)
                 bound = min(bound, t)
         # A queued best-effort request may be sent at any event from now on.
         queued_origins = {e.request.origin_region for e in self.scheduler.best_effort}
         for origin in queued_origins:
-            bound = min(bound, self.now + self._rtt_ms(origin, inst.region) / 2000.0)
+            bound = min(bound, self.now + min(self._rtt_ms(origin, inst.region) / 2000.0, lead_s))
+        if self.prefetch is not None:
+            # A prefetch ends no earlier than its link's lower bound, or after the next plan.
+            bound = min(bound, self.next_prefetch_s)
+            for (_, dst), link in self.links.items():
+                if dst == inst.region:
+                    end = link.next_background_end_s()
+                    if end is not None:
+                        bound = min(bound, end)
         return bound
 
     def _on_arrival(self, index: int) -> None:
@@ -732,7 +822,7 @@ class _Run:
         p = chosen.prediction
         rec.region = chosen.region
         rec.instance_id = chosen.instance_id
-        rec.predicted_cost_usd = p.cost_usd
+        rec.predicted_cost_usd = p.gpu_cost_usd
         rec.predicted_ttft_ms = p.ttft_ms
         rec.predicted_queue_wait_ms = p.queue_wait_ms
         rec.predicted_model_load_ms = p.model_load_ms
@@ -744,9 +834,121 @@ class _Run:
         scheduler.forwarded(vreq, chosen.region, chosen.instance_id)
         self.in_flight += 1
         rec.return_delay_s = (rec.wan_rtt_ms / 2 + self.cfg.token_path_ms) / 1000.0
+        if self.prefetch is not None:
+            self.prefetch.observe(rec.model, rec.origin_region, rec._tokens, now)
+        if p.transfer_source_instance and p.bytes_moved:
+            self._start_move(rec, p.transfer_source_region, p.bytes_moved, p.transfer_prefix_tokens)
+            rec.predicted_transfer_ms = p.transfer_ms
+            return
+        self._forward(rec, now)
+
+    def _forward(self, rec: SimRecord, now: float) -> None:
+        """The request leaves the scheduler for its instance's agent at ``now``."""
         at_agent_s = now + (rec.wan_rtt_ms / 2 + self.cfg.request_path_ms) / 1000.0
-        heapq.heappush(self.incoming[chosen.instance_id], at_agent_s)
+        heapq.heappush(self.incoming[rec.instance_id], at_agent_s)
         self._push(at_agent_s, _AT_AGENT, rec)
+
+    # -- KV moves and prefetches ---------------------------------------------------------------
+
+    def _link(self, src: str, dst: str) -> WanLink:
+        link = self.links.get((src, dst))
+        if link is None:
+            capacity = self.topology.link_capacity_bytes_per_s(src, dst)
+            link = self.links[(src, dst)] = WanLink(src, dst, capacity)
+        return link
+
+    def _start_move(self, rec: SimRecord, src: str, nbytes: int, prefix_tokens: int) -> None:
+        """A placement that moves prefix KV first (`Prediction.transfer_source_instance`):
+        the move goes on the link ``src -> serving region`` as foreground traffic
+        (`slomesh.sim.wan`: first in, first out, preempting prefetches), its control round
+        trip ``RTT(src, dst)`` is added at its end, and the request is held at the scheduler
+        until then (`_on_move_done`)."""
+        now = self.now
+        link = self._link(src, rec.region)
+        done_s = link.foreground(nbytes, now) + self._rtt_ms(src, rec.region) / 1000.0
+        self._drain_link(link)
+        rec.kv_move_bytes = nbytes
+        rec.kv_move_source_region = src
+        rec.kv_move_prefix_tokens = prefix_tokens
+        rec.kv_transfer_ms = (done_s - now) * 1000.0
+        self.stats["kv_moves"] += 1
+        self.stats["kv_move_bytes"] += nbytes
+        # The blocks reach the instance then: nothing computed ahead may pass it.
+        heapq.heappush(self.incoming[rec.instance_id], done_s)
+        self._push(done_s, _MOVE_DONE, rec)
+
+    def _on_move_done(self, rec: SimRecord) -> None:
+        """A foreground move ended: the serving instance caches the prefix (its KV events go
+        to its agent's index like any others), and the request leaves the scheduler."""
+        now = self.now
+        inst = self.instance_by_id[rec.instance_id]
+        self._advance(inst, now)
+        heapq.heappop(self.incoming[inst.instance_id])  # after advancing: it bounds the run
+        tokens = rec._tokens or []
+        self._insert_prefix(inst, tokens[: rec.kv_move_prefix_tokens])
+        self._forward(rec, now)
+
+    def _insert_prefix(self, inst: SimInstance, token_ids: Sequence[int]) -> list[int]:
+        """Caches a prefix that arrived over the WAN on ``inst`` now; returns the engine
+        hashes of the blocks it added."""
+        _, events = inst.engine.insert_cached_prefix(token_ids)
+        self._on_kv_events(inst, events)
+        return [
+            h for ev in events if isinstance(ev, engine_kv.BlockStored) for h in ev.block_hashes
+        ]
+
+    def _drain_link(self, link: WanLink) -> None:
+        """Accounts the link up to now, lands the prefetches that ended, and sets a check
+        for the end of the one in service (once per link version)."""
+        now = self.now
+        link.advance(now)
+        for job in link.take_finished():
+            order: PrefetchOrder = job.payload
+            inst = self.instance_by_id[order.dest_instance]
+            self._advance(inst, now)
+            added = self._insert_prefix(inst, order.token_ids)
+            self.prefetched[inst.instance_id].update(added)
+            assert self.prefetch is not None
+            self.prefetch.done(order)
+        end = link.next_background_end_s()
+        key = (link.src, link.dst)
+        if end is not None and self.link_checks.get(key) != link.version:
+            self.link_checks[key] = link.version
+            self._push(max(end, now), _LINK_CHECK, key)
+
+    def _on_prefetch_tick(self) -> None:
+        """Plans the hot-prefix prefetches (`slomesh.scheduler.prefetch`) and puts them on
+        their links as background traffic."""
+        tracker = self.prefetch
+        assert tracker is not None
+        now = self.now
+        for order in tracker.plan(self.scheduler.view, now, self._clock_ns()):
+            link = self._link(order.source_region, order.dest_region)
+            link.background(order.bytes, order, now)
+            self.stats["prefetches"] += 1
+            self.stats["prefetch_bytes"] += order.bytes
+            egress = self.topology.region(order.source_region).egress_usd_per_gb
+            self.stats["prefetch_egress_usd"] += order.bytes / 1e9 * egress
+            self._drain_link(link)
+        if self._done():
+            self.next_prefetch_s = math.inf
+        else:
+            self.next_prefetch_s = now + tracker.config.period_s
+            self._push(self.next_prefetch_s, _PREFETCH_TICK, None)
+
+    def _on_kv_events(self, inst: SimInstance, events: Sequence[engine_kv.KVEvent]) -> None:
+        """An engine's KV events reach its agent; evicted blocks stop counting as
+        prefetched."""
+        if not events:
+            return
+        prefetched = self.prefetched[inst.instance_id]
+        if prefetched:
+            for ev in events:
+                if isinstance(ev, engine_kv.BlockRemoved):
+                    prefetched.difference_update(ev.block_hashes)
+                elif isinstance(ev, engine_kv.AllBlocksCleared):
+                    prefetched.clear()
+        self.region_by_name[inst.region].on_kv_events(inst, events)
 
     def _enqueue(self, rec: SimRecord, vreq: ValidatedRequest) -> None:
         """Queues a best-effort request at the scheduler (refused when the queue is full), sets
@@ -820,6 +1022,8 @@ class _Run:
         tokens = rec._tokens or []
         rec._tokens = None
         rec.at_agent_s = now
+        if self.prefetched[inst.instance_id]:
+            rec._block_hashes = engine_kv.compute_block_hashes(tokens, inst.block_size)
         if rec.request_id not in inst.outstanding:
             cached = region.cached_prefix_tokens(inst, tokens)
             inst.start_request(rec.request_id, rec.prompt_tokens, cached, rec.output_tokens, now)
@@ -985,6 +1189,8 @@ class _Run:
                 rec.cached_prompt_tokens = fs.num_cached_tokens
                 if rec.at_agent_s is not None:
                     rec.queue_wait_ms = (res.start_s - rec.at_agent_s) * 1000.0
+                if rec._block_hashes is not None:
+                    self._count_prefetched(inst, rec, fs.num_cached_tokens)
         for out in res.outputs:
             rec = live[out.request_id]
             n = len(out.new_token_ids)
@@ -993,10 +1199,18 @@ class _Run:
                 rec.first_token_s = end_s
             rec.completion_tokens += n
             if out.finished:
-                self._finish(inst, rec, end_s)
+                m = next(m for m in res.finished if m.request_id == out.request_id)
+                self._finish(inst, rec, end_s, m.gpu_seconds)
         inst.engine_metrics.on_step(res)
-        if res.kv_events:
-            self.region_by_name[inst.region].on_kv_events(inst, res.kv_events)
+        self._on_kv_events(inst, res.kv_events)
+
+    def _count_prefetched(self, inst: SimInstance, rec: SimRecord, cached_tokens: int) -> None:
+        """Counts the request's cached prompt tokens that prefetched blocks served."""
+        hashes, rec._block_hashes = rec._block_hashes or [], None
+        prefetched = self.prefetched[inst.instance_id]
+        n = sum(1 for h in hashes[: cached_tokens // inst.block_size] if h in prefetched)
+        rec.prefetched_prompt_tokens = n * inst.block_size
+        self.stats["prefetched_prompt_tokens"] += rec.prefetched_prompt_tokens
 
     def _deliver_run(self, inst: SimInstance, run: DecodeRun, j0: int, j1: int) -> None:
         n = j1 - j0
@@ -1010,15 +1224,16 @@ class _Run:
         for evs in run.kv_events[j0:j1]:
             if evs:
                 batch.extend(evs)
-        if batch:
-            self.region_by_name[inst.region].on_kv_events(inst, batch)
+        self._on_kv_events(inst, batch)
         if j1 == len(run.start_s) and run.finished:
             end_s = run.end_s
             for m in run.finished:
-                self._finish(inst, live[m.request_id], end_s)
+                self._finish(inst, live[m.request_id], end_s, m.gpu_seconds)
 
-    def _finish(self, inst: SimInstance, rec: SimRecord, end_s: float) -> None:
+    def _finish(self, inst: SimInstance, rec: SimRecord, end_s: float, gpu_seconds: float) -> None:
         rec.finish_s = end_s
+        rec.gpu_seconds = gpu_seconds
+        rec.price_usd_per_hour = self.topology.instance_price_usd_per_hour(rec.instance_id)
         inst.finish_request(rec.request_id)
         del self.live[rec.request_id]
         rec._request = None

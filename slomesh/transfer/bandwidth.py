@@ -6,9 +6,17 @@ over the link first asks the scheduler for its bytes (`await scheduler.send(nbyt
 goes on the wire once granted. Three traffic classes share the link (issue 5):
 
 - `TrafficClass.FOREGROUND_KV`: KV that a placed request waits on (its TTFT pays for it, the
-  ``M_q`` of DESIGN.md section 2). **Strict priority**: while a foreground chunk waits, no
-  background chunk is granted, so a foreground transfer sees the link as if it were idle
-  (less at most the chunk already granted to the background when it arrived).
+  ``M_q`` of DESIGN.md section 2). **Strict priority** for the whole life of a foreground
+  transfer: its sender opens a foreground flow (`LinkScheduler.open_flow`) before its first
+  chunk and closes it after its last, and while any foreground flow is open no background
+  chunk is granted, whether or not a foreground chunk is waiting at that moment (the sender
+  may be reading the next chunk, or held back by the receiver's flow control). A foreground
+  transfer thus sees the link as if it were idle, less at most the chunk already granted to
+  the background when its flow opened. Background gets no share at all meanwhile rather than
+  a small one: any share is taken from the foreground's completion time, which is what a
+  placed request's TTFT pays, and a foreground flow is short (one prefix move; its stream ends
+  at the request's deadline if not before). A chunk sent without a flow has strict priority
+  only while it waits.
 - `TrafficClass.PREFETCH_KV` (hot-prefix prefetch) and `TrafficClass.PREWARM_WEIGHTS` (model
   weight prewarm): only on the bandwidth the foreground leaves, shared between them by
   **weighted fair queueing** with the configured weights: under contention each class gets
@@ -71,6 +79,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Self
 
 from slomesh.v1 import state_pb2
 
@@ -79,6 +88,7 @@ __all__ = [
     "DEFAULT_BURST_BYTES",
     "DEFAULT_CLASS_WEIGHTS",
     "DEFAULT_WINDOW_S",
+    "LinkFlow",
     "LinkScheduler",
     "LinkStats",
     "TrafficClass",
@@ -132,6 +142,8 @@ class LinkStats:
         queued_bytes: bytes waiting for a grant, per traffic class.
         granted_bytes_total: bytes granted since the scheduler started, per traffic class.
         window_s: the measurement window, seconds.
+        open_flows: flows open now (`LinkScheduler.open_flow`), per traffic class; while
+            ``open_flows[FOREGROUND_KV] > 0`` no background chunk is granted.
     """
 
     capacity_bytes_per_s: float
@@ -142,6 +154,9 @@ class LinkStats:
     queued_bytes: Mapping[TrafficClass, int]
     granted_bytes_total: Mapping[TrafficClass, int]
     window_s: float
+    open_flows: Mapping[TrafficClass, int] = field(
+        default_factory=lambda: MappingProxyType(dict.fromkeys(TrafficClass, 0))
+    )
 
     @property
     def total_queued_bytes(self) -> int:
@@ -197,6 +212,45 @@ class _Window:
         while self.events and self.events[0][0] <= horizon:
             _, cls, nbytes = self.events.popleft()
             self.bytes[cls] -= nbytes
+
+
+class LinkFlow:
+    """One transfer's chunks on a link, from before its first chunk to after its last.
+
+    Made by `LinkScheduler.open_flow`. While a `TrafficClass.FOREGROUND_KV` flow is open the
+    link grants nothing to the background classes (module doc). A context manager: leaving
+    the ``with`` block closes it however the block ends (return, exception, cancellation).
+    `close` is idempotent, so it may also be tied to the end of an RPC (a gRPC context's done
+    callback) as a second guarantee.
+
+    Attributes:
+        traffic_class: the class of the transfer's chunks.
+    """
+
+    __slots__ = ("_open", "_scheduler", "traffic_class")
+
+    def __init__(self, scheduler: LinkScheduler, traffic_class: TrafficClass):
+        self._scheduler = scheduler
+        self._open = True
+        self.traffic_class = traffic_class
+
+    @property
+    def closed(self) -> bool:
+        """True once `close` has run."""
+        return not self._open
+
+    def close(self) -> None:
+        """Ends the flow (a second call does nothing); the background resumes if it was the
+        link's last open foreground flow."""
+        if self._open:
+            self._open = False
+            self._scheduler._close_flow(self.traffic_class)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class LinkScheduler:
@@ -261,6 +315,7 @@ class LinkScheduler:
         self._timer: asyncio.TimerHandle | None = None
         self._window = _Window(float(window_s))
         self._granted_total: dict[TrafficClass, int] = dict.fromkeys(TrafficClass, 0)
+        self._open_flows: dict[TrafficClass, int] = dict.fromkeys(TrafficClass, 0)
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -345,6 +400,28 @@ class LinkScheduler:
         self._window.add(now, cls, n)
         self._granted_total[cls] += n
 
+    def open_flow(self, traffic_class: TrafficClass) -> LinkFlow:
+        """Opens a flow of `traffic_class`: one transfer, from its first chunk to its last.
+
+        While a `TrafficClass.FOREGROUND_KV` flow is open no background chunk is granted, even
+        when none of its chunks waits at the scheduler (strict priority for the transfer's
+        whole life, module doc); flows of the background classes are only counted
+        (`LinkStats.open_flows`). The flow's chunks still ask for their bytes with `send`.
+
+        Args:
+            traffic_class: the class of the transfer's chunks (a `TrafficClass` or its value).
+
+        Returns:
+            The open flow. Close it when the transfer ends, however it ends (use it as a
+            context manager), or the background is held back until it is.
+
+        Raises:
+            ValueError: an unknown traffic class (no flow is opened).
+        """
+        cls = TrafficClass(traffic_class)
+        self._open_flows[cls] += 1
+        return LinkFlow(self, cls)
+
     def stats(self) -> LinkStats:
         """The link's capacity, measured throughput, spare bandwidth and queues, now."""
         now = self._clock()
@@ -361,6 +438,7 @@ class LinkScheduler:
             queued_bytes=MappingProxyType(dict(self._queued_bytes)),
             granted_bytes_total=MappingProxyType(dict(self._granted_total)),
             window_s=window_s,
+            open_flows=MappingProxyType(dict(self._open_flows)),
         )
 
     # -- internals -------------------------------------------------------------------------
@@ -388,12 +466,15 @@ class LinkScheduler:
             self._grant(waiter)
 
     def _head(self) -> _Waiter | None:
-        """The chunk to grant next: foreground first (EDF), else the fair-queueing pick."""
+        """The chunk to grant next: foreground first (EDF), else (no foreground flow open) the
+        fair-queueing pick."""
         for cls in TrafficClass:
             self._drop_cancelled(cls)
         fg = self._queues[TrafficClass.FOREGROUND_KV]
         if fg:
             return fg[0]
+        if self._open_flows[TrafficClass.FOREGROUND_KV]:
+            return None  # a foreground transfer holds the link between its chunks
         best: tuple[float, float, int] | None = None
         pick: _Waiter | None = None
         for cls in BACKGROUND_CLASSES:
@@ -406,6 +487,19 @@ class LinkScheduler:
             if best is None or key < best:
                 best, pick = key, queue[0]
         return pick
+
+    def _close_flow(self, cls: TrafficClass) -> None:
+        """Counts a flow closed (`LinkFlow.close`); the last foreground one unblocks the
+        background."""
+        self._open_flows[cls] -= 1
+        if (
+            cls is TrafficClass.FOREGROUND_KV
+            and not self._open_flows[cls]
+            and self._loop is not None
+            and not self._loop.is_closed()
+            and any(self._queues.values())
+        ):
+            self._dispatch()
 
     def _drop_cancelled(self, cls: TrafficClass) -> None:
         # A waiter whose task was cancelled has a cancelled future before its `except` runs.

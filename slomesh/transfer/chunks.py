@@ -110,8 +110,8 @@ class FaultInjector:
     Attributes:
         corrupt_chunk_indices: chunk indices whose bytes get one bit flipped, the first time
             each is sent for each (transfer id, file) pair; the checksum is of the intact bytes.
-        break_after_chunks: end a stream with UNAVAILABLE after sending this many chunks, once
-            per (transfer id, file); None: never.
+        break_after_chunks: end a stream with UNAVAILABLE after sending this many chunks of
+            one file on it, once per (transfer id, file); None: never.
         corrupted: (transfer id, file path, chunk index) of every chunk damaged so far.
         broken: (transfer id, file path) of every stream broken so far.
     """
@@ -149,7 +149,8 @@ class FaultInjector:
         return bytes(damaged)
 
     def should_break(self, transfer_id: str, path: str, chunks_sent: int) -> bool:
-        """Whether to end the stream now with UNAVAILABLE (after `chunks_sent` chunks)."""
+        """Whether to end the stream now with UNAVAILABLE (after `chunks_sent` chunks of
+        `path` on it)."""
         if self.break_after_chunks is None or chunks_sent < self.break_after_chunks:
             return False
         key = (transfer_id, path)

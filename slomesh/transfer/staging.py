@@ -18,6 +18,11 @@ chunk from ``data/`` to check its checksum again, stopping a file at its first c
 not verify (a write lost in a crash), so it resumes exactly from the last chunk that is both
 journaled and intact; nothing verified is fetched again.
 
+Each file's whole-file digest is computed from the bytes written, chunk by chunk as they are
+written (spread over the transfer rather than a re-read of the whole file after its last byte:
+~1.6 s for a 1 GB model at the 0.6 GB/s sha256 measured on a loaded 2-core box); a file resumed
+after a restart, whose first chunks an earlier process wrote, is re-read instead.
+
 Once every file is complete and its whole-file digest matched, `StagedObject.commit` renames
 ``data/`` to the object's final path: one ``rename(2)`` on one file system, so a reader (vLLM
 looking for a KV folder, an engine loading weights) sees either no object or the whole
@@ -40,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from slomesh.transfer.chunks import chunk_checksum, read_chunk, verify_chunk
-from slomesh.transfer.objects import ObjectManifest, file_digest
+from slomesh.transfer.objects import ObjectManifest, file_digest, new_digest
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +121,8 @@ class StagedObject:
         self.spec = dict(spec)
         self._verified: dict[str, int] = {f.path: 0 for f in manifest.files}
         self._file_ok: set[str] = set()
+        # path -> whole-file hasher fed every chunk written since offset 0 (in this process).
+        self._hashers: dict[str, Any] = {}
         self.resumed_bytes = 0
 
     # -- state -----------------------------------------------------------------------------
@@ -207,10 +214,16 @@ class StagedObject:
                 "checksum": checksum,
             }
         )
+        if offset == 0:
+            self._hashers[path] = new_digest(entry.digest_algo)
+        hasher = self._hashers.get(path)
+        if hasher is not None:
+            hasher.update(data)
         self._verified[path] = offset + len(data)
 
     def verify_file(self, path: str) -> None:
-        """Checks a complete file's whole-file digest against the manifest.
+        """Checks a complete file's whole-file digest against the manifest: the digest of its
+        chunks as they were written when all were written by this object, else re-read.
 
         Raises:
             ValueError: the file is not complete.
@@ -220,7 +233,11 @@ class StagedObject:
         entry = self.manifest.file(path)
         if not self.is_file_complete(path):
             raise ValueError(f"{path!r} is not complete ({self._verified[path]} bytes verified)")
-        actual = file_digest(self.data_path(path), entry.digest_algo)
+        hasher = self._hashers.pop(path, None)
+        if hasher is not None:
+            actual = hasher.hexdigest()
+        else:
+            actual = file_digest(self.data_path(path), entry.digest_algo)
         if actual != entry.digest:
             self.reset_file(path)
             raise ObjectDigestError(path, entry.digest_algo, entry.digest, actual)
@@ -232,6 +249,7 @@ class StagedObject:
         os.truncate(self.data_path(path), 0)
         self._journal({"op": "reset", "path": path})
         self._verified[path] = 0
+        self._hashers.pop(path, None)
         self._file_ok.discard(path)
 
     def commit(self, final_dir: Path, extra_files: Mapping[str, bytes] | None = None) -> None:

@@ -212,7 +212,7 @@ class ObjectManifest(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., object_key: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileManifest, _Mapping]]] = ..., store_info: _Optional[_Mapping[str, str]] = ..., prefix_tokens: _Optional[int] = ...) -> None: ...
 
 class FetchChunksRequest(_message.Message):
-    __slots__ = ("transfer_id", "requester_region", "kind", "store", "object_key", "path", "offset", "chunk_bytes", "size_bytes", "traffic_class", "deadline_unix_s")
+    __slots__ = ("transfer_id", "requester_region", "kind", "store", "object_key", "path", "offset", "chunk_bytes", "size_bytes", "traffic_class", "deadline_unix_s", "next_files")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_REGION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -224,6 +224,7 @@ class FetchChunksRequest(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TRAFFIC_CLASS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FILES_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     requester_region: str
     kind: str
@@ -235,7 +236,18 @@ class FetchChunksRequest(_message.Message):
     size_bytes: int
     traffic_class: TrafficClass
     deadline_unix_s: float
-    def __init__(self, transfer_id: _Optional[str] = ..., requester_region: _Optional[str] = ..., kind: _Optional[str] = ..., store: _Optional[str] = ..., object_key: _Optional[str] = ..., path: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., size_bytes: _Optional[int] = ..., traffic_class: _Optional[_Union[TrafficClass, str]] = ..., deadline_unix_s: _Optional[float] = ...) -> None: ...
+    next_files: _containers.RepeatedCompositeFieldContainer[FileRange]
+    def __init__(self, transfer_id: _Optional[str] = ..., requester_region: _Optional[str] = ..., kind: _Optional[str] = ..., store: _Optional[str] = ..., object_key: _Optional[str] = ..., path: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., size_bytes: _Optional[int] = ..., traffic_class: _Optional[_Union[TrafficClass, str]] = ..., deadline_unix_s: _Optional[float] = ..., next_files: _Optional[_Iterable[_Union[FileRange, _Mapping]]] = ...) -> None: ...
+
+class FileRange(_message.Message):
+    __slots__ = ("path", "offset", "size_bytes")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    offset: int
+    size_bytes: int
+    def __init__(self, path: _Optional[str] = ..., offset: _Optional[int] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("path", "offset", "data", "checksum_xxh3_64")

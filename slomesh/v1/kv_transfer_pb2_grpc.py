@@ -152,11 +152,12 @@ class KVTransferServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchChunks(self, request, context):
-        """Peer data path: the bytes of one file of an object from `offset` on, in chunks, each with its
-        checksum; every chunk is granted by the link scheduler of this region -> requester_region
-        before it is sent. Errors: INVALID_ARGUMENT, NOT_FOUND (unknown store, object or file),
-        FAILED_PRECONDITION (no link configured to requester_region; or the file's size is not
-        `size_bytes` any more: the object changed at the source).
+        """Peer data path: the bytes of one file of an object from `offset` on, then of each of
+        `next_files` in order, in chunks, each with its checksum; every chunk is granted by the link
+        scheduler of this region -> requester_region before it is sent. Errors: INVALID_ARGUMENT,
+        NOT_FOUND (unknown store, object or file), FAILED_PRECONDITION (no link configured to
+        requester_region; or a file's size is not its `size_bytes` any more: the object changed at
+        the source).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from slomesh.v1 import common_pb2 as slomesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aslomesh/v1/scheduler.proto\x12\nslomesh.v1\x1a\x17slomesh/v1/common.proto\"\x89\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x13\n\x0bprompt_text\x18\x04 \x01(\t\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x11\n\tslo_class\x18\x07 \x01(\t\x12\x15\n\rorigin_region\x18\x08 \x01(\t\x12\x0e\n\x06tenant\x18\t \x01(\t\x12\x1e\n\x16\x65xpected_output_tokens\x18\n \x01(\r\x12\x15\n\x08priority\x18\x0b \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_priority\"\xbf\x02\n\tPlacement\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x16\n\x0e\x61gent_endpoint\x18\x04 \x01(\t\x12/\n\tpredicted\x18\x05 \x01(\x0b\x32\x1c.slomesh.v1.PredictedTimings\x12\x1c\n\x14\x63\x61\x63hed_prefix_tokens\x18\x06 \x01(\r\x12\x1a\n\x12predicted_cost_usd\x18\x07 \x01(\x01\x12\x11\n\tobjective\x18\x08 \x01(\x01\x12\x0e\n\x06policy\x18\t \x01(\t\x12\x15\n\rorigin_region\x18\n \x01(\t\x12\x11\n\tslo_class\x18\x0b \x01(\t\x12\x14\n\x0cslo_feasible\x18\x0c \x01(\x08\x12\x13\n\x0bloads_model\x18\r \x01(\x08\"\x9f\x01\n\x10GenerateResponse\x12*\n\tplacement\x18\x01 \x01(\x0b\x32\x15.slomesh.v1.PlacementH\x00\x12(\n\x06tokens\x18\x02 \x01(\x0b\x32\x16.slomesh.v1.TokenChunkH\x00\x12,\n\ncompletion\x18\x03 \x01(\x0b\x32\x16.slomesh.v1.CompletionH\x00\x42\x07\n\x05\x65vent\"o\n\rOutcomeReport\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\ncompletion\x18\x02 \x01(\x0b\x32\x16.slomesh.v1.Completion\x12\x0f\n\x07outcome\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x0c\n\nOutcomeAck2\xdb\x01\n\x0fGlobalScheduler\x12G\n\x08Generate\x12\x1b.slomesh.v1.GenerateRequest\x1a\x1c.slomesh.v1.GenerateResponse0\x01\x12;\n\x05Place\x12\x1b.slomesh.v1.GenerateRequest\x1a\x15.slomesh.v1.Placement\x12\x42\n\rReportOutcome\x12\x19.slomesh.v1.OutcomeReport\x1a\x16.slomesh.v1.OutcomeAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aslomesh/v1/scheduler.proto\x12\nslomesh.v1\x1a\x17slomesh/v1/common.proto\"\x89\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x13\n\x0bprompt_text\x18\x04 \x01(\t\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x11\n\tslo_class\x18\x07 \x01(\t\x12\x15\n\rorigin_region\x18\x08 \x01(\t\x12\x0e\n\x06tenant\x18\t \x01(\t\x12\x1e\n\x16\x65xpected_output_tokens\x18\n \x01(\r\x12\x15\n\x08priority\x18\x0b \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_priority\"\xc5\x03\n\tPlacement\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\x12\x16\n\x0e\x61gent_endpoint\x18\x04 \x01(\t\x12/\n\tpredicted\x18\x05 \x01(\x0b\x32\x1c.slomesh.v1.PredictedTimings\x12\x1c\n\x14\x63\x61\x63hed_prefix_tokens\x18\x06 \x01(\r\x12\x1a\n\x12predicted_cost_usd\x18\x07 \x01(\x01\x12\x11\n\tobjective\x18\x08 \x01(\x01\x12\x0e\n\x06policy\x18\t \x01(\t\x12\x15\n\rorigin_region\x18\n \x01(\t\x12\x11\n\tslo_class\x18\x0b \x01(\t\x12\x14\n\x0cslo_feasible\x18\x0c \x01(\x08\x12\x13\n\x0bloads_model\x18\r \x01(\x08\x12!\n\x19kv_transfer_source_region\x18\x0e \x01(\t\x12#\n\x1bkv_transfer_source_instance\x18\x0f \x01(\t\x12!\n\x19kv_transfer_prefix_tokens\x18\x10 \x01(\r\x12\x19\n\x11kv_transfer_bytes\x18\x11 \x01(\x04\"\x9f\x01\n\x10GenerateResponse\x12*\n\tplacement\x18\x01 \x01(\x0b\x32\x15.slomesh.v1.PlacementH\x00\x12(\n\x06tokens\x18\x02 \x01(\x0b\x32\x16.slomesh.v1.TokenChunkH\x00\x12,\n\ncompletion\x18\x03 \x01(\x0b\x32\x16.slomesh.v1.CompletionH\x00\x42\x07\n\x05\x65vent\"o\n\rOutcomeReport\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\ncompletion\x18\x02 \x01(\x0b\x32\x16.slomesh.v1.Completion\x12\x0f\n\x07outcome\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x0c\n\nOutcomeAck2\xdb\x01\n\x0fGlobalScheduler\x12G\n\x08Generate\x12\x1b.slomesh.v1.GenerateRequest\x1a\x1c.slomesh.v1.GenerateResponse0\x01\x12;\n\x05Place\x12\x1b.slomesh.v1.GenerateRequest\x1a\x15.slomesh.v1.Placement\x12\x42\n\rReportOutcome\x12\x19.slomesh.v1.OutcomeReport\x1a\x16.slomesh.v1.OutcomeAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,13 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=68
   _globals['_GENERATEREQUEST']._serialized_end=333
   _globals['_PLACEMENT']._serialized_start=336
-  _globals['_PLACEMENT']._serialized_end=655
-  _globals['_GENERATERESPONSE']._serialized_start=658
-  _globals['_GENERATERESPONSE']._serialized_end=817
-  _globals['_OUTCOMEREPORT']._serialized_start=819
-  _globals['_OUTCOMEREPORT']._serialized_end=930
-  _globals['_OUTCOMEACK']._serialized_start=932
-  _globals['_OUTCOMEACK']._serialized_end=944
-  _globals['_GLOBALSCHEDULER']._serialized_start=947
-  _globals['_GLOBALSCHEDULER']._serialized_end=1166
+  _globals['_PLACEMENT']._serialized_end=789
+  _globals['_GENERATERESPONSE']._serialized_start=792
+  _globals['_GENERATERESPONSE']._serialized_end=951
+  _globals['_OUTCOMEREPORT']._serialized_start=953
+  _globals['_OUTCOMEREPORT']._serialized_end=1064
+  _globals['_OUTCOMEACK']._serialized_start=1066
+  _globals['_OUTCOMEACK']._serialized_end=1078
+  _globals['_GLOBALSCHEDULER']._serialized_start=1081
+  _globals['_GLOBALSCHEDULER']._serialized_end=1300
 # @@protoc_insertion_point(module_scope)

@@ -34,7 +34,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., prompt_text: _Optional[str] = ..., max_tokens: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., slo_class: _Optional[str] = ..., origin_region: _Optional[str] = ..., tenant: _Optional[str] = ..., expected_output_tokens: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("request_id", "region", "instance_id", "agent_endpoint", "predicted", "cached_prefix_tokens", "predicted_cost_usd", "objective", "policy", "origin_region", "slo_class", "slo_feasible", "loads_model")
+    __slots__ = ("request_id", "region", "instance_id", "agent_endpoint", "predicted", "cached_prefix_tokens", "predicted_cost_usd", "objective", "policy", "origin_region", "slo_class", "slo_feasible", "loads_model", "kv_transfer_source_region", "kv_transfer_source_instance", "kv_transfer_prefix_tokens", "kv_transfer_bytes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,10 @@ class Placement(_message.Message):
     SLO_CLASS_FIELD_NUMBER: _ClassVar[int]
     SLO_FEASIBLE_FIELD_NUMBER: _ClassVar[int]
     LOADS_MODEL_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_SOURCE_REGION_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_SOURCE_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     region: str
     instance_id: str
@@ -61,7 +65,11 @@ class Placement(_message.Message):
     slo_class: str
     slo_feasible: bool
     loads_model: bool
-    def __init__(self, request_id: _Optional[str] = ..., region: _Optional[str] = ..., instance_id: _Optional[str] = ..., agent_endpoint: _Optional[str] = ..., predicted: _Optional[_Union[_common_pb2.PredictedTimings, _Mapping]] = ..., cached_prefix_tokens: _Optional[int] = ..., predicted_cost_usd: _Optional[float] = ..., objective: _Optional[float] = ..., policy: _Optional[str] = ..., origin_region: _Optional[str] = ..., slo_class: _Optional[str] = ..., slo_feasible: _Optional[bool] = ..., loads_model: _Optional[bool] = ...) -> None: ...
+    kv_transfer_source_region: str
+    kv_transfer_source_instance: str
+    kv_transfer_prefix_tokens: int
+    kv_transfer_bytes: int
+    def __init__(self, request_id: _Optional[str] = ..., region: _Optional[str] = ..., instance_id: _Optional[str] = ..., agent_endpoint: _Optional[str] = ..., predicted: _Optional[_Union[_common_pb2.PredictedTimings, _Mapping]] = ..., cached_prefix_tokens: _Optional[int] = ..., predicted_cost_usd: _Optional[float] = ..., objective: _Optional[float] = ..., policy: _Optional[str] = ..., origin_region: _Optional[str] = ..., slo_class: _Optional[str] = ..., slo_feasible: _Optional[bool] = ..., loads_model: _Optional[bool] = ..., kv_transfer_source_region: _Optional[str] = ..., kv_transfer_source_instance: _Optional[str] = ..., kv_transfer_prefix_tokens: _Optional[int] = ..., kv_transfer_bytes: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("placement", "tokens", "completion")

@@ -383,9 +383,14 @@ async def test_invalid_argument_names_the_field(mesh, overrides, field):
         assert info.value.details().startswith(f"{field}:")
 
 
-async def test_stale_region_is_not_chosen(mesh):
-    await mesh.start(staleness_ms=300)
-    # From Tokyo, Tokyo is the obvious choice while it is fresh...
+async def test_stale_region_is_not_chosen(mesh, tmp_path):
+    # Latency decides (no cost-first band: with SLO slack to spare, money might pick a cheaper
+    # GPU abroad), so from Tokyo, Tokyo is the obvious choice while it is fresh...
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        yaml.safe_dump({**BUILTIN_PROFILES["slomesh"], "cost_first_slo_usage": 0.0})
+    )
+    await mesh.start(staleness_ms=300, policy=str(policy))
     placement = await mesh.stub.Place(request(origin_region="tokyo"))
     assert placement.region == "tokyo"
     # ...and never once its state goes stale.

@@ -2,7 +2,7 @@
 
 Region "tokyo" holds the source objects (a vLLM ExampleConnector folder of several layer files,
 a weight-cache model); region "frankfurt" pulls them. Checked: a multi-file object arrives byte
-for byte and appears only once complete; a chunk damaged in transit is detected, counted,
+for byte on one stream (one round trip, not one per file) and appears only once complete; a chunk damaged in transit is detected, counted,
 re-sent and never written; a broken stream resumes; a destination stopped half-way resumes from
 its journal on restart without fetching verified chunks again; Cancel cleans up; incompatible
 stores give FAILED_PRECONDITION; Watch reports progress and the final state; a prewarm verifies
@@ -21,9 +21,10 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
-from services.kv_transfer.server import KVTransferServerHandle, TransferOptions, serve
+from services.kv_transfer.server import KVTransferServerHandle, RpcError, TransferOptions, serve
 from slomesh.telemetry import setup_telemetry
 from slomesh.transfer import staging as staging_module
+from slomesh.transfer.bandwidth import TrafficClass
 from slomesh.transfer.chunks import FaultInjector
 from slomesh.transfer.staging import PARTIAL_DIR
 from slomesh.transfer.stores import WEIGHT_MANIFEST_FILE, WeightCacheConfig
@@ -177,13 +178,172 @@ async def test_prefix_moves_a_multi_file_object_byte_for_byte(mesh):
     again = await mesh.stub(mesh.dst).TransferPrefix(prefix_request(prompt))
     assert again.already_present
     assert (await watch_all(mesh.stub(mesh.dst), again.transfer_id))[-1].state == P.COMPLETED
-    # One trace: TransferPrefix -> forwarded TransferPrefix -> transfer -> FetchChunks.
+    # One trace: TransferPrefix -> forwarded TransferPrefix -> transfer -> FetchChunks, one
+    # stream for the 3 files.
     spans = exporter.get_finished_spans()
     transfer_span = next(s for s in spans if s.name == "kv_transfer.transfer")
     fetches = [s for s in spans if s.name == "kv_transfer.fetch_chunks"]
-    assert len(fetches) == 3
+    assert [s.attributes["slomesh.files"] for s in fetches] == [3]
     assert {s.context.trace_id for s in fetches} == {transfer_span.context.trace_id}
     assert transfer_span.attributes["slomesh.state"] == "COMPLETED"
+
+
+async def test_a_32_file_object_costs_one_round_trip_not_one_per_file(mesh):
+    """A KV folder of 32 layer files (an 8B model's) moves on one FetchChunks stream asking
+    for all 32 files: one round trip to the source, where a stream per file cost 32 in a row.
+    Each file still comes in several checksummed chunks."""
+    exporter = InMemorySpanExporter()
+    setup_telemetry("test-kv-transfer", extra_exporters=[exporter])
+    await mesh.start_src()
+    await mesh.start_dst()
+    prompt = tokens(4 * BLOCK_SIZE + 1, seed=8)
+    key, _ = write_kv_folder(mesh.src_kv, prompt, num_layers=32, seed=8)
+    handle = await mesh.stub(mesh.dst).TransferPrefix(prefix_request(prompt))
+    final = (await watch_all(mesh.stub(mesh.dst), handle.transfer_id))[-1]
+    assert final.state == P.COMPLETED, final.error
+    copied = tree_bytes(mesh.dst_kv / key)
+    assert len(copied) == 32
+    assert copied == tree_bytes(mesh.src_kv / key)
+    assert min(len(data) for data in copied.values()) > 2 * SMALL_CHUNK
+    fetches = [
+        s
+        for s in exporter.get_finished_spans()
+        if s.name == "kv_transfer.fetch_chunks"
+        and s.attributes["slomesh.transfer_id"] == handle.transfer_id
+    ]
+    assert len(fetches) == 1
+    assert fetches[0].attributes["slomesh.files"] == 32
+    assert fetches[0].attributes["slomesh.sent_bytes"] == handle.bytes_total
+    assert final.retries == 0
+
+
+async def test_a_source_sending_only_the_first_file_is_asked_again_for_the_rest(mesh, monkeypatch):
+    """A source that predates `next_files` streams `path` alone: the destination re-opens the
+    stream for the files still missing, one after the other, and the object arrives whole."""
+    await mesh.start_src()
+    await mesh.start_dst()
+    servicer = mesh.src.servicer
+    open_fetch = servicer._open_fetch
+
+    async def first_file_only(request):
+        del request.next_files[:]
+        return await open_fetch(request)
+
+    monkeypatch.setattr(servicer, "_open_fetch", first_file_only)
+    prompt = tokens(6 * BLOCK_SIZE + 1, seed=9)
+    key, _ = write_kv_folder(mesh.src_kv, prompt, seed=9)
+    labels = {"region": DST, "peer": SRC, "reason": "stream_ended_early"}
+    retries_before = sample("slomesh_kv_transfer_fetch_retries_total", **labels)
+    handle = await mesh.stub(mesh.dst).TransferPrefix(prefix_request(prompt))
+    final = (await watch_all(mesh.stub(mesh.dst), handle.transfer_id))[-1]
+    assert final.state == P.COMPLETED, final.error
+    assert final.retries == 2
+    assert sample("slomesh_kv_transfer_fetch_retries_total", **labels) == retries_before + 2
+    assert tree_bytes(mesh.dst_kv / key) == tree_bytes(mesh.src_kv / key)
+
+
+async def test_fetch_chunks_checks_every_file_it_is_asked_for(mesh):
+    await mesh.start_src()
+    prompt = tokens(4 * BLOCK_SIZE + 1, seed=10)
+    write_kv_folder(mesh.src_kv, prompt, seed=10)
+    stub = mesh.stub(mesh.src)
+    manifest = await stub.DescribeObject(
+        kv_transfer_pb2.DescribeObjectRequest(
+            kind="kv_prefix", store="tokyo-0", token_ids=prompt, requester_region=DST
+        )
+    )
+    first, second = manifest.files[0], manifest.files[1]
+
+    def fetch(*next_files):
+        return kv_transfer_pb2.FetchChunksRequest(
+            transfer_id="t",
+            requester_region=DST,
+            kind="kv_prefix",
+            store="tokyo-0",
+            object_key=manifest.object_key,
+            path=first.path,
+            size_bytes=first.size_bytes,
+            next_files=[kv_transfer_pb2.FileRange(**f) for f in next_files],
+        )
+
+    asked = fetch({"path": second.path, "offset": SMALL_CHUNK, "size_bytes": second.size_bytes})
+    ok = [(c.path, c.offset) async for c in stub.FetchChunks(asked)]
+    # Each file from its own offset, in the order asked (chunks of 1 MiB: one each here).
+    assert ok == [(first.path, 0), (second.path, SMALL_CHUNK)]
+    cases = [
+        ({"path": first.path, "size_bytes": first.size_bytes}, "INVALID_ARGUMENT", "twice"),
+        ({"path": "nope.safetensors", "size_bytes": 1}, "NOT_FOUND", "nope"),
+        ({"path": second.path, "size_bytes": 1}, "FAILED_PRECONDITION", "changed"),
+        (
+            {"path": second.path, "offset": second.size_bytes + 1, "size_bytes": second.size_bytes},
+            "INVALID_ARGUMENT",
+            "past the file",
+        ),
+    ]
+    for next_file, code, message in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stub.FetchChunks(fetch(next_file)):
+                pass
+        assert err.value.code() == grpc.StatusCode[code], next_file
+        assert message in err.value.details()
+
+
+async def test_a_foreground_stream_holds_its_link_until_it_ends_however_it_ends(mesh):
+    """While a FOREGROUND_KV FetchChunks stream is open the source grants its link nothing
+    for the background, even while the client reads nothing; the hold ends with the stream:
+    read to the end, broken by the source, or dropped by the client."""
+    faults = FaultInjector(break_after_chunks=2)
+    await mesh.start_src(fault_injector=faults)
+    # 24 MiB: more than the client's HTTP/2 flow-control window (~6 MiB here), so a stream
+    # the client stops reading stalls in the source's handler with no chunk at the scheduler.
+    prompt = tokens(2048 * BLOCK_SIZE + 1, seed=11)
+    write_kv_folder(mesh.src_kv, prompt, seed=11)
+    stub = mesh.stub(mesh.src)
+    manifest = await stub.DescribeObject(
+        kv_transfer_pb2.DescribeObjectRequest(
+            kind="kv_prefix", store="tokyo-0", token_ids=prompt, requester_region=DST
+        )
+    )
+    link = mesh.src.servicer.links[DST]
+    first, *rest = manifest.files
+
+    def fetch(transfer_id: str) -> kv_transfer_pb2.FetchChunksRequest:
+        return kv_transfer_pb2.FetchChunksRequest(
+            transfer_id=transfer_id,
+            requester_region=DST,
+            kind="kv_prefix",
+            store="tokyo-0",
+            object_key=manifest.object_key,
+            path=first.path,
+            size_bytes=first.size_bytes,
+            chunk_bytes=64 * 1024,
+            traffic_class=kv_transfer_pb2.FOREGROUND_KV,
+            next_files=[
+                kv_transfer_pb2.FileRange(path=f.path, size_bytes=f.size_bytes) for f in rest
+            ],
+        )
+
+    # Broken by the source (fault injection) after two chunks: released.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in stub.FetchChunks(fetch("broken")):
+            assert link.stats().open_flows[TrafficClass.FOREGROUND_KV] == 1
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert link.stats().open_flows[TrafficClass.FOREGROUND_KV] == 0
+    faults.break_after_chunks = None
+    # Dropped by the client after its first chunk: the background waits until then.
+    call = stub.FetchChunks(fetch("dropped"))
+    await call.read()
+    background = asyncio.create_task(link.send(SMALL_CHUNK, TrafficClass.PREWARM_WEIGHTS))
+    await asyncio.sleep(0.2)
+    assert not background.done()
+    assert link.stats().open_flows[TrafficClass.FOREGROUND_KV] == 1
+    call.cancel()
+    await asyncio.wait_for(background, 10.0)
+    assert link.stats().open_flows[TrafficClass.FOREGROUND_KV] == 0
+    # Read to the end.
+    chunks = [c async for c in stub.FetchChunks(fetch("whole"))]
+    assert sum(len(c.data) for c in chunks) == sum(f.size_bytes for f in manifest.files)
+    assert link.stats().open_flows[TrafficClass.FOREGROUND_KV] == 0
 
 
 async def test_a_corrupt_chunk_is_detected_resent_and_never_stored(mesh, monkeypatch):
@@ -260,6 +420,49 @@ async def wait_bytes(stub, transfer_id: str, at_least: int, timeout_s: float = 3
         raise AssertionError("watch ended early")
 
     return await asyncio.wait_for(run(), timeout_s)
+
+
+async def test_background_pulls_wait_while_a_foreground_transfer_runs_here(mesh, monkeypatch):
+    """The destination serves a foreground transfer first: a prefetch pulling into it takes no
+    chunk off its stream while a foreground transfer is being pulled here, and goes on to
+    complete once the foregrounds end, here by failing and by being refused."""
+    await slow_mesh(mesh, capacity_bytes_per_s=1_000_000)
+    background = tokens(64 * BLOCK_SIZE + 1, seed=12)  # 768 KiB: ~0.8 s on this link
+    foreground = tokens(2 * BLOCK_SIZE + 1, seed=13)
+    key, _ = write_kv_folder(mesh.src_kv, background, seed=12)
+    write_kv_folder(mesh.src_kv, foreground, seed=13)
+    servicer = mesh.dst.servicer
+    real_pull = servicer._pull
+    pulling_foreground, source_lost = asyncio.Event(), asyncio.Event()
+
+    async def pull(transfer, store):
+        if transfer.traffic_class != kv_transfer_pb2.FOREGROUND_KV:
+            return await real_pull(transfer, store)
+        pulling_foreground.set()
+        await source_lost.wait()
+        raise RpcError(grpc.StatusCode.UNAVAILABLE, "source lost")
+
+    monkeypatch.setattr(servicer, "_pull", pull)
+    stub = mesh.stub(mesh.dst)
+    bg = await stub.TransferPrefix(
+        prefix_request(background, traffic_class=kv_transfer_pb2.PREFETCH_KV)
+    )
+    await wait_bytes(stub, bg.transfer_id, 32 * 1024)
+    fg = await stub.TransferPrefix(prefix_request(foreground))
+    await asyncio.wait_for(pulling_foreground.wait(), 10.0)
+    if (in_flight := servicer._io.get(bg.transfer_id)) is not None:
+        await in_flight  # a chunk already being written when the foreground came
+    staged = servicer.transfers[bg.transfer_id].staged
+    held_at = staged.verified_total_bytes
+    await asyncio.sleep(0.3)  # the link (1 MB/s, free: the foreground pulls nothing) is idle
+    assert staged.verified_total_bytes == held_at < bg.bytes_total
+    # A foreground refused while being set up (the source lacks the prefix) holds nothing after.
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.TransferPrefix(prefix_request(tokens(2 * BLOCK_SIZE + 1, seed=14)))
+    source_lost.set()
+    assert (await watch_all(stub, fg.transfer_id))[-1].state == P.FAILED
+    assert (await watch_all(stub, bg.transfer_id))[-1].state == P.COMPLETED
+    assert tree_bytes(mesh.dst_kv / key) == tree_bytes(mesh.src_kv / key)
 
 
 async def test_a_restarted_destination_resumes_from_its_journal(mesh):
@@ -467,3 +670,21 @@ async def test_prewarm_refuses_a_wrong_sha256_and_never_commits_a_bad_copy(mesh)
     assert "sha256" in final.error
     assert not (mesh.dst_weights / model).exists()
     assert partial_ids(mesh.dst_weights) == []
+
+
+async def test_watch_sends_the_terminal_state_without_waiting_its_interval(mesh):
+    """A watcher asking for one message a minute still learns of the completion at once."""
+    await slow_mesh(mesh)
+    prompt = tokens(16 * BLOCK_SIZE + 1)
+    write_kv_folder(mesh.src_kv, prompt)
+    stub = mesh.stub(mesh.dst)
+    handle = await stub.TransferPrefix(prefix_request(prompt))
+    assert handle.bytes_total > 150_000  # about half a second at 300 kB/s
+
+    async def watch():
+        request = kv_transfer_pb2.WatchRequest(transfer_id=handle.transfer_id, min_interval_s=60)
+        return [p async for p in stub.Watch(request)]
+
+    seen = await asyncio.wait_for(watch(), 30.0)
+    assert seen[0].state in (P.QUEUED, P.RUNNING)
+    assert seen[-1].state == P.COMPLETED

@@ -135,6 +135,24 @@ def test_gpu_seconds_cost_when_no_prediction() -> None:
     r.gpu_seconds, r.price_usd_per_hour = 36.0, 2.0
     report = build_report([r], trace="t", policy="p", duration_s=1, slo_classes=CLASSES)
     assert report["gpu_cost_usd"] == pytest.approx(0.02)
+    assert report["predicted_gpu_cost_usd"] is None
+    assert report["predicted_cost_per_mtok_usd"] is None
+
+
+def test_measured_gpu_cost_wins_over_predicted() -> None:
+    measured = ok("a", 100, prompt=100, out=10, cost=0.5)  # predicted $0.50
+    measured.gpu_seconds, measured.price_usd_per_hour = 36.0, 2.0  # measured $0.02
+    predicted_only = ok("b", 100, prompt=100, out=10, cost=0.001)
+    report = build_report([measured, predicted_only], trace="t", policy="p", duration_s=1,
+                          slo_classes=CLASSES)
+    assert measured.gpu_cost_usd() == pytest.approx(0.02)
+    assert report["gpu_cost_usd"] == pytest.approx(0.021)
+    assert report["cost_per_mtok_usd"] == pytest.approx(0.021 / 220 * 1e6)
+    assert report["predicted_gpu_cost_usd"] == pytest.approx(0.501)
+    assert report["predicted_cost_per_mtok_usd"] == pytest.approx(0.501 / 220 * 1e6)
+    out = io.StringIO()
+    print_report(report, Console(file=out, width=200))
+    assert "predicted cost per 1M tokens" in out.getvalue()
 
 
 def test_empty_and_unknown_class_and_extra_clash() -> None:

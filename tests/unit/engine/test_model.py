@@ -353,3 +353,42 @@ def test_stats_report_queued_prefill_and_decode_work():
     s = e.stats()
     assert (s.waiting_prefill_tokens, s.running_prefill_tokens) == (40, 150)
     assert s.kv_cache_usage > 0 and s.num_steps == 1 and s.busy_time_s > 0
+
+
+class TestGpuSeconds:
+    def test_step_time_is_split_by_tokens(self):
+        e = create_engine(max_num_batched_tokens=100)
+        e.add_request(create_request("a", 80, max_tokens=3))
+        e.add_request(create_request("b", 80, max_tokens=2, start=5000))
+        s1 = e.step(0.0)  # a: 80 prefill tokens, b: a 20-token chunk
+        s2 = e.step(s1.end_s)  # a: 1 decode, b: the remaining 60
+        s3 = e.step(s2.end_s)  # both decode; both finish
+        assert (s1.num_prefill_tokens, s2.num_prefill_tokens, s2.num_decode_seqs) == (100, 60, 1)
+        assert not e.has_work()
+        got = {m.request_id: m.gpu_seconds for m in s3.finished}
+        d1, d2, d3 = s1.duration_s, s2.duration_s, s3.duration_s
+        assert got["a"] == pytest.approx(d1 * 80 / 100 + d2 * 1 / 61 + d3 / 2)
+        assert got["b"] == pytest.approx(d1 * 20 / 100 + d2 * 60 / 61 + d3 / 2)
+        assert sum(got.values()) == pytest.approx(d1 + d2 + d3)
+
+    def test_sum_over_requests_is_busy_time_with_preemption_and_idle_steps(self):
+        e = create_engine(num_gpu_blocks=10, max_model_len=160)
+        e.add_request(create_request("old", 60, max_tokens=60, start=1000))
+        e.add_request(create_request("new", 60, max_tokens=60, start=3000))
+        results, _, t = run_to_completion(e)
+        idle = e.step(t)  # no work: no duration, nothing attributed
+        assert idle.duration_s == 0.0
+        assert any(r.preempted for r in results)
+        finished = [m for r in results for m in r.finished]
+        busy = sum(r.duration_s for r in results if r.num_scheduled_tokens)
+        assert {m.request_id for m in finished} == {"old", "new"}
+        assert all(m.gpu_seconds > 0 for m in finished)
+        assert sum(m.gpu_seconds for m in finished) == pytest.approx(busy)
+        assert busy == pytest.approx(e.stats().busy_time_s)
+
+    def test_aborted_request_keeps_its_share(self):
+        e = create_engine()
+        e.add_request(create_request("a", 64, max_tokens=10))
+        s1 = e.step(0.0)
+        m = e.abort("a", now_s=s1.end_s)
+        assert m is not None and m.gpu_seconds == pytest.approx(s1.duration_s)

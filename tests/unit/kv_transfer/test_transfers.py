@@ -83,6 +83,15 @@ async def test_watchers_are_woken_by_changes():
     assert not transfer.changed().is_set()
 
 
+async def test_finished_is_set_by_a_terminal_state_only():
+    transfer = create_transfer()
+    transfer.set_state(P.RUNNING)
+    transfer.set_bytes_done(1000)
+    assert not transfer.finished.is_set()
+    transfer.set_state(P.CANCELLED)
+    assert transfer.finished.is_set()
+
+
 def test_options_are_checked():
     for field, value in (
         ("chunk_bytes", 10),

@@ -93,8 +93,17 @@ class TestSlomeshPolicy:
             ]
         )
         cache(view, "washington-dc", {"wdc": tokens})
-        decision = make_policy("slomesh").place(make_request(tokens, origin="tokyo"), view)
+        request = make_request(tokens, origin="tokyo")
+        decision = make_policy("slomesh", cost_first_slo_usage=0.0).place(request, view)
         assert decision.chosen.instance_id == "tyo"
+        # With the SLO slack both leave, the shipped profile lets money decide: the cached
+        # prefix saves the prefill's GPU seconds, and the RTT still fits the TTFT target.
+        decision = make_policy("slomesh").place(request, view)
+        wdc = next(c for c in decision.candidates if c.instance_id == "wdc")
+        tyo = next(c for c in decision.candidates if c.instance_id == "tyo")
+        assert wdc.cost_first and tyo.cost_first
+        assert wdc.prediction.cost_usd < tyo.prediction.cost_usd
+        assert decision.chosen.instance_id == "wdc"
 
     def test_refuses_with_retry_hint_when_nothing_is_feasible(self):
         busy = make_instance(
@@ -302,6 +311,69 @@ class TestSlomeshPolicy:
         per_call_ms = (time.perf_counter() - t0) * 1000 / n
         assert decision.chosen.prediction.cached_prefix_tokens == 4096
         assert per_call_ms < 5.0  # generous bound on a shared 2-core machine; target <= 1 ms
+
+
+class TestCostFirstObjective:
+    """`PolicyProfile.cost_first_slo_usage`: placements with SLO slack to spare go by cost."""
+
+    @staticmethod
+    def place(**overrides):
+        fast = make_instance("fast", "H100", price_usd_per_hour=12.29)
+        cheap = make_instance("cheap", "L40S", price_usd_per_hour=1.86)
+        view = view_with([make_state("washington-dc", [fast, cheap])])
+        decision = make_policy("slomesh", **overrides).place(
+            make_request(expected_output_tokens=200), view
+        )
+        assert decision.outcome == "placed"
+        by_id = {c.instance_id: c for c in decision.candidates}
+        return decision.chosen.instance_id, by_id["fast"], by_id["cheap"]
+
+    @staticmethod
+    def usage(cand) -> float:
+        req = make_request(expected_output_tokens=200)
+        return cand.prediction.slo_usage(req.slo, req.prompt_tokens)
+
+    def test_latency_decides_when_off(self):
+        chosen, fast, cheap = self.place(cost_first_slo_usage=0.0)
+        # Both meet the SLO; the H100 is dearer per request but faster by more than
+        # alpha_s_per_usd says the difference is worth.
+        assert fast.feasible and cheap.feasible and not fast.cost_first
+        assert cheap.prediction.cost_usd < fast.prediction.cost_usd
+        assert fast.prediction.e2e_ms < cheap.prediction.e2e_ms
+        assert chosen == "fast"
+        for cand in (fast, cheap):
+            assert cand.feasible == (self.usage(cand) <= 0.9)
+
+    def test_cheaper_wins_among_candidates_with_slack(self):
+        _, fast, cheap = self.place(cost_first_slo_usage=0.0)
+        assert self.usage(fast) < self.usage(cheap) <= 0.9
+        chosen, fast, cheap = self.place(cost_first_slo_usage=self.usage(cheap))
+        assert fast.cost_first and cheap.cost_first and chosen == "cheap"
+        # The shipped profile (0.6): an idle L40S leaves that slack on a chat request.
+        assert self.usage(cheap) <= 0.6 and self.place()[0] == "cheap"
+        # cost_first_alpha_s_per_usd prices the latency: at 0 the faster one wins again.
+        chosen, _, _ = self.place(
+            cost_first_slo_usage=self.usage(cheap), cost_first_alpha_s_per_usd=0.0
+        )
+        assert chosen == "fast"
+
+    def test_a_candidate_with_slack_beats_a_cheaper_tight_one(self):
+        _, fast, cheap = self.place(cost_first_slo_usage=0.0)
+        between = (self.usage(fast) + self.usage(cheap)) / 2
+        # Money weighs so much here that the objective alone picks "cheap" ...
+        assert self.place(cost_first_slo_usage=0.0, alpha_s_per_usd=1e6)[0] == "cheap"
+        chosen, fast, cheap = self.place(cost_first_slo_usage=between, alpha_s_per_usd=1e6)
+        # ... but only "fast" leaves the slack, so it goes first.
+        assert fast.cost_first and not cheap.cost_first and cheap.feasible
+        assert chosen == "fast"
+
+    def test_shipped_profiles_use_the_same_objective(self):
+        fields = ("alpha_s_per_usd", "cost_first_slo_usage", "cost_first_alpha_s_per_usd")
+        profiles = [load_profile(n) for n in ("slomesh", "oracle")] + [
+            load_profile(REPO / "configs" / "policies" / f"{n}.yaml") for n in ("slomesh", "oracle")
+        ]
+        assert len({tuple(getattr(p, f) for f in fields) for p in profiles}) == 1
+        assert profiles[0].cost_first_slo_usage > 0
 
 
 class TestBaselines:

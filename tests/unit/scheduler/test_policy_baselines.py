@@ -395,9 +395,11 @@ class TestOracle:
                 make_state("frankfurt", [make_instance("fra", "H100", price_usd_per_hour=1.0)]),
             ]
         )
+        # Latency alone decides (no cost-first band): at equal prices the H100 is also the
+        # cheaper per request, and money would pick it for both.
         request = make_request(prompt(200), max_tokens=1, ignore_eos=True)
-        honest = make_policy("slomesh").place(request, view)
-        oracle = make_policy("oracle").place(request, view)
+        honest = make_policy("slomesh", cost_first_slo_usage=0.0).place(request, view)
+        oracle = make_policy("oracle", cost_first_slo_usage=0.0).place(request, view)
         assert honest.chosen.instance_id == "fra" and oracle.chosen.instance_id == "wdc"
         assert oracle.chosen.prediction.e2e_ms < by_id(oracle.candidates, "fra").prediction.e2e_ms
 

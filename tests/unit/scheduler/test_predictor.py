@@ -4,6 +4,7 @@ profiles."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 from datetime import UTC, datetime
 from itertools import product
@@ -115,6 +116,89 @@ class TestQueueWait:
         assert queue_wait_ms(j, 0) == pytest.approx(part / 2 * 1000)
         assert queue_wait_ms(inst("H100"), 0) == 0.0
         assert decode_throughput_tokens_per_s(inst("L4")) < decode_throughput_tokens_per_s(inst())
+
+
+def h100_prefill_ms(n: int, decodes: int = 0, context: int = 0) -> float:
+    """One H100 roofline step of ``n`` fresh prompt tokens beside ``decodes`` decodes, ms."""
+    return 1000 * step_time_s(
+        PROFILES["H100"], DEFAULT_MODEL, n, decodes, context + n,
+        attention_pairs=context + n * (n + 1) / 2,
+    )  # fmt: skip
+
+
+class TestQueueWaitTimeline:
+    """The scheduler's own placements, timed step by step (`queue_wait_ms`'s timeline)."""
+
+    def test_the_rest_of_the_step_a_placement_started(self):
+        # 4000 tokens reached an idle instance 20 ms ago and started a step then.
+        i = inst("H100", prefill_arrivals_ms=((-20.0, 4000),), state_stamp_age_ms=50.0)
+        assert queue_wait_ms(i, 0) == pytest.approx(h100_prefill_ms(4000) - 20.0)
+        # Reaching it 30 ms from now: 30 ms less; after that step ends: no wait.
+        assert queue_wait_ms(i, 0, arrival_ms=30.0) == pytest.approx(h100_prefill_ms(4000) - 50)
+        assert queue_wait_ms(i, 0, arrival_ms=h100_prefill_ms(4000)) == 0.0
+
+    def test_placements_arriving_after_the_request_are_behind_it(self):
+        i = inst("H100", prefill_arrivals_ms=((40.0, 8000),), state_stamp_age_ms=10.0)
+        assert queue_wait_ms(i, 0, arrival_ms=30.0) == 0.0
+        assert queue_wait_ms(i, 0, arrival_ms=50.0) == pytest.approx(h100_prefill_ms(8000) - 10)
+
+    def test_prompts_waiting_for_the_next_step_share_it(self):
+        # A (3000 tokens) starts a step at -10 ms; B (2000) arrives during it and waits for
+        # the next one, which the new request joins behind B: it waits for A's step only,
+        # and its first prefill step carries B's 2000 tokens besides its own 500.
+        i = inst(
+            "H100",
+            prefill_arrivals_ms=((-10.0, 3000), (-5.0, 2000)),
+            state_stamp_age_ms=100.0,
+        )
+        wait = h100_prefill_ms(3000) - 10.0
+        assert queue_wait_ms(i, 0) == pytest.approx(wait)
+        p = predict(i, rtt_ms=0.0, prompt_tokens=500, cached_prefix_tokens=0, output_tokens=10)
+        assert p.queue_wait_ms == pytest.approx(wait)
+        shared = h100_prefill_ms(2500) - h100_prefill_ms(500)
+        assert p.prefill_ms == pytest.approx(prefill_ms(i, 500, 0) + shared)
+        # Placed later at 4000 tokens/s, more prompts join it before it starts.
+        j = dataclasses.replace(i, prefill_arrival_tokens_per_s=4000.0)
+        q = predict(j, rtt_ms=0.0, prompt_tokens=500, cached_prefix_tokens=0, output_tokens=10)
+        behind = int(4000 * wait / 1000)
+        assert q.prefill_ms == pytest.approx(
+            prefill_ms(i, 500, 0) + h100_prefill_ms(2500 + behind) - h100_prefill_ms(500)
+        )
+
+    def test_more_than_a_step_ahead_waits_full_steps(self):
+        # 20000 tokens arrive at -1 ms during a step of 100 tokens started at -2 ms: after
+        # it, two full steps (2 x 8192) run before the step the new request joins (the last
+        # 3616 tokens and its own).
+        i = inst("H100", prefill_arrivals_ms=((-2.0, 100), (-1.0, 20_000)))
+        first, full = h100_prefill_ms(100), h100_prefill_ms(8192)
+        assert queue_wait_ms(i, 0) == pytest.approx(first - 2.0 + 2 * full)
+        # Reaching it once the first full step runs: the rest of that one, then one more.
+        assert queue_wait_ms(i, 0, arrival_ms=first) == pytest.approx(2 * full - 2.0)
+
+    def test_prompts_the_state_reports_beyond_the_timeline_keep_the_formula(self):
+        # The state (stamped 5 ms ago) reports 6000 tokens; the timeline holds the 1000 of a
+        # placement that arrived 8 ms ago: 5000 unknown, in a step of unknown phase.
+        i = inst(
+            "H100",
+            queued_prefill_tokens=6000,
+            state_prefill_tokens=6000,
+            state_stamp_age_ms=5.0,
+            prefill_arrivals_ms=((-8.0, 1000),),
+        )
+        assert queue_wait_ms(i, 0) == pytest.approx(h100_prefill_ms(5000) / 2)
+        # What the timeline knows is not counted twice; without it, the state's tokens are.
+        known = dataclasses.replace(i, state_prefill_tokens=1000, queued_prefill_tokens=1000)
+        assert queue_wait_ms(known, 0) == pytest.approx(h100_prefill_ms(1000) - 8.0)
+        alone = inst("H100", queued_prefill_tokens=6000, state_prefill_tokens=6000)
+        assert queue_wait_ms(alone, 0) == pytest.approx(h100_prefill_ms(6000) / 2)
+
+    def test_decodes_in_flight_delay_a_new_step_by_half_a_decode_step(self):
+        busy = {"num_requests_running": 8, "kv_cache_usage": 0.25, "num_gpu_blocks": 1000}
+        decode = h100_prefill_ms(0, 8, 4000)
+        # Nothing queued: the rest of the decode step in flight, half of one.
+        assert queue_wait_ms(inst("H100", **busy), 0) == pytest.approx(decode / 2)
+        i = inst("H100", prefill_arrivals_ms=((-5.0, 2000),), **busy)
+        assert queue_wait_ms(i, 0) == pytest.approx(decode / 2 + h100_prefill_ms(2000, 8, 4000) - 5)
 
 
 class TestPrefill:
@@ -294,7 +378,10 @@ class TestFittedProfiles:
         ]
         assert chunks == pytest.approx([65.29, 85.29, 52.785])
         assert p.prefill_ms == pytest.approx(65.29 + 85.29 + 52.785)
-        assert p.queue_wait_ms == 0.0 and p.ttft_ms == pytest.approx(30 + p.prefill_ms)
+        # No prompt queued: the rest of the decode step in flight, half of one expected (memory
+        # side 7 + 0.08 * 4 + 3e-4 * 4000 = 8.52 ms over compute 5 + 0.05 * 4 + 2e-5 * 4000).
+        assert p.queue_wait_ms == pytest.approx(8.52 / 2)
+        assert p.ttft_ms == pytest.approx(30 + p.queue_wait_ms + p.prefill_ms)
         # TPOT: batch 4 + 1 over 4000 + 2500 + 200 / 2 KV tokens, memory-bound.
         assert p.batch_size == 5
         assert p.tpot_ms == pytest.approx(7 + 0.08 * 5 + 3e-4 * 6600)

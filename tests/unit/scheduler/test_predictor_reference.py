@@ -81,31 +81,86 @@ def ref_decode_throughput(i, config):
     batch = max(1, min(i.num_requests_running, config.max_num_seqs))
     context = int(i.kv_cache_usage * capacity)
     if fitted is not None:
-        return batch / fitted_step_ms(fitted, 0, 0.0, 0, batch, context) * 1000.0
+        step = fitted_step_ms(fitted, 0, 0.0, 0, batch, context)
+        return batch / step * 1000.0 if step > 0 else math.inf
     return batch / step_time_s(profile, model, 0, batch, context, attention_pairs=float(context))
 
 
-def ref_queue_wait(i, new_kv_tokens, config):
+def ref_prefill_steps(i, config, arrival_ms, running, context, budget):
+    """The prefill steps the scheduler's placements reaching ``i`` by ``arrival_ms`` make,
+    as [start, end, tokens] (a step of its own starts at its placement's arrival, its end
+    after half a decode step and the prefill; the next one at the previous one's end)."""
+    half = ref_chunk_ms(i, config, 0, 0, running, context) / 2.0 if running else 0.0
+    arrivals = [(t, n) for t, n in i.prefill_arrivals_ms if t <= arrival_ms]
+    steps, queue, k = [], 0, 0
+    while k < len(arrivals) or queue > 0:
+        if queue > 0 and (k == len(arrivals) or steps[-1][1] <= arrivals[k][0]):
+            n = min(queue, budget)
+            queue -= n
+            start = steps[-1][1]
+            steps.append([start, start + ref_chunk_ms(i, config, n, 0, running, context), n])
+            continue
+        t, n = arrivals[k]
+        k += 1
+        if steps and steps[-1][1] > t:
+            queue += n
+        else:
+            first = min(n, budget)
+            queue = n - first
+            steps.append([t, t + half + ref_chunk_ms(i, config, first, 0, running, context), first])
+    return steps, arrivals, half
+
+
+def ref_queue_wait_and_shared(i, new_kv_tokens, config, arrival_ms=0.0, uncached=0):
     capacity = ref_step_model(i, config)[3]
     queued = i.queued_prefill_tokens
     used = i.kv_cache_usage * capacity
-    wait = 0.0
-    if queued > 0:
-        if measured_only(i, config, i.prefill_tokens_per_s):
+    wait = shared = 0.0
+    if measured_only(i, config, i.prefill_tokens_per_s):
+        if queued > 0:
             wait += queued / i.prefill_tokens_per_s * 1000.0
-        else:
-            running = min(i.num_requests_running, config.max_num_seqs)
-            budget = max(1, config.prefill_chunk_tokens - running)
-            full = ref_chunk_ms(i, config, budget, 0, running, int(used))
-            first = ref_chunk_ms(i, config, min(queued, budget), 0, running, int(used))
-            wait += first / 2.0 + (queued // budget) * full
+    else:
+        running = min(i.num_requests_running, config.max_num_seqs)
+        budget = max(1, config.prefill_chunk_tokens - running)
+        context = int(used)
+        full = ref_chunk_ms(i, config, budget, 0, running, context)
+        steps, arrivals, half = ref_prefill_steps(i, config, arrival_ms, running, context, budget)
+        known_wait, ahead, unknown = half, 0, queued
+        if i.prefill_arrivals_ms:
+            stamp = min(-i.state_stamp_age_ms, arrival_ms)
+            known = sum(n for t, n in arrivals if t <= stamp) - sum(
+                n for _, end, n in steps if end <= stamp
+            )
+            unknown = max(0, i.state_prefill_tokens - known)
+            in_flight = [st for st in steps if st[0] <= arrival_ms < st[1]]
+            if in_flight:
+                waiting = sum(n for start, _, n in steps if start > arrival_ms)
+                known_wait = in_flight[0][1] - arrival_ms + (waiting // budget) * full
+                ahead = waiting % budget
+        unknown_wait = 0.0
+        if unknown > 0:
+            first = ref_chunk_ms(i, config, min(unknown, budget), 0, running, context)
+            unknown_wait = first / 2.0 + (unknown // budget) * full
+        wait += max(known_wait, unknown_wait)
+        if uncached > 0 and known_wait > 0:
+            own = min(uncached, max(1, budget - ahead))
+            behind = int(i.prefill_arrival_tokens_per_s * known_wait / 1000.0)
+            n = min(budget - own, ahead + behind)
+            if n > 0:
+                shared = ref_chunk_ms(i, config, n + own, 0, running, context) - ref_chunk_ms(
+                    i, config, own, 0, running, context
+                )
     if i.queued_decode_tokens > 0:
         ahead = used + queued + i.queued_decode_tokens
         deficit = ahead + new_kv_tokens - capacity
         if deficit > 0 and ahead > 0:
             drain_s = i.queued_decode_tokens / ref_decode_throughput(i, config)
             wait += min(1.0, deficit / ahead) * drain_s * 1000.0
-    return wait
+    return wait, shared
+
+
+def ref_queue_wait(i, new_kv_tokens, config, arrival_ms=0.0):
+    return ref_queue_wait_and_shared(i, new_kv_tokens, config, arrival_ms)[0]
 
 
 def ref_prefill(i, uncached, cached, config):
@@ -148,8 +203,8 @@ def ref_predict(i, rtt_ms, prompt_tokens, cached_prefix_tokens, output_tokens, c
     cached = max(0, min(cached_prefix_tokens, prompt_tokens - 1))
     uncached = prompt_tokens - cached
     n_out = max(1, output_tokens)
-    wait = ref_queue_wait(i, uncached + n_out, config)
-    prefill = ref_prefill(i, uncached, cached, config)
+    wait, shared = ref_queue_wait_and_shared(i, uncached + n_out, config, rtt_ms / 2.0, uncached)
+    prefill = ref_prefill(i, uncached, cached, config) + shared
     tpot, batch = ref_tpot(i, prompt_tokens, n_out, config)
     ttft = rtt_ms + model_load_ms + wait + prefill
     gpu_s = prefill / 1000.0 + (n_out - 1) * tpot / 1000.0 / batch
@@ -161,7 +216,8 @@ def ref_predict(i, rtt_ms, prompt_tokens, cached_prefix_tokens, output_tokens, c
         "e2e_ms": ttft + (n_out - 1) * tpot, "cached_prefix_tokens": cached,
         "uncached_prompt_tokens": uncached, "output_tokens": n_out, "batch_size": batch,
         "gpu_seconds": gpu_s, "cost_usd": gpu_s * i.price_usd_per_hour / 3600.0,
-        "bytes_moved": 0, "model_load_ms": model_load_ms,
+        "bytes_moved": 0, "model_load_ms": model_load_ms, "transfer_source_region": "",
+        "transfer_source_instance": "", "transfer_prefix_tokens": 0, "egress_cost_usd": 0.0,
     }  # fmt: skip
 
 
@@ -191,6 +247,11 @@ instances = st.builds(
     price_usd_per_hour=st.floats(0.0, 12.0),
     prefill_arrival_tokens_per_s=st.just(0.0) | st.floats(1.0, 1e6),
     online_fit=online_fits,
+    prefill_arrivals_ms=st.lists(
+        st.tuples(st.floats(-1000.0, 500.0), st.integers(1, 20_000)), max_size=8
+    ).map(lambda a: tuple(sorted(a))),
+    state_prefill_tokens=st.integers(0, 50_000),
+    state_stamp_age_ms=st.floats(0.0, 300.0),
 )
 
 
@@ -248,7 +309,10 @@ def test_the_parts_equal_the_reference(h100_profile, data):
     cached = data.draw(st.integers(0, 65_536))
     output_tokens = data.draw(st.integers(1, 8192))
     new_kv = data.draw(st.integers(0, 100_000))
-    assert close(queue_wait_ms(i, new_kv, config), ref_queue_wait(i, new_kv, config))
+    arrival = data.draw(st.just(0.0) | st.floats(0.0, 300.0))
+    assert close(
+        queue_wait_ms(i, new_kv, config, arrival), ref_queue_wait(i, new_kv, config, arrival)
+    )
     assert close(
         prefill_ms(i, prompt_tokens, cached, config), ref_prefill(i, prompt_tokens, cached, config)
     )

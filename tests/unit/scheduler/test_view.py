@@ -6,7 +6,11 @@ import math
 
 import pytest
 
-from slomesh.scheduler.view import ClusterView
+from slomesh.scheduler.view import (
+    PREFILL_TIMELINE_HORIZON_S,
+    PREFILL_TIMELINE_MAX_ARRIVALS,
+    ClusterView,
+)
 from slomesh.v1 import state_pb2
 from tests.unit.scheduler.factories import (
     MODEL,
@@ -221,6 +225,37 @@ class TestOptimisticAccounting:
         view, _, _ = make_view()
         view.record_placement("mars", "a", "q", 1, 1)
         assert view.pending_placements("mars", "a") == []
+
+    def test_placement_arrivals_feed_the_queue_wait_timeline(self):
+        view, clock, _ = make_view()
+        view.apply_state(
+            make_state(
+                "tokyo", [make_instance("a", queued_prefill_tokens=700)], timestamp_unix_ns=T0
+            )
+        )
+        # Decided in this order, they reach the instance in the other (one-way delays differ).
+        view.record_placement("tokyo", "a", "far", 1000, 9, placed_unix_ns=T0, one_way_ms=70)
+        view.record_placement("tokyo", "a", "near", 2000, 9, placed_unix_ns=T0, one_way_ms=5)
+        clock.now = T0 + 20 * MS
+        inst = view.instances()[0]
+        assert inst.prefill_arrivals_ms == ((-15.0, 2000), (50.0, 1000))
+        assert inst.state_prefill_tokens == 700 and inst.queued_prefill_tokens == 3700
+        assert inst.state_stamp_age_ms == 20.0
+        # Past the horizon they are forgotten: when listed, and when the next one is recorded.
+        horizon_ms = PREFILL_TIMELINE_HORIZON_S * 1000
+        clock.now = T0 + int((70 + horizon_ms) * MS) + 1
+        assert view.instances()[0].prefill_arrivals_ms == ()
+        view.record_placement("tokyo", "a", "next", 10, 1)
+        assert view._prefill_arrivals["a"] == [(clock.now, 10)]
+
+    def test_placement_arrivals_are_capped(self):
+        view, _clock, _ = make_view()
+        view.apply_state(make_state("tokyo", [make_instance("a")], timestamp_unix_ns=T0))
+        for k in range(PREFILL_TIMELINE_MAX_ARRIVALS + 5):
+            view.record_placement("tokyo", "a", f"q{k}", k + 1, 1, placed_unix_ns=T0 + k * MS)
+        arrivals = view.instances()[0].prefill_arrivals_ms
+        assert len(arrivals) == PREFILL_TIMELINE_MAX_ARRIVALS
+        assert arrivals[0][1] == 6 and arrivals[-1][1] == PREFILL_TIMELINE_MAX_ARRIVALS + 5
 
 
 class TestInflight:

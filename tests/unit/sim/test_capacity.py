@@ -81,8 +81,9 @@ def test_run_bench_in_process(tmp_path):
     assert bench["baselines"] == ["round-robin"] and bench["best_baseline"] == "round-robin"
     rr, sm = bench["policies"]["round-robin"], bench["policies"]["slomesh"]
     assert len(points) == len(rr["points"]) + len(sm["points"])
-    for r in (rr, sm):
-        assert 1 <= len(r["points"]) <= 4
+    for r, extra in ((rr, 0), (sm, 1)):
+        # max_points bisection points, plus slomesh's point at the equal load if it is new
+        assert 1 <= len(r["points"]) <= 4 + extra
         if r["capacity_rate_scale"] > 0:
             assert r["slo_attainment"] >= 0.9
             assert r["capacity_rps"] == pytest.approx(
@@ -98,10 +99,77 @@ def test_run_bench_in_process(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from rich.console import Console
 
-    console = Console(record=True, width=200)
+    # Equal load: both policies evaluated at round-robin's capacity (the best baseline's).
+    eq = bench["equal_load"]
+    if rr["capacity_rate_scale"] > 0:
+        assert eq["rate_scale"] == rr["capacity_rate_scale"]
+        assert eq["rate_scale"] in {p["rate_scale"] for p in sm["points"]}
+        assert eq["cheapest_baseline"] == "round-robin"
+        assert eq["policies"]["round-robin"]["slo_attainment"] == rr["slo_attainment"]
+        sm_cost = eq["policies"]["slomesh"]["cost_per_mtok_usd"]
+        assert eq["policies"]["slomesh"]["cost_le_cheapest_baseline"] == (
+            sm_cost <= rr["cost_per_mtok_usd"]
+        )
+        assert len(capacity.equal_load_summary(bench)) == 1
+    else:
+        assert eq is None and capacity.equal_load_summary(bench) == []
+    console = Console(record=True, width=250)
     console.print(capacity.capacity_table(bench))
     text = console.export_text()
     assert "round-robin" in text and "slomesh" in text
+
+
+def _point(attainment: float, cost: float) -> dict[str, float]:
+    return {"slo_attainment": attainment, "cost_per_mtok_usd": cost,
+            "fleet_cost_per_mtok_usd": 2 * cost}
+
+
+class TestEqualLoadComparison:
+    def test_cheapest_baseline_is_among_those_attaining_the_target(self):
+        points = {
+            "llm-d": _point(0.91, 0.30),
+            "dynamo": _point(0.88, 0.25),  # cheaper, but misses the target: not a reference
+            "qlm": _point(0.95, 0.32),
+            "slomesh": _point(0.99, 0.29),
+            "oracle": _point(0.99, 0.31),
+        }
+        eq = capacity.equal_load_comparison(points, ["llm-d", "dynamo", "qlm"], 0.9, 3.8)
+        assert eq["rate_scale"] == 3.8
+        assert eq["cheapest_baseline"] == "llm-d"
+        assert eq["cheapest_baseline_cost_per_mtok_usd"] == 0.30
+        rows = eq["policies"]
+        assert [p for p, r in rows.items() if r["attains_target"]] == [
+            "llm-d", "qlm", "slomesh", "oracle"]
+        assert rows["slomesh"]["cost_le_cheapest_baseline"] is True
+        assert rows["oracle"]["cost_le_cheapest_baseline"] is False
+        assert all("cost_le_cheapest_baseline" not in rows[b] for b in ("llm-d", "dynamo", "qlm"))
+        assert rows["qlm"]["fleet_cost_per_mtok_usd"] == 0.64
+
+    def test_equal_cost_counts_as_no_more(self):
+        points = {"llm-d": _point(0.9, 0.3), "slomesh": _point(0.9, 0.3)}
+        eq = capacity.equal_load_comparison(points, ["llm-d"], 0.9, 2.0)
+        assert eq["policies"]["slomesh"]["cost_le_cheapest_baseline"] is True
+
+    def test_no_baseline_attains_the_target(self):
+        points = {"llm-d": _point(0.85, 0.3), "slomesh": _point(0.95, 0.2)}
+        eq = capacity.equal_load_comparison(points, ["llm-d"], 0.9, 2.0)
+        assert eq["cheapest_baseline"] is None
+        assert eq["cheapest_baseline_cost_per_mtok_usd"] is None
+        assert eq["policies"]["slomesh"]["cost_le_cheapest_baseline"] is None
+        bench = {"equal_load": eq, "target_attainment": 0.9, "best_baseline": "llm-d"}
+        (line,) = capacity.equal_load_summary(bench)
+        assert "no baseline attains 90 %" in line
+
+    def test_summary_line_gives_the_verdict(self):
+        points = {"llm-d": _point(0.92, 0.30), "slomesh": _point(0.97, 0.31)}
+        eq = capacity.equal_load_comparison(points, ["llm-d"], 0.9, 3.83)
+        bench = {"equal_load": eq, "target_attainment": 0.9, "best_baseline": "llm-d"}
+        (line,) = capacity.equal_load_summary(bench)
+        assert "x3.83" in line and "llm-d $0.3000/Mtok" in line and line.endswith("NO")
+        points["slomesh"] = _point(0.85, 0.29)
+        eq = capacity.equal_load_comparison(points, ["llm-d"], 0.9, 3.83)
+        (line,) = capacity.equal_load_summary({**bench, "equal_load": eq})
+        assert line.endswith("yes (but it misses 90 % itself)")
 
 
 def test_run_bench_rejects_bad_policy_lists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 
 import pytest
@@ -190,6 +191,150 @@ class TestStrictPriority:
         bg = bytes_of(log, PREWARM, 1.0, 5.0) / 4.0
         assert fg == pytest.approx(capacity / 2, rel=0.05)
         assert fg + bg == pytest.approx(capacity, rel=0.02)
+
+
+class TestForegroundFlows:
+    """A foreground transfer holds the link from its first chunk to its last (`open_flow`)."""
+
+    @staticmethod
+    async def held_back_foreground(sched, log, *, with_flow: bool) -> tuple[float, float]:
+        """At 1 s, 16 foreground chunks, each followed by 20 ms (two chunk times at 100 MiB/s)
+        in which the receiver holds the stream back, so no foreground chunk waits; returns the
+        times its flow opened and closed."""
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(1.0)
+        opened_s = loop.time()
+        with sched.open_flow(FG) if with_flow else contextlib.nullcontext():
+            for _ in range(16):
+                await sched.send(MIB, FG)
+                log.append((loop.time(), FG, MIB))
+                await asyncio.sleep(0.02)
+            closed_s = loop.time()
+        return opened_s, closed_s
+
+    @pytest.mark.parametrize("with_flow", [False, True])
+    def test_background_waits_for_the_whole_flow_not_only_its_waiting_chunks(
+        self, with_flow: bool
+    ) -> None:
+        capacity = 100 * MIB
+
+        async def main():
+            sched = make_scheduler(capacity)
+            log: list = []
+            bg = asyncio.create_task(stream(sched, PREWARM, MIB, log, until_s=4.0))
+            opened_s, closed_s = await self.held_back_foreground(sched, log, with_flow=with_flow)
+            await bg
+            return log, opened_s, closed_s, sched.stats()
+
+        log, opened_s, closed_s, stats = run_virtual(main())
+        during = sum(n for t, c, n in log if c == PREWARM and opened_s < t < closed_s)
+        if with_flow:
+            assert during == 0
+            # Closed: the background has the whole link again.
+            after = bytes_of(log, PREWARM, closed_s + 0.1, closed_s + 1.1)
+            assert after == pytest.approx(capacity, abs=MIB)
+        else:
+            # Without a flow the background takes the gaps: what the flow is there to stop.
+            assert during >= 16 * MIB
+        assert stats.open_flows[FG] == 0
+        assert stats.granted_bytes_total[FG] == 16 * MIB
+
+    def test_the_last_foreground_flow_to_close_releases_the_background(self) -> None:
+        async def main():
+            sched = make_scheduler(10 * MIB, burst_bytes=MIB)
+            loop = asyncio.get_running_loop()
+            a, b = sched.open_flow(FG), sched.open_flow(FG)
+            bg = asyncio.create_task(sched.send(MIB, PREWARM))  # the bucket is full
+            await asyncio.sleep(5.0)
+            held = (bg.done(), sched.stats().open_flows[FG])
+            a.close()
+            a.close()  # idempotent: `b` still holds the link
+            await asyncio.sleep(1.0)
+            still_held = (bg.done(), sched.stats().open_flows[FG])
+            b.close()
+            await bg
+            return held, still_held, loop.time(), sched.stats()
+
+        held, still_held, granted_s, stats = run_virtual(main())
+        assert held == (False, 2)
+        assert still_held == (False, 1)
+        assert granted_s == pytest.approx(6.0)  # at the close, no timer needed to wake it
+        assert stats.open_flows[FG] == 0 and stats.total_queued_bytes == 0
+
+    def test_a_flow_ended_by_an_exception_or_a_cancel_is_released(self) -> None:
+        async def main():
+            sched = make_scheduler(10 * MIB, burst_bytes=MIB)
+            loop = asyncio.get_running_loop()
+            with pytest.raises(RuntimeError), sched.open_flow(FG):
+                await sched.send(MIB, FG)  # empties the bucket
+                raise RuntimeError("stream broke")
+            after_error = sched.stats().open_flows[FG]
+
+            async def foreground_transfer() -> None:
+                with sched.open_flow(FG):
+                    await sched.send(MIB, FG)  # waits 0.1 s for tokens
+                    await asyncio.sleep(10.0)  # the receiver holds the stream back
+
+            fg = asyncio.create_task(foreground_transfer())
+            await asyncio.sleep(0.5)  # fg granted at 0.1 s, now between chunks
+            bg = asyncio.create_task(sched.send(MIB, PREWARM))
+            await asyncio.sleep(0.5)
+            held = bg.done()
+            fg.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await fg
+            await bg
+            return after_error, held, loop.time(), sched.stats()
+
+        after_error, held, granted_s, stats = run_virtual(main())
+        assert after_error == 0
+        assert held is False
+        assert granted_s == pytest.approx(1.0)  # at the cancel
+        assert stats.open_flows[FG] == 0
+        assert stats.granted_bytes_total == {FG: 2 * MIB, PREFETCH: 0, PREWARM: MIB}
+
+    def test_a_cancelled_flow_with_a_waiting_chunk_leaves_nothing_behind(self) -> None:
+        async def main():
+            sched = make_scheduler(10 * MIB, burst_bytes=MIB)
+            loop = asyncio.get_running_loop()
+            await sched.send(MIB, PREWARM)  # empties the bucket
+
+            async def foreground_transfer() -> None:
+                with sched.open_flow(FG):
+                    await sched.send(MIB, FG)  # due at 0.1 s
+
+            fg = asyncio.create_task(foreground_transfer())
+            bg = asyncio.create_task(sched.send(MIB, PREWARM))
+            await asyncio.sleep(0.05)
+            fg.cancel()
+            await bg
+            return loop.time(), sched.stats()
+
+        granted_s, stats = run_virtual(main())
+        assert granted_s == pytest.approx(0.1)  # the tokens the foreground would have had
+        assert stats.open_flows[FG] == 0
+        assert stats.queued_bytes[FG] == 0 and stats.granted_bytes_total[FG] == 0
+
+    def test_background_flows_are_counted_and_hold_nothing(self) -> None:
+        async def main():
+            sched = make_scheduler(10 * MIB, burst_bytes=2 * MIB)
+            loop = asyncio.get_running_loop()
+            with sched.open_flow(PREFETCH), sched.open_flow(PREWARM):
+                await sched.send(MIB, PREWARM)
+                await sched.send(MIB, PREFETCH)
+                during = sched.stats().open_flows
+            return loop.time(), during, sched.stats().open_flows
+
+        granted_s, during, after = run_virtual(main())
+        assert granted_s == 0.0
+        assert during == {FG: 0, PREFETCH: 1, PREWARM: 1}
+        assert after == {FG: 0, PREFETCH: 0, PREWARM: 0}
+
+    def test_an_unknown_class_opens_no_flow(self) -> None:
+        sched = LinkScheduler(1e6)
+        with pytest.raises(ValueError, match="TrafficClass"):
+            sched.open_flow(7)
+        assert sum(sched.stats().open_flows.values()) == 0
 
 
 class TestFairQueueing:

@@ -183,3 +183,38 @@ def test_staging_lives_under_partial_and_ids_are_checked(tmp_path):
             validate_transfer_id(bad)
     area.discard("t-1.a_b")
     assert area.transfer_ids() == []
+
+
+@pytest.mark.parametrize("algo", [DIGEST_SHA256, DIGEST_XXH3_128])
+def test_the_whole_file_digest_is_computed_as_chunks_are_written(tmp_path, monkeypatch, algo):
+    from slomesh.transfer import staging as staging_module
+
+    def no_reread(*args, **kwargs):
+        raise AssertionError("a file written by this object is not read back to be hashed")
+
+    staged = StagingArea(tmp_path).create("t1", _object(FILES, algo), {})
+    _feed(staged, "a.safetensors", FILES["a.safetensors"])
+    monkeypatch.setattr(staging_module, "file_digest", no_reread)
+    staged.verify_file("a.safetensors")
+    assert staged.is_file_verified("a.safetensors")
+    # A file fetched again after a reset is hashed afresh from its first chunk.
+    staged.reset_file("a.safetensors")
+    _feed(staged, "a.safetensors", FILES["a.safetensors"])
+    staged.verify_file("a.safetensors")
+    assert staged.is_file_verified("a.safetensors")
+
+
+def test_a_file_resumed_after_a_restart_is_read_back_for_its_digest(tmp_path):
+    area = StagingArea(tmp_path)
+    data = FILES["a.safetensors"]
+    _feed(area.create("t1", _object(FILES, DIGEST_SHA256), {}), "a.safetensors", data, 2000)
+    resumed = area.open("t1")
+    _feed(resumed, "a.safetensors", data)
+    # Damage a byte written before the restart: only a read-back of the file can see it.
+    path = resumed.data_path("a.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[10] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ObjectDigestError):
+        resumed.verify_file("a.safetensors")
+    assert resumed.verified_bytes("a.safetensors") == 0
