@@ -323,10 +323,11 @@ async def test_a_foreground_stream_holds_its_link_until_it_ends_however_it_ends(
             ],
         )
 
-    # Broken by the source (fault injection) after two chunks: released.
+    # Broken by the source (fault injection) after two chunks: released. (Not checked while
+    # the client reads them: they are buffered, and the handler may be gone by then.)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         async for _ in stub.FetchChunks(fetch("broken")):
-            assert link.stats().open_flows[TrafficClass.FOREGROUND_KV] == 1
+            pass
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert link.stats().open_flows[TrafficClass.FOREGROUND_KV] == 0
     faults.break_after_chunks = None
