@@ -514,12 +514,11 @@ class KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
     async def _transfer_prefix(
         self, request: kv_transfer_pb2.TransferPrefixRequest, context, span: trace.Span
     ) -> kv_transfer_pb2.TransferHandle:
-        destination = request.destination_region or self.region
-        if destination != self.region:
-            forwarded = kv_transfer_pb2.TransferPrefixRequest()
-            forwarded.CopyFrom(request)
-            forwarded.destination_region = destination
-            return await self._call_peer(destination, "TransferPrefix", forwarded, context, span)
+        if request.destination_region not in ("", self.region):
+            # Another region's transfer: its service runs it (the request names it already).
+            return await self._call_peer(
+                request.destination_region, "TransferPrefix", request, context, span
+            )
         for name in ("model", "source_region", "source_instance_id", "destination_instance_id"):
             if not getattr(request, name):
                 raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} must not be empty")
@@ -591,12 +590,11 @@ class KVTransferServicer(kv_transfer_pb2_grpc.KVTransferServicer):
     async def _prewarm(
         self, request: kv_transfer_pb2.PrewarmRequest, context, span: trace.Span
     ) -> kv_transfer_pb2.TransferHandle:
-        destination = request.destination_region or self.region
-        if destination != self.region:
-            forwarded = kv_transfer_pb2.PrewarmRequest()
-            forwarded.CopyFrom(request)
-            forwarded.destination_region = destination
-            return await self._call_peer(destination, "Prewarm", forwarded, context, span)
+        if request.destination_region not in ("", self.region):
+            # Another region's transfer: its service runs it (the request names it already).
+            return await self._call_peer(
+                request.destination_region, "Prewarm", request, context, span
+            )
         if not request.source_region:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "source_region must not be empty")
         model = validate_model_id(request.model)

@@ -57,7 +57,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +64,7 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from slomesh.benchmarks.transfer import TransferTiming
 from slomesh.procs import free_ports
 from slomesh.transfer.stores import (
     KvStoreConfig,
@@ -92,19 +92,6 @@ TARGET_FOREGROUND_RATIO = 1.10
 _P = kv_transfer_pb2.TransferProgress
 _TERMINAL = {_P.COMPLETED, _P.FAILED, _P.CANCELLED}
 _READY_TIMEOUT_S = 60.0
-
-
-@dataclass(frozen=True)
-class ServiceTransfer:
-    """One transfer through the services: bytes moved, call and completion (loop seconds)."""
-
-    nbytes: int
-    start_s: float
-    end_s: float
-
-    @property
-    def duration_s(self) -> float:
-        return self.end_s - self.start_s
 
 
 def write_weight_model(root: Path, model: str, nbytes: int, seed: int = 0) -> Path:
@@ -393,7 +380,7 @@ async def run_service_transfer_benchmark(
         )
         ids = itertools.count()
 
-        async def foreground() -> ServiceTransfer:
+        async def foreground() -> TransferTiming:
             start = loop.time()
             transfer_id = f"fg-{next(ids)}"
             handle = await dst_stub.TransferPrefix(
@@ -411,9 +398,9 @@ async def run_service_transfer_benchmark(
             end = await _watch_until_done(dst_stub, transfer_id)
             _check_moved(handle, fg_total)
             await asyncio.to_thread(shutil.rmtree, dirs["dst-kv"] / handle.object_key)
-            return ServiceTransfer(handle.bytes_total, start, end)
+            return TransferTiming(handle.bytes_total, start, end)
 
-        async def prewarm() -> ServiceTransfer:
+        async def prewarm() -> TransferTiming:
             start = loop.time()
             transfer_id = f"prewarm-{next(ids)}"
             handle = await dst_stub.Prewarm(
@@ -423,7 +410,7 @@ async def run_service_transfer_benchmark(
             )
             end = await _watch_until_done(dst_stub, transfer_id)
             _check_moved(handle, prewarm_total)
-            return ServiceTransfer(handle.bytes_total, start, end)
+            return TransferTiming(handle.bytes_total, start, end)
 
         async def drop_prewarmed() -> None:
             dst_model = dirs["dst-weights"] / MODEL
@@ -433,7 +420,7 @@ async def run_service_transfer_benchmark(
 
         sent_before = await asyncio.to_thread(_sent_bytes, metrics_url)
         await foreground()  # warm-up: connections, digest caches
-        idle_fg: list[ServiceTransfer] = []
+        idle_fg: list[TransferTiming] = []
         for _ in range(repeats):
             await asyncio.sleep(0.1)  # the link's token bucket refills
             idle_fg.append(await foreground())
@@ -444,7 +431,7 @@ async def run_service_transfer_benchmark(
 
         prewarm_task = loop.create_task(prewarm())
         prewarm_started = loop.time()
-        busy_fg: list[ServiceTransfer] = []
+        busy_fg: list[TransferTiming] = []
         prewarm_sent_meanwhile = 0.0
         await asyncio.sleep(foreground_at_s)
         while len(busy_fg) < repeats and not prewarm_task.done():
