@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 GIB = 1024**3
 """Bytes in one GiB."""
@@ -407,17 +408,63 @@ def step_time_s(
         attention_pairs = total_context_tokens + prefill_tokens * prefill_tokens / 2.0
     elif attention_pairs < 0:
         raise ValueError(f"attention_pairs must be >= 0, got {attention_pairs}")
-    flops = 2.0 * model.num_params * new_tokens + (
-        4.0 * model.num_layers * model.hidden_size * attention_pairs
+    return roofline(profile, model).step_s(
+        new_tokens, total_context_tokens, attention_pairs
     )
-    mem_bytes = (
-        model.weight_bytes
-        + model.kv_bytes_per_token * total_context_tokens
-        + model.kv_bytes_per_token * new_tokens
-    )
-    compute_s = flops / (profile.peak_flops * profile.compute_efficiency)
-    memory_s = mem_bytes / (profile.mem_bandwidth_bytes_per_s * profile.memory_efficiency)
-    return max(compute_s, memory_s) + profile.step_overhead_s
+
+
+class Roofline(NamedTuple):
+    """`step_time_s`'s roofline for one (GPU, model), its constants divided out once.
+
+    Attributes:
+        s_per_new_token: ``2 * num_params / (peak_flops * compute_efficiency)``, s.
+        s_per_attention_pair: ``4 * num_layers * hidden_size / (peak_flops *
+            compute_efficiency)``, s.
+        weights_s: ``weight_bytes / (mem_bandwidth_bytes_per_s * memory_efficiency)``, s.
+        s_per_kv_token: ``kv_bytes_per_token / (mem_bandwidth_bytes_per_s *
+            memory_efficiency)``, s.
+        overhead_s: ``step_overhead_s``, s.
+    """
+
+    s_per_new_token: float
+    s_per_attention_pair: float
+    weights_s: float
+    s_per_kv_token: float
+    overhead_s: float
+
+    def step_s(
+        self, new_tokens: int, total_context_tokens: float, attention_pairs: float
+    ) -> float:
+        """`step_time_s` of a step of ``new_tokens`` > 0 (prefill tokens + decode
+        sequences), unchecked: the hot path of the predictor and the engine."""
+        compute_s = (
+            self.s_per_new_token * new_tokens + self.s_per_attention_pair * attention_pairs
+        )
+        memory_s = self.weights_s + self.s_per_kv_token * (total_context_tokens + new_tokens)
+        return max(compute_s, memory_s) + self.overhead_s
+
+
+_ROOFLINES: dict[tuple[int, int], tuple[GpuProfile, ModelSpec, Roofline]] = {}
+
+
+def roofline(profile: GpuProfile, model: ModelSpec) -> Roofline:
+    """The `Roofline` of ``profile`` serving ``model``, computed once per pair of objects."""
+    key = (id(profile), id(model))
+    got = _ROOFLINES.get(key)
+    if got is None or got[0] is not profile or got[1] is not model:
+        compute = profile.peak_flops * profile.compute_efficiency
+        memory = profile.mem_bandwidth_bytes_per_s * profile.memory_efficiency
+        line = Roofline(
+            s_per_new_token=2.0 * model.num_params / compute,
+            s_per_attention_pair=4.0 * model.num_layers * model.hidden_size / compute,
+            weights_s=model.weight_bytes / memory,
+            s_per_kv_token=model.kv_bytes_per_token / memory,
+            overhead_s=profile.step_overhead_s,
+        )
+        if len(_ROOFLINES) >= 1024:  # profiles built on the fly (tests, fits): stay bounded
+            _ROOFLINES.clear()
+        got = _ROOFLINES[key] = (profile, model, line)
+    return got[2]
 
 
 def decode_step_time_s(

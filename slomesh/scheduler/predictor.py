@@ -84,7 +84,8 @@ from slomesh.engine.profiles import (
     PROFILES,
     GpuProfile,
     ModelSpec,
-    step_time_s,
+    Roofline,
+    roofline,
 )
 from slomesh.scheduler.view import InstanceView
 from slomesh.slo import SloClass
@@ -513,19 +514,40 @@ class _Steps(NamedTuple):
         model: Model shape (`_model`).
         fitted: Online fit or fitted latency profile (`_fitted`); None: the roofline.
         kv_capacity_tokens: KV cache size in tokens (`_kv_capacity_tokens`).
+        roofline: ``profile``'s roofline for ``model`` (`slomesh.engine.profiles.roofline`).
     """
 
     profile: GpuProfile
     model: ModelSpec
     fitted: StepTimeModel | None
     kv_capacity_tokens: int
+    roofline: Roofline
+
+
+_STEPS: dict[tuple[int, str, str, int, int], tuple[PredictorConfig, _Steps]] = {}
 
 
 def _steps(inst: InstanceView, config: PredictorConfig) -> _Steps:
+    # Without an online fit the result depends only on the config and these fields: kept,
+    # as a decision resolves the same few (GPU, model) pairs for every candidate.
+    key = (id(config), inst.gpu_type, inst.model, inst.block_size, inst.num_gpu_blocks)
+    if inst.online_fit is None:
+        got = _STEPS.get(key)
+        if got is not None and got[0] is config:
+            return got[1]
     profile, model = _profile(inst, config), _model(inst)
-    return _Steps(
-        profile, model, _fitted(inst, config), _kv_capacity_tokens(inst, profile, model, config)
+    steps = _Steps(
+        profile,
+        model,
+        _fitted(inst, config),
+        _kv_capacity_tokens(inst, profile, model, config),
+        roofline(profile, model),
     )
+    if inst.online_fit is None:
+        if len(_STEPS) >= 1024:  # configs built on the fly (tests, sweeps): stay bounded
+            _STEPS.clear()
+        _STEPS[key] = (config, steps)
+    return steps
 
 
 def kv_bytes_per_token(inst: InstanceView) -> int:
@@ -576,10 +598,7 @@ def _decode_throughput_tokens_per_s(
         step_ms = fitted_step_ms(steps.fitted, 0, 0.0, 0, batch, context)
         # A fit whose decode step costs nothing (all coefficients 0) drains at once.
         return batch / step_ms * 1000.0 if step_ms > 0 else math.inf
-    step_s = step_time_s(
-        steps.profile, steps.model, 0, batch, context, attention_pairs=float(context)
-    )
-    return batch / step_s
+    return batch / steps.roofline.step_s(batch, context, context)
 
 
 def queue_wait_ms(
@@ -793,15 +812,12 @@ def _mixed_step_ms(
         return fitted_step_ms(
             steps.fitted, prefill_tokens, pairs, prefill_tokens, decode_seqs, decode_context_tokens
         )
-    step_s = step_time_s(
-        steps.profile,
-        steps.model,
-        prefill_tokens,
-        decode_seqs,
-        decode_context_tokens + prefill_tokens,
-        attention_pairs=decode_context_tokens + pairs,
+    new_tokens = prefill_tokens + decode_seqs
+    if new_tokens == 0:
+        return 0.0
+    return 1000.0 * steps.roofline.step_s(
+        new_tokens, decode_context_tokens + prefill_tokens, decode_context_tokens + pairs
     )
-    return step_s * 1000.0
 
 
 def prefill_ms(
@@ -843,7 +859,7 @@ def _prefill_ms(
     fitted = steps.fitted
     if fitted is None and inst.gpu_type not in PROFILES and inst.prefill_tokens_per_s > 0:
         return uncached_tokens / inst.prefill_tokens_per_s * 1000.0
-    profile, model = steps.profile, steps.model
+    line = steps.roofline
     running = min(inst.num_requests_running, config.max_num_seqs)
     decode_context = int(inst.kv_cache_usage * steps.kv_capacity_tokens)
     chunk = config.prefill_chunk_tokens
@@ -856,14 +872,7 @@ def _prefill_ms(
         if fitted is not None:
             total_s += fitted_step_ms(fitted, n, pairs, prior + n, running, decode_context) / 1e3
         else:
-            total_s += step_time_s(
-                profile,
-                model,
-                n,
-                running,
-                decode_context + prior + n,
-                attention_pairs=decode_context + pairs,
-            )
+            total_s += line.step_s(n + running, decode_context + prior + n, decode_context + pairs)
         done += n
     return total_s * 1000.0
 
@@ -920,7 +929,6 @@ def _tpot_ms(
     fitted = steps.fitted
     if fitted is None and inst.gpu_type not in PROFILES and inst.decode_tokens_per_s > 0:
         return batch / inst.decode_tokens_per_s * 1000.0, batch
-    profile, model = steps.profile, steps.model
     capacity = steps.kv_capacity_tokens
     context = int(
         inst.kv_cache_usage * capacity
@@ -931,9 +939,7 @@ def _tpot_ms(
     if fitted is not None:
         step_ms = fitted_step_ms(fitted, 0, 0.0, 0, batch, context)
     else:
-        step_ms = 1000.0 * step_time_s(
-            profile, model, 0, batch, context, attention_pairs=float(context)
-        )
+        step_ms = 1000.0 * steps.roofline.step_s(batch, context, context)
     rate = inst.prefill_arrival_tokens_per_s
     if rate > 0:
         chunk = config.prefill_chunk_tokens

@@ -35,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from slomesh.engine.profiles import MODELS
 from slomesh.kv.index import PrefixIndex
@@ -198,6 +199,44 @@ class _KvTrack:
     buffered: list[state_pb2.KvIndexDelta] = field(default_factory=list)
 
 
+class _InstanceRow(NamedTuple):
+    """The fields of one `InstanceState` that `ClusterView.instances` reads, read out of the
+    protobuf message once per state (a field read there costs ~50 ns; a decision lists every
+    instance)."""
+
+    instance_id: str
+    gpu_type: str
+    model: str
+    healthy: bool
+    num_requests_running: int
+    num_requests_waiting: int
+    num_requests_outstanding: int
+    kv_cache_usage: float
+    queued_prefill_tokens: int
+    queued_decode_tokens: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    block_size: int
+    num_gpu_blocks: int
+    max_model_len: int
+    price_usd_per_hour: float
+    swappable: bool
+    model_load_overhead_s: float
+    model_load_remaining_s: float
+
+    @classmethod
+    def of(cls, inst: state_pb2.InstanceState) -> _InstanceRow:
+        return cls(
+            inst.instance_id, inst.gpu_type, inst.model, inst.healthy,
+            inst.num_requests_running, inst.num_requests_waiting,
+            inst.num_requests_outstanding, inst.kv_cache_usage, inst.queued_prefill_tokens,
+            inst.queued_decode_tokens, inst.prefill_tokens_per_s, inst.decode_tokens_per_s,
+            inst.block_size, inst.num_gpu_blocks, inst.max_model_len,
+            inst.price_usd_per_hour, inst.swappable, inst.model_load_overhead_s,
+            inst.model_load_remaining_s,
+        )
+
+
 @dataclass(slots=True)
 class _Region:
     state: state_pb2.RegionState
@@ -205,6 +244,9 @@ class _Region:
     pending: dict[str, deque[PendingPlacement]] = field(default_factory=dict)
     # instance id -> online step-time fit of the current state (parsed once per state).
     online_fits: dict[str, PublishedStepTimeFit] = field(default_factory=dict)
+    # The state's instances and region-wide fields as plain values (`_InstanceRow`).
+    rows: tuple[_InstanceRow, ...] = ()
+    weight_cache_models: frozenset[str] = frozenset()
 
 
 class ClusterView:
@@ -321,6 +363,8 @@ class ClusterView:
             for inst in state.instances
             if (fit := PublishedStepTimeFit.from_pb(inst)) is not None
         }
+        entry.rows = tuple(_InstanceRow.of(inst) for inst in state.instances)
+        entry.weight_cache_models = frozenset(state.weight_cache_models)
         stamp = state.timestamp_unix_ns
         for queue in entry.pending.values():
             while queue and queue[0].arrives_unix_ns <= stamp:
@@ -429,8 +473,12 @@ class ClusterView:
                 continue
             state = entry.state
             age_ms = (now - entry.received_unix_ns) / 1e6
-            weight_cache = frozenset(state.weight_cache_models)
-            for inst in state.instances:
+            stamp_age_ms = (now - state.timestamp_unix_ns) / 1e6
+            weight_cache = entry.weight_cache_models
+            endpoint, egress = state.agent_endpoint, state.egress_usd_per_gb
+            cache_gb_per_s = state.weight_cache_gb_per_s
+            remote_gb_per_s = state.remote_weights_gb_per_s
+            for inst in entry.rows:
                 pending = entry.pending.get(inst.instance_id)
                 n_pending = len(pending) if pending else 0
                 pre = dec = 0
@@ -463,7 +511,7 @@ class ClusterView:
                     InstanceView(
                         region=name,
                         instance_id=inst.instance_id,
-                        agent_endpoint=state.agent_endpoint,
+                        agent_endpoint=endpoint,
                         gpu_type=inst.gpu_type,
                         model=model,
                         healthy=inst.healthy,
@@ -479,7 +527,7 @@ class ClusterView:
                         num_gpu_blocks=blocks,
                         max_model_len=max_len,
                         price_usd_per_hour=price,
-                        egress_usd_per_gb=state.egress_usd_per_gb,
+                        egress_usd_per_gb=egress,
                         state_age_ms=age_ms,
                         pending_placements=n_pending,
                         tightest_inflight_tpot_ms=self.tightest_inflight_tpot_ms(
@@ -489,15 +537,15 @@ class ClusterView:
                         model_load_overhead_s=inst.model_load_overhead_s,
                         model_load_remaining_s=load_remaining_s,
                         weight_cache_models=weight_cache,
-                        weight_cache_gb_per_s=state.weight_cache_gb_per_s,
-                        remote_weights_gb_per_s=state.remote_weights_gb_per_s,
+                        weight_cache_gb_per_s=cache_gb_per_s,
+                        remote_weights_gb_per_s=remote_gb_per_s,
                         prefill_arrival_tokens_per_s=self.prefill_arrival_tokens_per_s(
                             inst.instance_id, now
                         ),
                         online_fit=fit,
                         prefill_arrivals_ms=timeline,
                         state_prefill_tokens=inst.queued_prefill_tokens,
-                        state_stamp_age_ms=(now - state.timestamp_unix_ns) / 1e6,
+                        state_stamp_age_ms=stamp_age_ms,
                     )
                 )
         return out

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slomesh.kv.hashing import (
+    KEY_BITS,
     ROOT_KEY,
     chain_keys,
     compute_block_keys,
@@ -19,25 +19,52 @@ from slomesh.kv.hashing import (
 from slomesh.v1 import region_agent_pb2
 
 
-def test_keys_are_deterministic_and_64_bit():
+def test_keys_are_deterministic_and_60_bit():
     tokens = list(range(100, 164))
     a = compute_block_keys(tokens, 16)
     b = compute_block_keys(list(tokens), 16)
     assert a == b
     assert len(a) == 4
-    assert all(0 <= k < 2**64 for k in a)
+    assert all(0 <= k < 2**60 for k in a)
     assert len(set(a)) == 4
 
 
-def test_keys_are_xxh3_of_little_endian_tokens_seeded_with_the_parent_key():
+def splitmix64_odd(block_size: int) -> list[int]:
+    """The module docstring's position constants K_B, written out again."""
+    mask64, out, state = 2**64 - 1, [], 0x5D588B656C078965 ^ block_size
+    for _ in range(block_size):
+        state = (state + 0x9E3779B97F4A7C15) & mask64
+        z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & mask64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask64
+        out.append(((z ^ (z >> 31)) % 2**KEY_BITS) | 1)
+    return out
+
+
+def reference_keys(tokens: list[int], block_size: int, parent_key: int = ROOT_KEY) -> list[int]:
+    """The module docstring's formula, block by block with Python ints:
+    key_i = key_{i-1} * P + sum_t token_t * K_B[t] (mod 2**60)."""
+    modulus = 2**KEY_BITS
+    p = 0x9E3779B97F4A7C15 % modulus
+    k = splitmix64_odd(block_size)
+    keys, key = [], parent_key % modulus
+    for start in range(0, len(tokens) // block_size * block_size, block_size):
+        block = tokens[start : start + block_size]
+        key = (key * p + sum(t * c for t, c in zip(block, k, strict=True))) % modulus
+        keys.append(key)
+    return keys
+
+
+def test_keys_are_the_multilinear_block_hash_chained_by_a_polynomial():
     tokens = [1, 2, 3, 258, 7, 8, 9, 10]
-    first = xxhash.xxh3_64_intdigest(
-        b"".join(t.to_bytes(4, "little") for t in tokens[:4]), ROOT_KEY
-    )
-    second = xxhash.xxh3_64_intdigest(
-        b"".join(t.to_bytes(4, "little") for t in tokens[4:]), first
-    )
+    k = splitmix64_odd(4)
+    p = 0x9E3779B97F4A7C15 % 2**60
+    first = (ROOT_KEY * p + sum(t * c for t, c in zip(tokens[:4], k))) % 2**60
+    second = (first * p + sum(t * c for t, c in zip(tokens[4:], k))) % 2**60
     assert compute_block_keys(tokens, 4) == [first, second]
+    # The vectorized path (more than a few blocks) gives the same keys as the scalar one.
+    long = list(range(7, 7 + 4 * 40))
+    assert compute_block_keys(long, 4) == reference_keys(long, 4)
+    assert compute_block_keys(long[:16], 4) == reference_keys(long[:16], 4)
 
 
 def test_partial_last_block_is_excluded():
@@ -105,22 +132,11 @@ def test_token_bytes_slices():
     assert token_bytes(np.array([1, 2, 3]), 1) == token_bytes([2, 3])
 
 
-def reference_keys(tokens: list[int], block_size: int, parent_key: int = ROOT_KEY) -> list[int]:
-    """The module docstring's formula, block by block: xxh3_64 of the block's tokens as
-    uint32 little-endian, seeded with the previous block's key."""
-    keys, key = [], parent_key
-    for start in range(0, len(tokens) // block_size * block_size, block_size):
-        block = b"".join(t.to_bytes(4, "little") for t in tokens[start : start + block_size])
-        key = xxhash.xxh3_64_intdigest(block, key)
-        keys.append(key)
-    return keys
-
-
 @settings(max_examples=200, deadline=None)
 @given(
     tokens=st.lists(st.integers(0, 2**32 - 1), max_size=700),
     block_size=st.sampled_from([1, 2, 3, 16, 64, 128]),
-    parent_key=st.just(ROOT_KEY) | st.integers(0, 2**64 - 1),
+    parent_key=st.just(ROOT_KEY) | st.integers(0, 2**60 - 1),
     as_array=st.sampled_from(["list", "uint32", "int64", "big-endian"]),
 )
 def test_keys_equal_the_block_by_block_formula(tokens, block_size, parent_key, as_array):

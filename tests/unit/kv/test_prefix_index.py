@@ -185,15 +185,17 @@ def test_match_equals_the_straightforward_lookup(case, as_list):
     got = idx.match(tokens.tolist() if as_list else tokens)
     want = reference_match(tokens, instances)
     assert got == want
-    # Per block size held by some instance, hashing reaches one block past the longest
-    # leading run (or the prompt's end) and at most one chunk (256 blocks) past it.
+    # Per block size held by some instance, hashing stops after the first 16 blocks when no
+    # instance holds them all, and covers the whole prompt otherwise.
     longest: dict[int, int] = {}
     for iid, (block_size, held) in instances.items():
         if held:
             longest[block_size] = max(longest.get(block_size, 0), want[iid] // block_size)
-    hashed = idx.blocks_hashed - before
-    assert hashed >= sum(min(run + 1, len(tokens) // b) for b, run in longest.items())
-    assert hashed <= sum(min(run + 256, len(tokens) // b) for b, run in longest.items())
+    want_hashed = 0
+    for block_size, run in longest.items():
+        blocks = len(tokens) // block_size
+        want_hashed += blocks if run >= min(16, blocks) else min(16, blocks)
+    assert idx.blocks_hashed - before == want_hashed
 
 
 def test_a_prompt_cached_nowhere_hashes_one_small_chunk():
@@ -202,7 +204,7 @@ def test_a_prompt_cached_nowhere_hashes_one_small_chunk():
     idx.replace_instance("a", compute_block_keys(prompt(320, seed=8), 16), 16)
     assert idx.match(np.array(p, dtype=np.uint32)) == {"a": 0}
     assert idx.blocks_hashed == 16
-    # A 1536-block hit on a 2048-block prompt hashes one capped chunk past it, not the prompt.
+    # A hit past the first chunk hashes the rest of the prompt in one vectorized call.
     idx.replace_instance("b", compute_block_keys(p[: 1536 * 16], 16), 16)
     assert idx.match(np.array(p, dtype=np.uint32))["b"] == 1536 * 16
-    assert 1537 <= idx.blocks_hashed - 16 <= 1536 + 256
+    assert idx.blocks_hashed - 16 == 2048
