@@ -288,6 +288,12 @@ class PlacementDecision:
             switch_model=load.model if load is not None else "",
             switch_max_model_len=load.instance.max_model_len if load is not None else 0,
             model_load_ms=load.load_ms if load is not None else 0.0,
+            cached_tokens=chosen.prediction.cached_prefix_tokens,
+            prefill_busy_ms=(
+                chosen.prediction.queue_wait_ms
+                + chosen.prediction.model_load_ms
+                + chosen.prediction.prefill_ms
+            ),
         )
         p = chosen.prediction
         if p.transfer_source_region and p.bytes_moved:

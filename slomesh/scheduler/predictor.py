@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -745,57 +746,134 @@ def _timeline_wait_ms(
     """The wait of a request reaching ``inst`` ``arrival_ms`` from now behind the scheduler's
     own placements (`InstanceView.prefill_arrivals_ms`), the prompt tokens ahead of it in its
     first step, and the prompt tokens the state reports beyond those placements, as
-    ``(wait ms, tokens ahead, unknown tokens)`` (`queue_wait_ms`)."""
+    ``(wait ms, tokens ahead, unknown tokens)`` (`queue_wait_ms`).
+
+    The placements' prompts are run through the instance's chunked-prefill steps first come,
+    first served, each chunk priced with the prompt's tokens before it (its cached prefix and
+    its earlier chunks) as attention context: the later chunks of a long prompt cost far more
+    than its first. The state counts a prompt as queued until its first token, whole, so the
+    timeline's share of the state is the whole prompts it has not finished by the state's
+    stamp."""
     stamp = min(-inst.state_stamp_age_ms, arrival_ms)
-    end = -math.inf  # end of the prefill step in flight
-    in_step = 0  # its prompt tokens
-    waiting = 0  # prompt tokens waiting for the next steps
-    known = -1  # prompt tokens waiting or in flight at the state's stamp
+    # Placements not finished: [tokens not yet in a step, tokens before the next chunk (cached
+    # prefix + chunks done), whole prompt, end of the step with its last chunk (inf before)].
+    queue: deque[list[float]] = deque()
+    clock = [-math.inf]  # end of the prefill step in flight
+    known = -1  # whole prompt tokens of the placements unfinished at the state's stamp
     batch = (budget, running, context)
-    for t, tokens in inst.prefill_arrivals_ms:
+    for t, tokens, cached in inst.prefill_arrivals_ms:
         if t > arrival_ms:  # behind the request (placed before it, so ahead on a tie)
             break
         if known < 0 and t > stamp:
-            end, in_step, waiting = _next_steps(steps, stamp, end, in_step, waiting, *batch)
-            known = waiting + (in_step if end > stamp else 0)
-        end, in_step, waiting = _next_steps(steps, t, end, in_step, waiting, *batch)
-        if end > t:
-            waiting += tokens
-        else:
+            _run_prefill_steps(steps, queue, clock, stamp, *batch)
+            known = _unfinished_tokens(queue, stamp)
+        _run_prefill_steps(steps, queue, clock, t, *batch)
+        queue.append([tokens, cached, tokens, math.inf])
+        if clock[0] <= t:
             # No prefill in flight: a step of its own after the decode step in flight.
-            in_step = min(tokens, budget)
-            waiting = tokens - in_step
-            end = t + half_decode_ms + _mixed_step_ms(steps, in_step, running, context)
+            clock[0] = t + half_decode_ms
+            _start_prefill_step(steps, queue, clock, *batch)
     if known < 0:
-        end, in_step, waiting = _next_steps(steps, stamp, end, in_step, waiting, *batch)
-        known = waiting + (in_step if end > stamp else 0)
-    end, in_step, waiting = _next_steps(steps, arrival_ms, end, in_step, waiting, *batch)
-    if end <= arrival_ms:
-        return half_decode_ms, 0, max(0, inst.state_prefill_tokens - known)
-    wait_ms = end - arrival_ms
-    if waiting >= budget:
-        wait_ms += (waiting // budget) * _mixed_step_ms(steps, budget, running, context)
-    return wait_ms, waiting % budget, max(0, inst.state_prefill_tokens - known)
+        _run_prefill_steps(steps, queue, clock, stamp, *batch)
+        known = _unfinished_tokens(queue, stamp)
+    unknown = max(0, inst.state_prefill_tokens - known)
+    _run_prefill_steps(steps, queue, clock, arrival_ms, *batch)
+    if clock[0] <= arrival_ms:
+        return half_decode_ms, 0, unknown
+    wait_ms = clock[0] - arrival_ms
+    # The steps that still take only prompts ahead of the request: every full one.
+    while (ahead := int(sum(entry[0] for entry in queue))) >= budget:
+        before = clock[0]
+        _start_prefill_step(steps, queue, clock, *batch)
+        wait_ms += clock[0] - before
+    return wait_ms, ahead, unknown
 
 
-def _next_steps(
+def _unfinished_tokens(queue: deque[list[float]], at_ms: float) -> int:
+    """Whole prompt tokens of the queued placements whose last chunk has not ended by
+    ``at_ms``."""
+    return int(sum(entry[2] for entry in queue if entry[3] > at_ms))
+
+
+def _run_prefill_steps(
     steps: _Steps,
+    queue: deque[list[float]],
+    clock: list[float],
     until_ms: float,
-    end: float,
-    in_step: int,
-    waiting: int,
     budget: int,
     running: int,
     context: int,
-) -> tuple[float, int, int]:
-    """Runs the prefill steps of the ``waiting`` prompt tokens that start by ``until_ms``, each
-    at the previous one's ``end`` with up to ``budget`` of them: the new (end of the step in
-    flight, its prompt tokens, prompt tokens still waiting)."""
-    while waiting > 0 and end <= until_ms:
-        in_step = min(waiting, budget)
-        waiting -= in_step
-        end += _mixed_step_ms(steps, in_step, running, context)
-    return end, in_step, waiting
+) -> None:
+    """Starts the prefill steps of the queued prompt tokens that start by ``until_ms``, each at
+    the previous one's end (``clock[0]``), and forgets the placements finished by then."""
+    while clock[0] <= until_ms and any(entry[0] > 0 for entry in queue):
+        _start_prefill_step(steps, queue, clock, budget, running, context)
+    while queue and queue[0][3] <= until_ms:
+        queue.popleft()
+
+
+def _start_prefill_step(
+    steps: _Steps,
+    queue: deque[list[float]],
+    clock: list[float],
+    budget: int,
+    running: int,
+    context: int,
+) -> None:
+    """One step at ``clock[0]``: up to ``budget`` queued prompt tokens, first come first
+    served, beside ``running`` decodes; ``clock[0]`` becomes its end."""
+    tokens = 0
+    pairs = 0.0
+    prefill_context = 0.0
+    last: list[list[float]] = []
+    for entry in queue:
+        if tokens >= budget:
+            break
+        n = min(entry[0], budget - tokens)
+        if n <= 0:
+            continue
+        prior = entry[1]
+        pairs += n * prior + n * (n + 1) / 2.0
+        prefill_context += prior + n
+        entry[0] -= n
+        entry[1] = prior + n
+        tokens += n
+        if entry[0] <= 0:
+            last.append(entry)
+    clock[0] += _step_ms(steps, int(tokens), pairs, int(prefill_context), running, context)
+    for entry in last:
+        entry[3] = clock[0]
+
+
+def _step_ms(
+    steps: _Steps,
+    prefill_tokens: int,
+    prefill_attention_pairs: float,
+    prefill_context_tokens: int,
+    decode_seqs: int,
+    decode_context_tokens: int,
+) -> float:
+    """One engine step of ``prefill_tokens`` prompt tokens (``prefill_attention_pairs``
+    attended (query, key) pairs over ``prefill_context_tokens`` of their sequences' KV) beside
+    ``decode_seqs`` decodes over ``decode_context_tokens`` of KV, in ms: the fitted latency
+    profile (`fitted_step_ms`) if the instance has one, else the roofline of its GPU."""
+    if steps.fitted is not None:
+        return fitted_step_ms(
+            steps.fitted,
+            prefill_tokens,
+            prefill_attention_pairs,
+            prefill_context_tokens,
+            decode_seqs,
+            decode_context_tokens,
+        )
+    new_tokens = prefill_tokens + decode_seqs
+    if new_tokens == 0:
+        return 0.0
+    return 1000.0 * steps.roofline.step_s(
+        new_tokens,
+        decode_context_tokens + prefill_context_tokens,
+        decode_context_tokens + prefill_attention_pairs,
+    )
 
 
 def _mixed_step_ms(
@@ -805,19 +883,9 @@ def _mixed_step_ms(
     decode_context_tokens: int,
 ) -> float:
     """One engine step of ``prefill_tokens`` fresh prompt tokens (no cached prefix) beside
-    ``decode_seqs`` decodes over ``decode_context_tokens`` of KV, in ms: the fitted latency
-    profile (`fitted_step_ms`) if the instance has one, else the roofline of its GPU."""
+    ``decode_seqs`` decodes over ``decode_context_tokens`` of KV, in ms (`_step_ms`)."""
     pairs = prefill_tokens * (prefill_tokens + 1) / 2.0
-    if steps.fitted is not None:
-        return fitted_step_ms(
-            steps.fitted, prefill_tokens, pairs, prefill_tokens, decode_seqs, decode_context_tokens
-        )
-    new_tokens = prefill_tokens + decode_seqs
-    if new_tokens == 0:
-        return 0.0
-    return 1000.0 * steps.roofline.step_s(
-        new_tokens, decode_context_tokens + prefill_tokens, decode_context_tokens + pairs
-    )
+    return _step_ms(steps, prefill_tokens, pairs, prefill_tokens, decode_seqs, decode_context_tokens)
 
 
 def prefill_ms(

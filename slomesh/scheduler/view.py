@@ -57,10 +57,14 @@ DEFAULT_UNKNOWN_RTT_MS = 300.0
 #: 3 s and 30 s both placed worse (lower SLO attainment) than 10 s.
 DEFAULT_PREFILL_RATE_WINDOW_S = 10.0
 
-#: How far back the scheduler keeps the arrivals of its placements on an instance for the
-#: queue-wait timeline (`InstanceView.prefill_arrivals_ms`), seconds: longer than the chains of
-#: back-to-back prefill steps that placements arriving 0-0.2 s apart build (a step of up to
-#: 8192 prompt tokens takes 0.05-0.5 s on the GPUs we model).
+#: How long the scheduler keeps the arrival of a placement on an instance for the queue-wait
+#: timeline (`InstanceView.prefill_arrivals_ms`) after its predicted prefill end (queue wait
+#: plus prefill from its arrival), seconds: longer than the chains of back-to-back prefill
+#: steps that placements arriving 0-0.2 s apart build (a step of up to 8192 prompt tokens takes
+#: 0.05-0.5 s on the GPUs we model). Counting from the arrival alone dropped the long prompts
+#: of the Mooncake trace (50-90k tokens, seconds of chunked prefill) while they still ran: the
+#: state then showed each whole prompt as queued work of unknown phase, and the waits behind
+#: them were predicted at 10-30x.
 PREFILL_TIMELINE_HORIZON_S = 1.0
 
 #: Most arrivals kept per instance for that timeline (the oldest are dropped first).
@@ -142,10 +146,11 @@ class InstanceView:
             ``decode_fit``/``prefill_fit``), ``None`` when the state carries none; the
             predictor uses it once it rests on enough observations
             (`PredictorConfig.online_fit_min_observations`).
-        prefill_arrivals_ms: This scheduler's placements that reach the instance within
-            `PREFILL_TIMELINE_HORIZON_S` before the query or later, as (arrival at the
-            instance in ms relative to the query time -- negative: already there --, uncached
-            prompt tokens), in arrival order; the predictor times them step by step
+        prefill_arrivals_ms: This scheduler's placements on the instance whose predicted
+            prefill ended at most `PREFILL_TIMELINE_HORIZON_S` before the query or is still to
+            come (with every one after the first such), as (arrival at the instance in ms
+            relative to the query time -- negative: already there --, uncached prompt tokens,
+            cached prefix tokens), in arrival order; the predictor times them step by step
             (`slomesh.scheduler.predictor.queue_wait_ms`).
         state_prefill_tokens: Prompt tokens waiting for prefill as the state reports them
             (``queued_prefill_tokens`` without the pending placements).
@@ -183,7 +188,7 @@ class InstanceView:
     remote_weights_gb_per_s: float = 0.0
     prefill_arrival_tokens_per_s: float = 0.0
     online_fit: PublishedStepTimeFit | None = None
-    prefill_arrivals_ms: tuple[tuple[float, int], ...] = ()
+    prefill_arrivals_ms: tuple[tuple[float, int, int], ...] = ()
     state_prefill_tokens: int = 0
     state_stamp_age_ms: float = 0.0
 
@@ -292,7 +297,9 @@ class ClusterView:
         # instance id -> (time of the last update in unix ns, rate in tokens/s at that time).
         self._prefill_rate: dict[str, tuple[int, float]] = {}
         # instance id -> (arrival unix ns, uncached prompt tokens) of recent placements, sorted.
-        self._prefill_arrivals: dict[str, list[tuple[int, int]]] = {}
+        # instance id -> [(arrival ns, uncached prompt tokens, cached prefix tokens, keep
+        # until ns)], by arrival.
+        self._prefill_arrivals: dict[str, list[tuple[int, int, int, int]]] = {}
         self.topology = topology
         self.staleness_ms = staleness_ms
         self.request_snapshot = request_snapshot
@@ -502,11 +509,14 @@ class ClusterView:
                             )
                 price = inst.price_usd_per_hour or self._topology_prices.get(inst.instance_id, 0.0)
                 arrivals = self._prefill_arrivals.get(inst.instance_id)
-                timeline = (
-                    tuple(((t - now) / 1e6, n) for t, n in arrivals if t >= since)
-                    if arrivals
-                    else ()
-                )
+                timeline: tuple[tuple[float, int, int], ...] = ()
+                if arrivals:
+                    first = 0  # leading arrivals whose prefill ended over a horizon ago
+                    while first < len(arrivals) and arrivals[first][3] < since:
+                        first += 1
+                    timeline = tuple(
+                        ((t - now) / 1e6, n, cached) for t, n, cached, _ in arrivals[first:]
+                    )
                 out.append(
                     InstanceView(
                         region=name,
@@ -564,6 +574,8 @@ class ClusterView:
         switch_model: str = "",
         switch_max_model_len: int = 0,
         model_load_ms: float = 0.0,
+        cached_tokens: int = 0,
+        prefill_busy_ms: float = 0.0,
     ) -> None:
         """Adds a just-placed request to an instance's load until the agent's state shows it.
 
@@ -581,6 +593,11 @@ class ClusterView:
             switch_max_model_len: The instance's context limit once switched, tokens.
             model_load_ms: The switch's load time ``M_q``, ms (it starts when the request
                 reaches the agent).
+            cached_tokens: Prompt tokens the instance holds already (its prefill's attention
+                context before the first uncached token).
+            prefill_busy_ms: Predicted time from its arrival to the end of its prefill (queue
+                wait, model load and prefill), ms: its arrival stays on the queue-wait timeline
+                until `PREFILL_TIMELINE_HORIZON_S` past that.
         """
         entry = self._regions.get(region)
         if entry is None:
@@ -594,8 +611,14 @@ class ClusterView:
             rate += last[1] * math.exp(-max(0, placed - last[0]) / 1e9 / tau_s)
         self._prefill_rate[instance_id] = (placed, rate)
         arrivals = self._prefill_arrivals.setdefault(instance_id, [])
-        bisect.insort(arrivals, (arrives, prefill_tokens))
-        old = bisect.bisect_left(arrivals, (placed - int(PREFILL_TIMELINE_HORIZON_S * 1e9),))
+        keep_until = arrives + int(max(0.0, prefill_busy_ms) * 1e6)
+        bisect.insort(arrivals, (arrives, prefill_tokens, cached_tokens, keep_until))
+        # Leading arrivals whose prefill ended over a horizon ago (a long one still running
+        # keeps the arrivals behind it: they queue behind it).
+        cut = placed - int(PREFILL_TIMELINE_HORIZON_S * 1e9)
+        old = 0
+        while old < len(arrivals) and arrivals[old][3] < cut:
+            old += 1
         old = max(old, len(arrivals) - PREFILL_TIMELINE_MAX_ARRIVALS)
         if old > 0:
             del arrivals[:old]

@@ -118,11 +118,12 @@ class TestQueueWait:
         assert decode_throughput_tokens_per_s(inst("L4")) < decode_throughput_tokens_per_s(inst())
 
 
-def h100_prefill_ms(n: int, decodes: int = 0, context: int = 0) -> float:
-    """One H100 roofline step of ``n`` fresh prompt tokens beside ``decodes`` decodes, ms."""
+def h100_prefill_ms(n: int, decodes: int = 0, context: int = 0, prior: int = 0) -> float:
+    """One H100 roofline step of a chunk of ``n`` prompt tokens after ``prior`` tokens of its
+    prompt (fresh: 0) beside ``decodes`` decodes over ``context`` KV tokens, ms."""
     return 1000 * step_time_s(
-        PROFILES["H100"], DEFAULT_MODEL, n, decodes, context + n,
-        attention_pairs=context + n * (n + 1) / 2,
+        PROFILES["H100"], DEFAULT_MODEL, n, decodes, context + prior + n,
+        attention_pairs=context + n * prior + n * (n + 1) / 2,
     )  # fmt: skip
 
 
@@ -131,14 +132,14 @@ class TestQueueWaitTimeline:
 
     def test_the_rest_of_the_step_a_placement_started(self):
         # 4000 tokens reached an idle instance 20 ms ago and started a step then.
-        i = inst("H100", prefill_arrivals_ms=((-20.0, 4000),), state_stamp_age_ms=50.0)
+        i = inst("H100", prefill_arrivals_ms=((-20.0, 4000, 0),), state_stamp_age_ms=50.0)
         assert queue_wait_ms(i, 0) == pytest.approx(h100_prefill_ms(4000) - 20.0)
         # Reaching it 30 ms from now: 30 ms less; after that step ends: no wait.
         assert queue_wait_ms(i, 0, arrival_ms=30.0) == pytest.approx(h100_prefill_ms(4000) - 50)
         assert queue_wait_ms(i, 0, arrival_ms=h100_prefill_ms(4000)) == 0.0
 
     def test_placements_arriving_after_the_request_are_behind_it(self):
-        i = inst("H100", prefill_arrivals_ms=((40.0, 8000),), state_stamp_age_ms=10.0)
+        i = inst("H100", prefill_arrivals_ms=((40.0, 8000, 0),), state_stamp_age_ms=10.0)
         assert queue_wait_ms(i, 0, arrival_ms=30.0) == 0.0
         assert queue_wait_ms(i, 0, arrival_ms=50.0) == pytest.approx(h100_prefill_ms(8000) - 10)
 
@@ -148,7 +149,7 @@ class TestQueueWaitTimeline:
         # and its first prefill step carries B's 2000 tokens besides its own 500.
         i = inst(
             "H100",
-            prefill_arrivals_ms=((-10.0, 3000), (-5.0, 2000)),
+            prefill_arrivals_ms=((-10.0, 3000, 0), (-5.0, 2000, 0)),
             state_stamp_age_ms=100.0,
         )
         wait = h100_prefill_ms(3000) - 10.0
@@ -168,12 +169,37 @@ class TestQueueWaitTimeline:
     def test_more_than_a_step_ahead_waits_full_steps(self):
         # 20000 tokens arrive at -1 ms during a step of 100 tokens started at -2 ms: after
         # it, two full steps (2 x 8192) run before the step the new request joins (the last
-        # 3616 tokens and its own).
-        i = inst("H100", prefill_arrivals_ms=((-2.0, 100), (-1.0, 20_000)))
-        first, full = h100_prefill_ms(100), h100_prefill_ms(8192)
-        assert queue_wait_ms(i, 0) == pytest.approx(first - 2.0 + 2 * full)
+        # 3616 tokens and its own). The prompt's second chunk attends to its first 8192.
+        i = inst("H100", prefill_arrivals_ms=((-2.0, 100, 0), (-1.0, 20_000, 0)))
+        first = h100_prefill_ms(100)
+        chunk1, chunk2 = h100_prefill_ms(8192), h100_prefill_ms(8192, prior=8192)
+        assert chunk2 > 1.2 * chunk1
+        assert queue_wait_ms(i, 0) == pytest.approx(first - 2.0 + chunk1 + chunk2)
         # Reaching it once the first full step runs: the rest of that one, then one more.
-        assert queue_wait_ms(i, 0, arrival_ms=first) == pytest.approx(2 * full - 2.0)
+        assert queue_wait_ms(i, 0, arrival_ms=first) == pytest.approx(chunk1 + chunk2 - 2.0)
+
+    def test_a_chunk_attends_to_the_cached_prefix_of_its_prompt(self):
+        # 6000 uncached tokens after a 20000-token cached prefix, arrived 3 ms ago.
+        i = inst("H100", prefill_arrivals_ms=((-3.0, 6000, 20_000),))
+        assert queue_wait_ms(i, 0) == pytest.approx(h100_prefill_ms(6000, prior=20_000) - 3.0)
+
+    def test_a_long_prompt_counts_whole_in_the_state_until_it_is_done(self):
+        # A 30000-token prompt arrived 1 s ago: its first three chunks are done, its last
+        # (5424 tokens) in flight. The state (stamped now) still counts all 30000 tokens
+        # (an agent counts a prompt until its first token): none of them is unknown work.
+        steps = [h100_prefill_ms(8192, prior=k * 8192) for k in range(3)]
+        last = h100_prefill_ms(30_000 - 3 * 8192, prior=3 * 8192)
+        start = -sum(steps) - last / 2  # halfway through the last chunk now
+        i = inst(
+            "H100",
+            queued_prefill_tokens=30_000,
+            state_prefill_tokens=30_000,
+            prefill_arrivals_ms=((start, 30_000, 0),),
+        )
+        assert queue_wait_ms(i, 0) == pytest.approx(last / 2)
+        # Work the state reports beyond it is unknown work of unknown phase.
+        more = dataclasses.replace(i, queued_prefill_tokens=34_000, state_prefill_tokens=34_000)
+        assert queue_wait_ms(more, 0) == pytest.approx(max(last / 2, h100_prefill_ms(4000) / 2))
 
     def test_prompts_the_state_reports_beyond_the_timeline_keep_the_formula(self):
         # The state (stamped 5 ms ago) reports 6000 tokens; the timeline holds the 1000 of a
@@ -183,7 +209,7 @@ class TestQueueWaitTimeline:
             queued_prefill_tokens=6000,
             state_prefill_tokens=6000,
             state_stamp_age_ms=5.0,
-            prefill_arrivals_ms=((-8.0, 1000),),
+            prefill_arrivals_ms=((-8.0, 1000, 0),),
         )
         assert queue_wait_ms(i, 0) == pytest.approx(h100_prefill_ms(5000) / 2)
         # What the timeline knows is not counted twice; without it, the state's tokens are.
@@ -197,7 +223,7 @@ class TestQueueWaitTimeline:
         decode = h100_prefill_ms(0, 8, 4000)
         # Nothing queued: the rest of the decode step in flight, half of one.
         assert queue_wait_ms(inst("H100", **busy), 0) == pytest.approx(decode / 2)
-        i = inst("H100", prefill_arrivals_ms=((-5.0, 2000),), **busy)
+        i = inst("H100", prefill_arrivals_ms=((-5.0, 2000, 0),), **busy)
         assert queue_wait_ms(i, 0) == pytest.approx(decode / 2 + h100_prefill_ms(2000, 8, 4000) - 5)
 
 

@@ -86,29 +86,73 @@ def ref_decode_throughput(i, config):
     return batch / step_time_s(profile, model, 0, batch, context, attention_pairs=float(context))
 
 
-def ref_prefill_steps(i, config, arrival_ms, running, context, budget):
-    """The prefill steps the scheduler's placements reaching ``i`` by ``arrival_ms`` make,
-    as [start, end, tokens] (a step of its own starts at its placement's arrival, its end
-    after half a decode step and the prefill; the next one at the previous one's end)."""
-    half = ref_chunk_ms(i, config, 0, 0, running, context) / 2.0 if running else 0.0
-    arrivals = [(t, n) for t, n in i.prefill_arrivals_ms if t <= arrival_ms]
-    steps, queue, k = [], 0, 0
-    while k < len(arrivals) or queue > 0:
-        if queue > 0 and (k == len(arrivals) or steps[-1][1] <= arrivals[k][0]):
-            n = min(queue, budget)
-            queue -= n
-            start = steps[-1][1]
-            steps.append([start, start + ref_chunk_ms(i, config, n, 0, running, context), n])
+def ref_pieces_ms(i, config, pieces, decode_seqs, decode_context):
+    """One step of the chunks ``pieces`` [(tokens, tokens of their prompt before them)] beside
+    ``decode_seqs`` decodes over ``decode_context`` KV tokens, ms."""
+    profile, model, fitted, _ = ref_step_model(i, config)
+    n = sum(k for k, _ in pieces)
+    pairs = sum(k * prior + k * (k + 1) / 2.0 for k, prior in pieces)
+    prefill_context = sum(prior + k for k, prior in pieces)
+    if fitted is not None:
+        return fitted_step_ms(fitted, n, pairs, prefill_context, decode_seqs, decode_context)
+    if n + decode_seqs == 0:
+        return 0.0
+    return 1000.0 * step_time_s(
+        profile, model, n, decode_seqs, decode_context + prefill_context,
+        attention_pairs=decode_context + pairs,
+    )  # fmt: skip
+
+
+class RefPlacement:
+    def __init__(self, t, tokens, cached):
+        self.t, self.total, self.left, self.prior, self.end = t, tokens, tokens, cached, math.inf
+
+
+def ref_step(i, config, placements, start, running, context, budget):
+    """The step starting at ``start`` over the placements' tokens left, first come first
+    served, up to ``budget``: its end (each placement it finishes ends then)."""
+    pieces, finished, room = [], [], budget
+    for p in placements:
+        if room == 0:
+            break
+        if p.left == 0:
             continue
-        t, n = arrivals[k]
+        k = min(p.left, room)
+        pieces.append((k, p.prior))
+        p.left -= k
+        p.prior += k
+        room -= k
+        if p.left == 0:
+            finished.append(p)
+    end = start + ref_pieces_ms(i, config, pieces, running, context)
+    for p in finished:
+        p.end = end
+    return end
+
+
+def ref_prefill_steps(i, config, arrival_ms, running, context, budget):
+    """The scheduler's placements reaching ``i`` by ``arrival_ms`` run through the prefill
+    steps: a step of its own starts at a placement's arrival when none is in flight (its
+    prompt runs after half a decode step), the next one at the previous one's end while
+    tokens wait, up to the steps started by ``arrival_ms``. Returns
+    (placements, [(start, end)] of the steps, half a decode step)."""
+    half = ref_pieces_ms(i, config, [], running, context) / 2.0 if running else 0.0
+    arrivals = [a for a in i.prefill_arrivals_ms if a[0] <= arrival_ms]
+    placements, steps, k = [], [], 0
+    while True:
+        last_end = steps[-1][1] if steps else -math.inf
+        left = any(p.left for p in placements)
+        if left and last_end <= (arrivals[k][0] if k < len(arrivals) else arrival_ms):
+            steps.append((last_end, ref_step(i, config, placements, last_end, running, context, budget)))
+            continue
+        if k == len(arrivals):
+            break
+        placements.append(RefPlacement(*arrivals[k]))
+        t = arrivals[k][0]
         k += 1
-        if steps and steps[-1][1] > t:
-            queue += n
-        else:
-            first = min(n, budget)
-            queue = n - first
-            steps.append([t, t + half + ref_chunk_ms(i, config, first, 0, running, context), first])
-    return steps, arrivals, half
+        if last_end <= t:  # in flight from its arrival: the decode step, then its own
+            steps.append((t, ref_step(i, config, placements, t + half, running, context, budget)))
+    return placements, steps, half
 
 
 def ref_queue_wait_and_shared(i, new_kv_tokens, config, arrival_ms=0.0, uncached=0):
@@ -124,19 +168,25 @@ def ref_queue_wait_and_shared(i, new_kv_tokens, config, arrival_ms=0.0, uncached
         budget = max(1, config.prefill_chunk_tokens - running)
         context = int(used)
         full = ref_chunk_ms(i, config, budget, 0, running, context)
-        steps, arrivals, half = ref_prefill_steps(i, config, arrival_ms, running, context, budget)
+        half = ref_chunk_ms(i, config, 0, 0, running, context) / 2.0 if running else 0.0
         known_wait, ahead, unknown = half, 0, queued
         if i.prefill_arrivals_ms:
-            stamp = min(-i.state_stamp_age_ms, arrival_ms)
-            known = sum(n for t, n in arrivals if t <= stamp) - sum(
-                n for _, end, n in steps if end <= stamp
+            placements, steps, _ = ref_prefill_steps(
+                i, config, arrival_ms, running, context, budget
             )
+            stamp = min(-i.state_stamp_age_ms, arrival_ms)
+            # An agent counts a prompt whole until its first token.
+            known = sum(p.total for p in placements if p.t <= stamp and p.end > stamp)
             unknown = max(0, i.state_prefill_tokens - known)
             in_flight = [st for st in steps if st[0] <= arrival_ms < st[1]]
             if in_flight:
-                waiting = sum(n for start, _, n in steps if start > arrival_ms)
-                known_wait = in_flight[0][1] - arrival_ms + (waiting // budget) * full
-                ahead = waiting % budget
+                clock = in_flight[0][1]
+                known_wait = clock - arrival_ms
+                # Steps of the placements after it, before the step the request joins.
+                while (ahead := sum(p.left for p in placements)) >= budget:
+                    end = ref_step(i, config, placements, clock, running, context, budget)
+                    known_wait += end - clock
+                    clock = end
         unknown_wait = 0.0
         if unknown > 0:
             first = ref_chunk_ms(i, config, min(unknown, budget), 0, running, context)
@@ -248,7 +298,8 @@ instances = st.builds(
     prefill_arrival_tokens_per_s=st.just(0.0) | st.floats(1.0, 1e6),
     online_fit=online_fits,
     prefill_arrivals_ms=st.lists(
-        st.tuples(st.floats(-1000.0, 500.0), st.integers(1, 20_000)), max_size=8
+        st.tuples(st.floats(-1000.0, 500.0), st.integers(1, 20_000), st.integers(0, 40_000)),
+        max_size=8,
     ).map(lambda a: tuple(sorted(a))),
     state_prefill_tokens=st.integers(0, 50_000),
     state_stamp_age_ms=st.floats(0.0, 300.0),

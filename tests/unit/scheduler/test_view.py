@@ -238,15 +238,31 @@ class TestOptimisticAccounting:
         view.record_placement("tokyo", "a", "near", 2000, 9, placed_unix_ns=T0, one_way_ms=5)
         clock.now = T0 + 20 * MS
         inst = view.instances()[0]
-        assert inst.prefill_arrivals_ms == ((-15.0, 2000), (50.0, 1000))
+        assert inst.prefill_arrivals_ms == ((-15.0, 2000, 0), (50.0, 1000, 0))
         assert inst.state_prefill_tokens == 700 and inst.queued_prefill_tokens == 3700
         assert inst.state_stamp_age_ms == 20.0
         # Past the horizon they are forgotten: when listed, and when the next one is recorded.
         horizon_ms = PREFILL_TIMELINE_HORIZON_S * 1000
         clock.now = T0 + int((70 + horizon_ms) * MS) + 1
         assert view.instances()[0].prefill_arrivals_ms == ()
-        view.record_placement("tokyo", "a", "next", 10, 1)
-        assert view._prefill_arrivals["a"] == [(clock.now, 10)]
+        view.record_placement("tokyo", "a", "next", 10, 1, cached_tokens=32)
+        assert view._prefill_arrivals["a"] == [(clock.now, 10, 32, clock.now)]
+
+    def test_a_placement_stays_on_the_timeline_while_its_prefill_runs(self):
+        view, clock, _ = make_view()
+        view.apply_state(make_state("tokyo", [make_instance("a")], timestamp_unix_ns=T0))
+        # A long prompt predicted to prefill for 3 s, then a short one behind it.
+        view.record_placement("tokyo", "a", "long", 60_000, 9, placed_unix_ns=T0,
+                              prefill_busy_ms=3000.0)  # fmt: skip
+        view.record_placement("tokyo", "a", "short", 100, 9, placed_unix_ns=T0 + MS,
+                              prefill_busy_ms=10.0)  # fmt: skip
+        horizon_ms = PREFILL_TIMELINE_HORIZON_S * 1000
+        # Past the horizon from their arrivals, but not from the long one's prefill end: both
+        # stay (the short one queues behind the long one).
+        clock.now = T0 + int((2000 + horizon_ms) * MS)
+        assert [n for _, n, _ in view.instances()[0].prefill_arrivals_ms] == [60_000, 100]
+        clock.now = T0 + int((3000 + horizon_ms) * MS) + 1
+        assert view.instances()[0].prefill_arrivals_ms == ()
 
     def test_placement_arrivals_are_capped(self):
         view, _clock, _ = make_view()
