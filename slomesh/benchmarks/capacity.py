@@ -328,6 +328,7 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
         "ttft_ms": {k: report["ttft_ms"][k] for k in ("p50", "p90", "p99")},
         "tpot_ms": {k: report["tpot_ms"][k] for k in ("p50", "p90", "p99")},
         "sim_wall_s": report["sim"]["wall_s"],
+        "queue_wait_error": report.get("queue_wait_error"),
     }
 
 

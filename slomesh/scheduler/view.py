@@ -320,7 +320,9 @@ class ClusterView:
         # (src, dst) -> (received unix ns, spare bytes/s) from `apply_link_stats`.
         self._link_spare: dict[tuple[str, str], tuple[int, float]] = {}
         # (src, dst) -> unix ns when the foreground KV moves this scheduler ordered are done.
-        self._link_busy_until: dict[tuple[str, str], int] = {}
+        # (src, dst) -> (when the foreground moves this scheduler ordered there are done, ns;
+        # the bandwidth they were given, bytes/s).
+        self._link_busy_until: dict[tuple[str, str], tuple[int, float]] = {}
         self.link_stats_staleness_ms = DEFAULT_LINK_STATS_STALENESS_MS
         # (region, instance) -> request id -> (TPOT target ms, expiry unix ns or None).
         self._inflight: dict[tuple[str, str], dict[str, tuple[float, int | None]]] = {}
@@ -781,14 +783,21 @@ class ClusterView:
         bytes/s: the spare bandwidth last published for the link (capacity less the
         foreground's use; prefetch and prewarm yield to it) if younger than
         `link_stats_staleness_ms`; else the topology's configured capacity of the link; else
-        None (unknown). ``math.inf`` for src == dst (no WAN link to cross)."""
+        None (unknown). ``math.inf`` for src == dst (no WAN link to cross).
+
+        While foreground moves this scheduler ordered are still on the link
+        (`link_queue_ms` > 0), a new one runs after them (first in, first out) at the
+        bandwidth they were given, not at what they leave spare now: the published figure
+        is then taken as at least that bandwidth (the moves count once, as the queue ahead,
+        not also as load on the link)."""
         if src == dst:
             return math.inf
+        now = self.clock_ns() if now_unix_ns is None else now_unix_ns
+        busy = self._link_busy_until.get((src, dst))
+        queued_bytes_per_s = busy[1] if busy is not None and busy[0] > now else 0.0
         seen = self._link_spare.get((src, dst))
-        if seen is not None:
-            now = self.clock_ns() if now_unix_ns is None else now_unix_ns
-            if (now - seen[0]) / 1e6 <= self.link_stats_staleness_ms:
-                return seen[1]
+        if seen is not None and (now - seen[0]) / 1e6 <= self.link_stats_staleness_ms:
+            return max(seen[1], queued_bytes_per_s)
         if self.topology is not None:
             try:
                 return self.topology.link_capacity_bytes_per_s(src, dst)
@@ -814,8 +823,9 @@ class ClusterView:
         spare = self.link_spare_bytes_per_s(src, dst, now)
         if src == dst or not spare or not math.isfinite(spare) or nbytes <= 0:
             return
-        start = max(now, self._link_busy_until.get((src, dst), now))
-        self._link_busy_until[(src, dst)] = start + int(nbytes / spare * 1e9)
+        busy = self._link_busy_until.get((src, dst))
+        start = max(now, busy[0]) if busy is not None else now
+        self._link_busy_until[(src, dst)] = (start + int(nbytes / spare * 1e9), spare)
 
     def link_queue_ms(self, src: str, dst: str, now_unix_ns: int | None = None) -> float:
         """Time until the foreground KV moves this scheduler ordered on ``src -> dst`` are
@@ -824,7 +834,7 @@ class ClusterView:
         if busy is None:
             return 0.0
         now = self.clock_ns() if now_unix_ns is None else now_unix_ns
-        return max(0.0, (busy - now) / 1e6)
+        return max(0.0, (busy[0] - now) / 1e6)
 
     # -- KV index ------------------------------------------------------------------------
 

@@ -134,6 +134,26 @@ class TestPolicyMoves:
             nbytes / 1e10 * 1000.0, rel=1e-6
         )
 
+    def test_a_queued_move_counts_once_not_also_as_load_on_the_link(self):
+        view, _ = busy_source_view(spare_bytes_per_s=1e9)
+        view.record_kv_move("washington-dc", "tokyo", 500_000_000, T0)  # 0.5 s at 1 GB/s
+        assert view.link_queue_ms("washington-dc", "tokyo", T0) == pytest.approx(500.0)
+        # The link's service then publishes what that move leaves spare: a next move waits
+        # for it (the queue), then gets the bandwidth it had.
+        spare(view, "washington-dc", "tokyo", 1e8)
+        assert view.link_spare_bytes_per_s("washington-dc", "tokyo", T0) == 1e9
+        # Once it is done, the published figure stands again.
+        later = T0 + 600_000_000
+        view.apply_link_stats(
+            state_pb2.LinkStatsReport(
+                region="washington-dc",
+                links={"tokyo": state_pb2.LinkStats(spare_bytes_per_s=2e8)},
+            ),
+            received_unix_ns=later,
+        )
+        assert view.link_queue_ms("washington-dc", "tokyo", later) == 0.0
+        assert view.link_spare_bytes_per_s("washington-dc", "tokyo", later) == 2e8
+
     def test_whole_prompt_scope_moves_only_a_prefix_the_destination_can_load(self):
         # vLLM's ExampleConnector loads the one object of align(len(prompt) - 1) tokens: the
         # 16,000 cached tokens of a 16,384-token prompt are not it, the whole prompt is.

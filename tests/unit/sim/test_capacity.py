@@ -84,6 +84,8 @@ def test_run_bench_in_process(tmp_path):
     for r, extra in ((rr, 0), (sm, 1)):
         # max_points bisection points, plus slomesh's point at the equal load if it is new
         assert 1 <= len(r["points"]) <= 4 + extra
+        # Every point carries the RWT error of its placements.
+        assert all(p["queue_wait_error"]["placed"] > 0 for p in r["points"])
         if r["capacity_rate_scale"] > 0:
             assert r["slo_attainment"] >= 0.9
             assert r["capacity_rps"] == pytest.approx(
