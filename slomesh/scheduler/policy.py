@@ -276,26 +276,22 @@ class PlacementDecision:
         if chosen is None or chosen.prediction is None:
             return
         load = chosen.model_load
+        p = chosen.prediction
         view.record_placement(
             chosen.region,
             chosen.instance_id,
             self.request.request_id,
-            prefill_tokens=chosen.prediction.uncached_prompt_tokens,
-            decode_tokens=chosen.prediction.output_tokens,
+            prefill_tokens=p.uncached_prompt_tokens,
+            decode_tokens=p.output_tokens,
             placed_unix_ns=self.decided_unix_ns,
             # A KV move holds the request at the scheduler until it is done.
-            one_way_ms=chosen.prediction.rtt_ms / 2.0 + chosen.prediction.transfer_ms,
+            one_way_ms=p.rtt_ms / 2.0 + p.transfer_ms,
             switch_model=load.model if load is not None else "",
             switch_max_model_len=load.instance.max_model_len if load is not None else 0,
             model_load_ms=load.load_ms if load is not None else 0.0,
-            cached_tokens=chosen.prediction.cached_prefix_tokens,
-            prefill_busy_ms=(
-                chosen.prediction.queue_wait_ms
-                + chosen.prediction.model_load_ms
-                + chosen.prediction.prefill_ms
-            ),
+            cached_tokens=p.cached_prefix_tokens,
+            prefill_busy_ms=p.queue_wait_ms + p.model_load_ms + p.prefill_ms,
         )
-        p = chosen.prediction
         if p.transfer_source_region and p.bytes_moved:
             view.record_kv_move(
                 p.transfer_source_region, chosen.region, p.bytes_moved, self.decided_unix_ns
