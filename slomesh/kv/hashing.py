@@ -3,27 +3,37 @@
 Block `i` of a prompt (tokens `t_{i,0..B-1}` = tokens `[i*B, (i+1)*B)` for block size `B`)
 gets the key
 
-    h_i   = sum_t t_{i,t} * K_B[t]            (mod 2**60)   # multilinear block hash
-    key_i = key_{i-1} * P + h_i               (mod 2**60)   # polynomial chain
+    w_{i,j} = t_{i,2j} + 2**32 * t_{i,2j+1}    # the block read as 64-bit words
+                                              # (t_{i,B} = 0 when B is odd)
+    g_i     = sum_j w_{i,j} * K_B[j]  (mod 2**64)   # multilinear block hash
+    h_i     = g_i XOR (g_i >> 32)               # folds its high bits down
+    key_i   = key_{i-1} * P + h_i     (mod 2**60)   # polynomial chain
 
-with `key_{-1}` the parent key (`ROOT_KEY` at the start of a sequence), `K_B` odd constants
-below 2**60 per position of a block of `B` tokens (a SplitMix64 stream seeded by `B`) and `P`
-an odd constant. A key therefore names a block *and its whole prefix*: two sequences of equal
-length whose blocks differ anywhere differ in every key from there on (P is invertible mod
-2**60), so they share key `i` exactly when they share their first `(i+1)*B` tokens, up to
-chance collisions. Only full blocks get a key (an engine caches only full blocks); a partial
-last block is ignored. A key continues its chain (`parent_key`) exactly like the whole
-sequence. Keys have 60 bits, not 64: a Python int below 2**60 has two 30-bit digits, which
-hashes and compares a little faster in the sets a lookup probes (~34 ns per membership test
-of a fresh key instead of ~37), and the arithmetic mod 2**60 is numpy's uint64 arithmetic
-(mod 2**64) masked at the end.
+with `key_{-1}` the parent key (`ROOT_KEY` at the start of a sequence), `K_B` odd 64-bit
+constants, one per word of a block of `B` tokens (a SplitMix64 stream seeded by `B`), and `P`
+an odd constant. Every token bit reaches the key: with `K_B[j]` odd, `g_i` is a bijection of
+each word (mod 2**64), and the fold brings its top bits, the only ones a word's high token
+reaches above bit 60, into the low ones. A key therefore names a block *and its whole
+prefix*: two sequences of equal length whose blocks differ anywhere differ in every key from
+there on (P is invertible mod 2**60), so they share key `i` exactly when they share their
+first `(i+1)*B` tokens, up to chance collisions. (One systematic weakness, irrelevant to real
+vocabularies, which stay below 2**18: bits 28-31 of an odd-positioned token land in the top
+bits of its word's product, which keep too few bits of `K_B[j]` to tell the positions apart,
+so such tokens swapped between positions of a block can collide.) Only full blocks get a key (an engine caches
+only full blocks); a partial last block is ignored. A key continues its chain (`parent_key`)
+exactly like the whole sequence. Keys have 60 bits, not 64: a Python int below 2**60 has two
+30-bit digits, which hashes and compares a little faster in the sets a lookup probes, and the
+arithmetic mod 2**60 is numpy's uint64 arithmetic (mod 2**64) masked at the end.
 
 Why this and not a byte hash per block: every term vectorizes. With numpy a 32k-token prompt
-keys in one matrix product, one cumulative sum and a few element-wise operations
-(`key_i = P**i * (P * key_{-1} + sum_{j<=i} P**-j * h_j)`), about 3x faster than an xxh3 call
-per block from Python, whose loop was a quarter of a placement decision (`slomesh
+keys in one matrix product over its 64-bit words (the token bytes viewed in place, no
+conversion), one cumulative sum and a few element-wise operations
+(`key_i = P**i * (P * key_{-1} + sum_{j<=i} P**-j * h_j)`), ~45 us for 2048 blocks where an
+xxh3 call per block from Python took ~190 us, a quarter of a placement decision (`slomesh
 bench-decision`). A sequence of a few blocks (a KV event) is keyed by the same formula in
-plain Python, which is faster there than numpy's fixed cost.
+plain Python, which is faster there than numpy's fixed cost. `chain_key_array` returns the
+keys as a numpy array, for lookups that probe a few of them (`PrefixIndex.match`) and need not
+convert them all to Python ints.
 
 The keys route requests; they never decide whether an engine may reuse KV (vLLM checks its
 own block hashes). A collision only makes the scheduler expect a cached prefix that is not
@@ -65,8 +75,12 @@ ROOT_KEY: int = int.from_bytes(b"slomesh", "little")
 _BYTES_PER_TOKEN = 4
 _NEEDS_BYTESWAP = sys.byteorder != "little"
 _LE_UINT32 = np.dtype("<u4")
+_LE_UINT64 = np.dtype("<u8")
 _U64 = np.uint64
 _MASK_U64 = _U64(_MASK)
+_MASK64 = (1 << 64) - 1
+_FOLD_SHIFT = 32
+_FOLD_SHIFT_U64 = _U64(_FOLD_SHIFT)
 
 #: Sequences of at most this many blocks are keyed in plain Python (numpy's fixed cost of
 #: ~10 us per call is more than a few blocks' worth of Python arithmetic).
@@ -74,27 +88,26 @@ _SCALAR_MAX_BLOCKS = 4
 
 
 class _Constants:
-    """`K_B` of each block size (as a numpy array and a list) and the tables of `P**i` and
-    `P**-i`, grown on demand."""
+    """`K_B` of each block size (as a numpy array and a list, one constant per 64-bit word of
+    a block) and the tables of `P**i` and `P**-i`, grown on demand."""
 
     def __init__(self) -> None:
-        self.positions: dict[int, tuple[np.ndarray, list[int]]] = {}
+        self.words: dict[int, tuple[np.ndarray, list[int]]] = {}
         self.powers = np.ones(0, dtype=_U64)
         self.inverse_powers = np.ones(0, dtype=_U64)
 
-    def position_constants(self, block_size: int) -> tuple[np.ndarray, list[int]]:
-        got = self.positions.get(block_size)
+    def word_constants(self, block_size: int) -> tuple[np.ndarray, list[int]]:
+        got = self.words.get(block_size)
         if got is None:
-            mask64 = (1 << 64) - 1
             state = 0x5D588B656C078965 ^ block_size
             values = []
-            for _ in range(block_size):  # SplitMix64, cut to the key width, made odd
-                state = (state + 0x9E3779B97F4A7C15) & mask64
+            for _ in range((block_size + 1) // 2):  # SplitMix64, made odd
+                state = (state + 0x9E3779B97F4A7C15) & _MASK64
                 z = state
-                z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask64
-                z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask64
-                values.append(((z ^ (z >> 31)) & _MASK) | 1)
-            got = self.positions[block_size] = (np.array(values, dtype=_U64), values)
+                z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+                z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+                values.append((z ^ (z >> 31)) | 1)
+            got = self.words[block_size] = (np.array(values, dtype=_U64), values)
         return got
 
     def power_tables(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,6 +217,76 @@ def token_buffer(token_ids: Sequence[int] | np.ndarray, stop: int) -> bytes | me
     return token_bytes(token_ids, 0, stop)
 
 
+def _checked_bytes(data: bytes | memoryview, block_size: int, num_blocks: int) -> memoryview:
+    raw = memoryview(data).cast("B")
+    need = num_blocks * block_size * _BYTES_PER_TOKEN
+    if len(raw) < need:
+        raise ValueError(
+            f"data: {num_blocks} blocks of {block_size} tokens need {need} bytes, got {len(raw)}"
+        )
+    return raw
+
+
+def _scalar_keys(raw: memoryview, block_size: int, num_blocks: int, key: int) -> list[int]:
+    """The formula block by block with Python ints (a few blocks)."""
+    _, k_list = _CONSTANTS.word_constants(block_size)
+    if block_size % 2 == 0:
+        words = struct.unpack_from(f"<{num_blocks * block_size // 2}Q", raw)
+        per_block = block_size // 2
+    else:
+        tokens = struct.unpack_from(f"<{num_blocks * block_size}I", raw)
+        per_block = (block_size + 1) // 2
+        words = []
+        for start in range(0, len(tokens), block_size):
+            block = tokens[start : start + block_size] + (0,)
+            words.extend(block[j] | (block[j + 1] << 32) for j in range(0, block_size, 2))
+    keys = []
+    for start in range(0, len(words), per_block):
+        g = sum(map(mul, words[start : start + per_block], k_list)) & _MASK64
+        key = (key * _P + (g ^ (g >> _FOLD_SHIFT))) & _MASK
+        keys.append(key)
+    return keys
+
+
+def chain_key_array(
+    data: bytes | memoryview, block_size: int, num_blocks: int, parent_key: int = ROOT_KEY
+) -> np.ndarray:
+    """`chain_keys` as a numpy array: shape [num_blocks], dtype uint64, each below 2**60.
+
+    Probing a few of the keys (``int(keys[i])``) costs ~0.3 us each; converting all of them
+    to Python ints (`chain_keys`) ~25 ns per key.
+
+    Raises:
+        ValueError: `data` holds fewer than `4 * block_size * num_blocks` bytes.
+    """
+    if num_blocks <= 0:
+        return np.zeros(0, dtype=_U64)
+    raw = _checked_bytes(data, block_size, num_blocks)
+    key = parent_key & _MASK
+    if num_blocks <= _SCALAR_MAX_BLOCKS:
+        return np.array(_scalar_keys(raw, block_size, num_blocks, key), dtype=_U64)
+    k_array, _ = _CONSTANTS.word_constants(block_size)
+    tokens = np.frombuffer(raw, dtype=_LE_UINT32, count=num_blocks * block_size)
+    if block_size % 2 == 0:
+        words = tokens.view(_LE_UINT64).reshape(num_blocks, block_size // 2)
+    else:
+        padded = np.zeros((num_blocks, block_size + 1), dtype=_LE_UINT32)
+        padded[:, :block_size] = tokens.reshape(num_blocks, block_size)
+        words = padded.view(_LE_UINT64)
+    # g_i, folded; then key_i = P**i * (P * key_{-1} + sum_{j<=i} P**-j * h_j), in place.
+    # numpy's uint64 arithmetic wraps mod 2**64 in arrays (only scalar-scalar operations would
+    # warn), and mod 2**64 then mod 2**60 is mod 2**60.
+    s = words @ k_array
+    s ^= s >> _FOLD_SHIFT_U64
+    powers, inverse_powers = _CONSTANTS.power_tables(num_blocks)
+    s *= inverse_powers
+    np.cumsum(s, out=s)
+    s += _U64((key * _P) & _MASK)
+    s *= powers
+    s &= _MASK_U64
+    return s
+
+
 def chain_keys(
     data: bytes | memoryview, block_size: int, num_blocks: int, parent_key: int = ROOT_KEY
 ) -> list[int]:
@@ -226,34 +309,10 @@ def chain_keys(
     """
     if num_blocks <= 0:
         return []
-    num_tokens = num_blocks * block_size
-    raw = memoryview(data).cast("B")
-    if len(raw) < num_tokens * _BYTES_PER_TOKEN:
-        raise ValueError(
-            f"data: {num_blocks} blocks of {block_size} tokens need "
-            f"{num_tokens * _BYTES_PER_TOKEN} bytes, got {len(raw)}"
-        )
-    key = parent_key & _MASK
-    k_array, k_list = _CONSTANTS.position_constants(block_size)
     if num_blocks <= _SCALAR_MAX_BLOCKS:
-        flat = struct.unpack_from(f"<{num_tokens}I", raw)
-        keys = []
-        for start in range(0, num_tokens, block_size):
-            key = (key * _P + sum(map(mul, flat[start : start + block_size], k_list))) & _MASK
-            keys.append(key)
-        return keys
-    # key_i = P**i * (P * key_{-1} + sum_{j<=i} P**-j * h_j), in place; numpy's uint64
-    # arithmetic wraps mod 2**64 in arrays (only scalar-scalar operations would warn), and
-    # mod 2**64 then mod 2**60 is mod 2**60.
-    tokens = np.frombuffer(raw, dtype=_LE_UINT32, count=num_tokens)
-    s = tokens.reshape(num_blocks, block_size).astype(_U64) @ k_array
-    powers, inverse_powers = _CONSTANTS.power_tables(num_blocks)
-    s *= inverse_powers
-    np.cumsum(s, out=s)
-    s += _U64((key * _P) & _MASK)
-    s *= powers
-    s &= _MASK_U64
-    return s.tolist()
+        raw = _checked_bytes(data, block_size, num_blocks)
+        return _scalar_keys(raw, block_size, num_blocks, parent_key & _MASK)
+    return chain_key_array(data, block_size, num_blocks, parent_key).tolist()
 
 
 def compute_block_keys(

@@ -35,8 +35,8 @@ For a request ``q`` from origin region ``o`` on instance ``i`` (GPU type ``k``) 
 - ``transfer_ms`` (the ``M_q`` of a KV move, "move the prefix, then run here"): 0 unless the
   prediction carries a `KvMove` (`plan_kv_move`): the prefix ``h_k`` that an instance of
   another region ``s`` holds is copied to the instance before the request is forwarded, so
-  ``transfer_ms = RTT(s, j) + bytes / spare bandwidth(s -> j)`` (the control round trip, then
-  the bytes), and the prefill covers ``N_p - h_k`` only. The request waits for the move, so
+  ``transfer_ms = 2 * RTT(s, j) + bytes / spare bandwidth(s -> j)`` (the control round trips,
+  then the bytes), and the prefill covers ``N_p - h_k`` only. The request waits for the move, so
   the terms add up (what the live scheduler does: it forwards once the move is done).
 - GPU seconds: prefill time plus ``q``'s share of each decode step (step time / batch);
   ``cost_usd = gpu_seconds * price_usd_per_hour / 3600`` plus, for a KV move,
@@ -1037,6 +1037,13 @@ class KvMove(NamedTuple):
     egress_cost_usd: float
 
 
+KV_MOVE_CONTROL_ROUND_TRIPS = 2
+"""Round trips between a move's destination and source before its bytes flow: the
+destination's KV transfer service asks the source for the object's manifest
+(``DescribeObject``), then opens the chunk stream (``FetchChunks``), whose first chunk arrives
+one more round trip later (`services.kv_transfer.server`)."""
+
+
 def plan_kv_move(
     *,
     source_region: str,
@@ -1055,11 +1062,11 @@ def plan_kv_move(
     ::
 
         bytes       = (h_k - h_i) / block_size * block_size * kv_bytes_per_token
-        transfer_ms = RTT(s, j) + link_queue_ms + bytes / spare_bytes_per_s(s -> j) * 1000
+        transfer_ms = 2 * RTT(s, j) + link_queue_ms + bytes / spare_bytes_per_s(s -> j) * 1000
         egress_usd  = bytes / 1e9 * egress_usd_per_gb(s)
 
-    The control round trip is the scheduler's request reaching the destination's KV transfer
-    service and its fetch reaching the source (one RTT between the two regions); the bytes
+    The control round trips are the destination's KV transfer service asking the source for
+    the object's manifest and then for its chunks (`KV_MOVE_CONTROL_ROUND_TRIPS`); the bytes
     then flow at the link's spare bandwidth (`ClusterView.link_spare_bytes_per_s`: capacity
     less the foreground transfers already on it, as the link's bandwidth scheduler publishes
     it), after the moves this scheduler already ordered on the link (``link_queue_ms``,
@@ -1102,7 +1109,9 @@ def plan_kv_move(
         source_instance=source_instance,
         prefix_tokens=cached_prefix_tokens + blocks * block_size,
         bytes=nbytes,
-        transfer_ms=control_rtt_ms + link_queue_ms + nbytes / spare_bytes_per_s * 1000.0,
+        transfer_ms=KV_MOVE_CONTROL_ROUND_TRIPS * control_rtt_ms
+        + link_queue_ms
+        + nbytes / spare_bytes_per_s * 1000.0,
         egress_cost_usd=nbytes / 1e9 * egress_usd_per_gb,
     )
 

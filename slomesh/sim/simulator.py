@@ -36,10 +36,10 @@ clock instead of the wall clock:
   topology's capacity (`Topology.link_capacity_bytes_per_s`). A placement that moves prefix
   KV (`Prediction.transfer_source_instance`, the ``kv_moves`` profiles) puts the bytes on
   the link as foreground traffic -- first in, first out at full capacity, preempting
-  prefetches -- plus the control round trip ``RTT(source, dest)``; the request is held at
-  the scheduler meanwhile, then the destination engine caches the prefix
-  (`Engine.insert_cached_prefix`: its KV events reach the agent's index like any others)
-  and the request is forwarded. The hot-prefix prefetch of a profile's ``kv_prefetch``
+  prefetches -- plus the control round trips (two ``RTT(source, dest)``: manifest, then
+  chunk stream); the request is held at the scheduler meanwhile, then the destination
+  engine caches the prefix (`Engine.insert_cached_prefix`: its KV events reach the agent's
+  index like any others) and the request is forwarded. The hot-prefix prefetch of a profile's ``kv_prefetch``
   (`slomesh.scheduler.prefetch`) plans every ``period_s`` from the placements and sends its
   copies as background traffic on what the foreground leaves; a copy lands the same way.
   The moved and prefetched bytes, the moves' transfer times and the prompt tokens served
@@ -100,6 +100,7 @@ from slomesh.engine.profiles import (
 from slomesh.report import RequestResult
 from slomesh.scheduler.admission import BestEffortQueueFull
 from slomesh.scheduler.policy import PlacementDecision, Policy, make_policy
+from slomesh.scheduler.predictor import KV_MOVE_CONTROL_ROUND_TRIPS
 from slomesh.scheduler.prefetch import HotPrefixTracker, PrefetchOrder
 from slomesh.scheduler.validation import RequestValidationError, ValidatedRequest
 from slomesh.scheduler.view import ClusterView
@@ -609,12 +610,13 @@ class _Run:
         # WAN links by (src, dst), made on first use (`slomesh.sim.wan`).
         self.links: dict[tuple[str, str], WanLink] = {}
         self.link_checks: dict[tuple[str, str], int] = {}  # link -> version checked for
-        # Earliest a KV move decided now can reach a region: the least RTT into it (the
-        # move's control round trip), when the policy moves KV.
+        # Earliest a KV move decided now can reach a region: its control round trips on the
+        # least RTT into it, when the policy moves KV.
         names = [r.name for r in self.regions]
         self.move_lead_s: dict[str, float] = {
             dst: (
-                min((self._rtt_ms(src, dst) for src in names if src != dst), default=math.inf)
+                KV_MOVE_CONTROL_ROUND_TRIPS
+                * min((self._rtt_ms(src, dst) for src in names if src != dst), default=math.inf)
                 / 1000.0
                 if self.policy.profile.kv_moves
                 else math.inf
@@ -861,11 +863,13 @@ class _Run:
         """A placement that moves prefix KV first (`Prediction.transfer_source_instance`):
         the move goes on the link ``src -> serving region`` as foreground traffic
         (`slomesh.sim.wan`: first in, first out, preempting prefetches), its control round
-        trip ``RTT(src, dst)`` is added at its end, and the request is held at the scheduler
-        until then (`_on_move_done`)."""
+        trips (`KV_MOVE_CONTROL_ROUND_TRIPS` x ``RTT(src, dst)``, as the live protocol takes)
+        are added at its end, and the request is held at the scheduler until then
+        (`_on_move_done`)."""
         now = self.now
         link = self._link(src, rec.region)
-        done_s = link.foreground(nbytes, now) + self._rtt_ms(src, rec.region) / 1000.0
+        control_s = KV_MOVE_CONTROL_ROUND_TRIPS * self._rtt_ms(src, rec.region) / 1000.0
+        done_s = link.foreground(nbytes, now) + control_s
         self._drain_link(link)
         rec.kv_move_bytes = nbytes
         rec.kv_move_source_region = src

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from slomesh.kv.hashing import (
     KEY_BITS,
     ROOT_KEY,
+    chain_key_array,
     chain_keys,
     compute_block_keys,
     token_buffer,
@@ -30,26 +31,33 @@ def test_keys_are_deterministic_and_60_bit():
 
 
 def splitmix64_odd(block_size: int) -> list[int]:
-    """The module docstring's position constants K_B, written out again."""
+    """The module docstring's word constants K_B (one per 64-bit word), written out again."""
     mask64, out, state = 2**64 - 1, [], 0x5D588B656C078965 ^ block_size
-    for _ in range(block_size):
+    for _ in range((block_size + 1) // 2):
         state = (state + 0x9E3779B97F4A7C15) & mask64
         z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & mask64
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask64
-        out.append(((z ^ (z >> 31)) % 2**KEY_BITS) | 1)
+        out.append((z ^ (z >> 31)) | 1)
     return out
+
+
+def block_hash(block: list[int], k: list[int]) -> int:
+    """h = fold(sum_j w_j * K[j] mod 2**64), w_j = t_{2j} + 2**32 * t_{2j+1}."""
+    padded = block + [0] * (len(block) % 2)
+    words = [padded[j] + 2**32 * padded[j + 1] for j in range(0, len(padded), 2)]
+    g = sum(w * c for w, c in zip(words, k, strict=True)) % 2**64
+    return g ^ (g >> 32)
 
 
 def reference_keys(tokens: list[int], block_size: int, parent_key: int = ROOT_KEY) -> list[int]:
     """The module docstring's formula, block by block with Python ints:
-    key_i = key_{i-1} * P + sum_t token_t * K_B[t] (mod 2**60)."""
+    key_i = key_{i-1} * P + h_i (mod 2**60)."""
     modulus = 2**KEY_BITS
     p = 0x9E3779B97F4A7C15 % modulus
     k = splitmix64_odd(block_size)
     keys, key = [], parent_key % modulus
     for start in range(0, len(tokens) // block_size * block_size, block_size):
-        block = tokens[start : start + block_size]
-        key = (key * p + sum(t * c for t, c in zip(block, k, strict=True))) % modulus
+        key = (key * p + block_hash(tokens[start : start + block_size], k)) % modulus
         keys.append(key)
     return keys
 
@@ -57,14 +65,35 @@ def reference_keys(tokens: list[int], block_size: int, parent_key: int = ROOT_KE
 def test_keys_are_the_multilinear_block_hash_chained_by_a_polynomial():
     tokens = [1, 2, 3, 258, 7, 8, 9, 10]
     k = splitmix64_odd(4)
+    assert len(k) == 2
     p = 0x9E3779B97F4A7C15 % 2**60
-    first = (ROOT_KEY * p + sum(t * c for t, c in zip(tokens[:4], k))) % 2**60
-    second = (first * p + sum(t * c for t, c in zip(tokens[4:], k))) % 2**60
+    g = (1 + 2 * 2**32) * k[0] + (3 + 258 * 2**32) * k[1]
+    g %= 2**64
+    first = (ROOT_KEY * p + (g ^ (g >> 32))) % 2**60
+    g = ((7 + 8 * 2**32) * k[0] + (9 + 10 * 2**32) * k[1]) % 2**64
+    second = (first * p + (g ^ (g >> 32))) % 2**60
     assert compute_block_keys(tokens, 4) == [first, second]
     # The vectorized path (more than a few blocks) gives the same keys as the scalar one.
     long = list(range(7, 7 + 4 * 40))
     assert compute_block_keys(long, 4) == reference_keys(long, 4)
     assert compute_block_keys(long[:16], 4) == reference_keys(long[:16], 4)
+
+
+def test_every_bit_of_a_token_reaches_the_key():
+    base = [0] * 16
+    base_keys = tuple(compute_block_keys(base, 16))
+
+    def flipped(position: int, bit: int) -> tuple[int, ...]:
+        tokens = list(base)
+        tokens[position] = 1 << bit
+        return tuple(compute_block_keys(tokens, 16))
+
+    # Below bit 28 (any real vocabulary) every (position, bit) gives its own key.
+    low = {flipped(p, b) for p in (0, 1, 14, 15) for b in (0, 7, 17, 27)}
+    assert len(low) == 16 and base_keys not in low
+    # A word's high token's top bits land above bit 60 of the product; the fold brings them
+    # back, so they change the key too (though not distinctly per position: documented).
+    assert all(flipped(p, b) != base_keys for p in (0, 1, 14, 15) for b in (28, 29, 30, 31))
 
 
 def test_partial_last_block_is_excluded():
@@ -146,6 +175,8 @@ def test_keys_equal_the_block_by_block_formula(tokens, block_size, parent_key, a
     assert compute_block_keys(given_tokens, block_size, parent_key) == want
     data = token_bytes(tokens)
     assert chain_keys(data, block_size, len(want), parent_key) == want
+    array = chain_key_array(data, block_size, len(want), parent_key)
+    assert array.dtype == np.uint64 and array.tolist() == want
     # A chain continued from any block's key equals the rest of the whole chain.
     if len(want) >= 2:
         cut = len(want) // 2

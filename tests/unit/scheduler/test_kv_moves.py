@@ -64,7 +64,7 @@ class TestPlanKvMove:
         assert move is not None
         assert move.bytes == nbytes == 1_677_721_600
         assert move.prefix_tokens == 16_000
-        assert move.transfer_ms == pytest.approx(139.0 + 50.0 + nbytes / 1e9 * 1000.0)
+        assert move.transfer_ms == pytest.approx(2 * 139.0 + 50.0 + nbytes / 1e9 * 1000.0)
         assert move.egress_cost_usd == pytest.approx(nbytes / 1e9 * 0.02)
 
     @pytest.mark.parametrize("spare_bytes_per_s", [None, 0.0, math.inf, math.nan])
@@ -119,7 +119,7 @@ class TestPolicyMoves:
         nbytes = 800 * 16 * KV_BYTES_PER_TOKEN
         assert p.transfer_source_instance == "wdc-0"
         assert p.bytes_moved == nbytes
-        expected_ms = view.rtt_ms("washington-dc", "tokyo") + nbytes / 1e10 * 1000.0
+        expected_ms = 2 * view.rtt_ms("washington-dc", "tokyo") + nbytes / 1e10 * 1000.0
         assert p.transfer_ms == pytest.approx(expected_ms)
         assert chosen.prefix_hit_tokens == 3_200 and p.cached_prefix_tokens == 16_000
         placement = decision.to_placement("tyo.agent:50051")

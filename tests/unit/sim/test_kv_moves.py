@@ -104,9 +104,9 @@ class TestKvMoveInTheSimulator:
         assert moved.ok and moved.instance_id == "tyo-0"
         nbytes = 24 * 512 * KV_BYTES_PER_TOKEN
         assert moved.kv_move_bytes == nbytes and moved.kv_move_source_region == "washington-dc"
-        # The link was idle: the bytes at 2.5 GB/s, then the control round trip.
+        # The link was idle: the bytes at 2.5 GB/s, then the two control round trips.
         rtt_ms = topo.rtt_ms("washington-dc", "tokyo")
-        assert moved.kv_transfer_ms == pytest.approx(nbytes / 2.5e9 * 1000.0 + rtt_ms)
+        assert moved.kv_transfer_ms == pytest.approx(nbytes / 2.5e9 * 1000.0 + 2 * rtt_ms)
         assert moved.predicted_transfer_ms == pytest.approx(moved.kv_transfer_ms)
         # The engine found the moved blocks in its cache and the agent's index published them.
         assert moved.cached_prompt_tokens == 24 * 512
