@@ -764,10 +764,11 @@ class Mesh:
                 plan.kv_transfer_address(region.name),
             ).start(env)
 
-        relay_args: list[str] = ["--metrics-port", str(plan.relay_metrics_port)]
-        for r in plan.relays:
-            relay_args += ["--relay", r.relay_arg]
-        self._child("wan-relay", "wan-relay", "slomesh.wan_relay", relay_args, "").start(env)
+        if plan.relays:  # none in a mesh of one region
+            relay_args: list[str] = ["--metrics-port", str(plan.relay_metrics_port)]
+            for r in plan.relays:
+                relay_args += ["--relay", r.relay_arg]
+            self._child("wan-relay", "wan-relay", "slomesh.wan_relay", relay_args, "").start(env)
 
         self._wait(
             "emulators",

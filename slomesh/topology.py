@@ -59,6 +59,7 @@ import csv
 import functools
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -445,6 +446,44 @@ class Topology(BaseModel):
         if spec.model_load_overhead_s is not None:
             return spec.model_load_overhead_s
         return self.instance_region(instance_id).model_load_overhead_s
+
+    def model_load_s(
+        self, instance_id: str, model: str, weight_cache_models: Sequence[str]
+    ) -> tuple[float, bool]:
+        """``M_q`` of switching `instance_id` to `model`: the instance's start-up overhead
+        plus the model's weights over its region's weight-cache bandwidth when the cache
+        holds the model, else over the remote store's
+        (`slomesh.engine.profiles.model_load_time_s`), as the simulator and the live region
+        agent time a switch.
+
+        Args:
+            instance_id: The instance switching.
+            model: The model it loads.
+            weight_cache_models: Models its region's weight cache holds now.
+
+        Returns:
+            (load seconds, whether the weights come from the region's cache).
+
+        Raises:
+            KeyError: an unknown instance or model, or a model whose size is unknown.
+        """
+        from slomesh.engine.profiles import model_load_time_s
+
+        ref = self.model_ref(model)
+        weights_bytes = ref.resolved_weights_bytes
+        if weights_bytes is None:
+            raise KeyError(f"model {model!r}: size of its weights unknown (weights_bytes)")
+        region = self.instance_region(instance_id)
+        from_cache = model in weight_cache_models
+        bandwidth = (
+            region.weight_cache_gb_per_s if from_cache else region.remote_weights_gb_per_s
+        )
+        load_s = model_load_time_s(
+            weights_bytes,
+            load_gb_per_s=bandwidth,
+            overhead_s=self.model_load_overhead_s(instance_id),
+        )
+        return load_s, from_cache
 
     def weight_cache_models(self, region: str) -> list[str]:
         """Models whose weights `region`'s local cache holds at start: the models its

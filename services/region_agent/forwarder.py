@@ -32,6 +32,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from services.region_agent import metrics
+from services.region_agent.model_switch import ModelSwitch, ModelSwitcher, ModelSwitchError
 from services.region_agent.routing import pick_instance
 from services.region_agent.state import InstanceRuntime
 from slomesh.kv.index import PrefixIndex
@@ -167,6 +168,8 @@ class Forwarder:
         index: the agent's prefix index (for picking and cached-prefix accounting).
         session: shared HTTP session.
         on_load_change: called when an instance's outstanding/queued accounting changed.
+        switcher: starts the model switches of swappable instances; None = requests for a
+            model an instance does not serve fail with FAILED_PRECONDITION.
     """
 
     def __init__(
@@ -176,12 +179,14 @@ class Forwarder:
         index: PrefixIndex,
         session: aiohttp.ClientSession,
         on_load_change: Callable[[], None] = lambda: None,
+        switcher: ModelSwitcher | None = None,
     ) -> None:
         self.region = region
         self.runtimes = runtimes
         self.index = index
         self.session = session
         self.on_load_change = on_load_change
+        self.switcher = switcher
 
     async def generate(
         self,
@@ -201,11 +206,30 @@ class Forwarder:
                 `agent.generate` span); spans are passed explicitly, never attached as current
                 across a `yield` (an async generator may be closed from another context).
 
+        A request for a model the chosen instance does not serve starts its switch, and a
+        request for the model an instance is loading waits for the load
+        (`services.region_agent.model_switch`), within ``timeout_s``.
+
         Raises:
             NoInstanceError: no healthy instance.
-            UpstreamError: the engine failed (see the module docstring for the codes).
+            UpstreamError: the engine failed (see the module docstring for the codes), or the
+                instance could not load the request's model (FAILED_PRECONDITION when it
+                could not start, UNAVAILABLE when the load failed, DEADLINE_EXCEEDED when the
+                deadline came first).
         """
         runtime, cached_tokens = pick_instance(request, self.runtimes, self.index)
+        switch = runtime.switch
+        if request.model and runtime.serving_model and runtime.serving_model != request.model:
+            if self.switcher is None:
+                raise UpstreamError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"instance {runtime.instance_id} serves {runtime.serving_model!r}, "
+                    f"not {request.model!r}",
+                )
+            try:
+                switch = self.switcher.begin(runtime, request.model)
+            except ModelSwitchError as exc:
+                raise UpstreamError(exc.code, exc.message) from None
         prompt_tokens = len(request.prompt_token_ids) or max(
             1, len(request.prompt_text) // CHARS_PER_TOKEN_ESTIMATE
         )
@@ -215,6 +239,9 @@ class Forwarder:
         metrics.REQUESTS_FORWARDED.labels(self.region, runtime.instance_id).inc()
         self.on_load_change()
         try:
+            if switch is not None:
+                await self._await_switch(switch, runtime, timeout_s, parent_context)
+                runtime.restart_clock(handle)
             async for message in self._stream(
                 request,
                 runtime,
@@ -235,6 +262,39 @@ class Forwarder:
         finally:
             runtime.finish_request(handle)
             self.on_load_change()
+
+    async def _await_switch(
+        self,
+        switch: ModelSwitch,
+        runtime: InstanceRuntime,
+        timeout_s: float | None,
+        parent_context: Context | None,
+    ) -> None:
+        """Waits (span ``agent.model_load``) until ``runtime`` serves ``switch.model``."""
+        span = tracer.start_span(
+            "agent.model_load",
+            context=parent_context,
+            attributes={
+                "slomesh.region": self.region,
+                "slomesh.instance_id": runtime.instance_id,
+                "slomesh.model": switch.model,
+                "slomesh.model_load_s": switch.load_s,
+                "slomesh.weights_from_cache": switch.from_cache,
+            },
+        )
+        try:
+            await asyncio.wait_for(asyncio.shield(switch.done), timeout_s)
+        except TimeoutError:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, "deadline"))
+            raise UpstreamError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"deadline reached while {runtime.instance_id} loads {switch.model!r}",
+            ) from None
+        except ModelSwitchError as exc:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, exc.message))
+            raise UpstreamError(exc.code, exc.message) from None
+        finally:
+            span.end()
 
     async def _stream(
         self,

@@ -12,6 +12,11 @@ REQUESTS_FORWARDED = Counter(
     "Generate requests forwarded to an engine instance.",
     ["region", "instance"],
 )
+MODEL_SWITCHES = Counter(
+    "slomesh_agent_model_switches_total",
+    "Model switches of swappable instances, by outcome (started, completed, failed).",
+    ["region", "instance", "outcome"],
+)
 REQUEST_ERRORS = Counter(
     "slomesh_agent_request_errors_total",
     "Generate requests that ended with a gRPC error, by status code.",

@@ -60,10 +60,13 @@ def pick_instance(
 ) -> tuple[InstanceRuntime, int]:
     """Chooses the instance for a (validated) request.
 
-    Order: the requested `instance_id` when it is healthy; else among healthy instances (of the
-    requested model, when the request names one and the instance's model is known) the longest
-    indexed prefix hit, then the fewest outstanding forwarded requests, then the lowest KV cache
-    usage, then configuration order.
+    Order: the requested `instance_id` when it is healthy and serves the requested model (or
+    is loading it, `InstanceRuntime.serving_model`), or can switch models
+    (`InstanceRuntime.switch_capable`: the scheduler placed a model switch there; the
+    forwarder starts it, `services.region_agent.model_switch`); else among healthy instances
+    (of the requested model, when the request names one and the instance's model is known)
+    the longest indexed prefix hit, then the fewest outstanding forwarded requests, then the
+    lowest KV cache usage, then configuration order.
 
     Args:
         request: the request.
@@ -71,28 +74,30 @@ def pick_instance(
         index: the agent's prefix index.
 
     Returns:
-        (instance, cached prefix tokens the index reports for the prompt on it).
+        (instance, cached prefix tokens the index reports for the prompt on it; 0 for an
+        instance that must switch models first).
 
     Raises:
         NoInstanceError: no healthy instance (of the requested model).
     """
+    model = request.model
     healthy = [
         rt
         for rt in runtimes.values()
-        if rt.healthy and (not request.model or not rt.model or rt.model == request.model)
+        if rt.healthy and (not model or not rt.serving_model or rt.serving_model == model)
     ]
-    if not healthy:
-        raise NoInstanceError(
-            f"no healthy instance serves model {request.model!r}"
-            if request.model
-            else "no healthy instance"
-        )
     tokens = request.prompt_token_ids
     if request.instance_id:
         chosen = runtimes.get(request.instance_id)
         if chosen is not None and chosen in healthy:
             hit = index.match(tokens, [chosen.instance_id])[chosen.instance_id] if tokens else 0
             return chosen, hit
+        if chosen is not None and chosen.healthy and model and chosen.switch_capable:
+            return chosen, 0
+    if not healthy:
+        raise NoInstanceError(
+            f"no healthy instance serves model {model!r}" if model else "no healthy instance"
+        )
     hits = index.match(tokens, [rt.instance_id for rt in healthy]) if tokens else {}
     order = {iid: n for n, iid in enumerate(runtimes)}
 

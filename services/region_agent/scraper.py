@@ -38,6 +38,7 @@ class EngineInfo:
         time_scale: wall seconds per modelled second (the emulator's `time_scale`; 1 for
             vLLM): the agent divides measured step times by it.
         max_num_batched_tokens: token budget of an engine step, None if unknown.
+        model_switch: the engine can switch models (the emulator's `/slomesh/load_model`).
     """
 
     model: str = ""
@@ -47,6 +48,7 @@ class EngineInfo:
     num_gpu_blocks: int | None = None
     time_scale: float = 1.0
     max_num_batched_tokens: int | None = None
+    model_switch: bool = False
 
 
 async def fetch_engine_info(
@@ -82,6 +84,7 @@ async def fetch_engine_info(
                     if data.get("max_num_batched_tokens")
                     else None
                 ),
+                model_switch=data.get("model_switch") is True,
             )
     async with session.get(f"{base_url}/v1/models", timeout=timeout) as resp:
         resp.raise_for_status()

@@ -17,6 +17,10 @@ What it publishes (subjects from `slomesh.bus`):
   holding every instance's full key set (each entry `cleared=True`, so applying it replaces
   that instance). A consumer applies deltas with seq > N after it.
 - `slomesh.region.<region>.rtt`: `RttReport` every `rtt_interval_s` when peers are configured.
+
+Requests for a model an idle swappable instance does not serve switch it first
+(`services.region_agent.model_switch`); the state then carries the switch (the instance's new
+model and `model_load_remaining_s`) and the region's weight cache and load bandwidths.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from services.region_agent import metrics
 from services.region_agent.config import AgentConfig
 from services.region_agent.forwarder import Forwarder, UpstreamError
 from services.region_agent.kv_subscriber import KvEventSubscriber
+from services.region_agent.model_switch import ModelSwitcher
 from services.region_agent.routing import NoInstanceError, RequestValidationError, validate_request
 from services.region_agent.rtt import RttProber
 from services.region_agent.scraper import (
@@ -94,7 +99,13 @@ class RegionAgent:
                     extra={"instance_id": inst.instance_id, "region": self.region},
                 )
             self.runtimes[inst.instance_id] = InstanceRuntime(
-                config=inst, gpu_type=gpu, tracker=InstanceKvTracker(inst.instance_id)
+                config=inst,
+                gpu_type=gpu,
+                tracker=InstanceKvTracker(inst.instance_id),
+                swappable=spec.swappable if spec is not None else False,
+                model_load_overhead_s=(
+                    topology.model_load_overhead_s(spec.id) if spec is not None else 0.0
+                ),
             )
         self.pending = DeltaAccumulator()
         self.kv_seq = 0
@@ -103,6 +114,7 @@ class RegionAgent:
         self.grpc: GrpcServerHandle | None = None
         self.session: aiohttp.ClientSession | None = None
         self.forwarder: Forwarder | None = None
+        self.switcher: ModelSwitcher | None = None
         self.rtt = RttProber(self.region, config.peers, config.rtt_timeout_s, config.rtt_ewma_alpha)
         self._zmq: zmq.asyncio.Context | None = None
         self._subscribers: list[KvEventSubscriber] = []
@@ -141,8 +153,16 @@ class RegionAgent:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
         )
+        self.switcher = ModelSwitcher(
+            self.region, self.topology, self.session, self._on_load_change
+        )
         self.forwarder = Forwarder(
-            self.region, self.runtimes, self.index, self.session, self._on_load_change
+            self.region,
+            self.runtimes,
+            self.index,
+            self.session,
+            self._on_load_change,
+            self.switcher,
         )
         self.nc = await bus.connect_nats(self.config.nats_url, f"region-agent-{self.region}")
         await self.nc.subscribe(bus.kv_snapshot_subject(self.region), cb=self._on_snapshot_request)
@@ -199,6 +219,8 @@ class RegionAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.switcher is not None:
+            await self.switcher.stop()
         for sub in self._subscribers:
             await sub.stop()
         if self.nc is not None and self.nc.is_connected:
@@ -296,8 +318,7 @@ class RegionAgent:
                     price, spot = self.topology.gpu_price_usd_per_hour(rt.gpu_type, cloud_region)
             state = rt.to_proto(price, spot, self.index.num_blocks(rt.instance_id))
             # What the engine does not report comes from the topology: the instance's model
-            # and context at start (model switches are simulated only: the agent publishes no
-            # `swappable`, so the scheduler never asks it for one).
+            # and context at start.
             spec = next((i for i in self.region_spec.instances if i.id == rt.instance_id), None)
             if not state.max_model_len:
                 state.max_model_len = (
@@ -321,6 +342,13 @@ class RegionAgent:
             instances=instances,
             agent_incarnation=self.incarnation,
             egress_usd_per_gb=self.region_spec.egress_usd_per_gb,
+            weight_cache_models=(
+                self.switcher.weight_cache_models
+                if self.switcher is not None
+                else self.topology.weight_cache_models(self.region)
+            ),
+            weight_cache_gb_per_s=self.region_spec.weight_cache_gb_per_s,
+            remote_weights_gb_per_s=self.region_spec.remote_weights_gb_per_s,
         )
 
     def _export_gauges(self, s: state_pb2.InstanceState) -> None:

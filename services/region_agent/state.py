@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from services.region_agent.config import InstanceConfig
 from services.region_agent.scraper import EngineInfo, ScrapedMetrics
@@ -33,6 +34,9 @@ from slomesh.kv.index import InstanceKvTracker
 from slomesh.online_fit import InstanceStepTimeFit, OnlineFitConfig, StepTimePrior
 from slomesh.scheduler.predictor import load_latency_profile
 from slomesh.v1 import state_pb2
+
+if TYPE_CHECKING:
+    from services.region_agent.model_switch import ModelSwitch
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +105,19 @@ class InstanceRuntime:
         consecutive_failures: failed probes in a row.
         outstanding: forwarded requests not yet finished, by an agent-internal id.
         latency_fit: the online latency fit, None before the engine's info is known.
+        swappable: the topology lets the instance switch models while idle
+            (`services.region_agent.model_switch`); published only when its engine can.
+        model_load_overhead_s: its engine's start-up time on a switch besides the weights,
+            seconds (topology).
+        switch: the model switch under way, None when none is.
     """
 
     config: InstanceConfig
     gpu_type: str
     tracker: InstanceKvTracker
+    swappable: bool = False
+    model_load_overhead_s: float = 0.0
+    switch: ModelSwitch | None = None
     info: EngineInfo | None = None
     scraped: ScrapedMetrics = field(default_factory=ScrapedMetrics)
     healthy: bool = False
@@ -142,7 +154,34 @@ class InstanceRuntime:
 
     @property
     def model(self) -> str:
+        """The model the engine reports serving ("" before its info is known)."""
         return self.info.model if self.info else ""
+
+    @property
+    def serving_model(self) -> str:
+        """The model requests for this instance must name: the one a switch under way loads,
+        else the engine's."""
+        return self.switch.model if self.switch is not None else self.model
+
+    @property
+    def switch_capable(self) -> bool:
+        """Swappable in the topology and its engine can switch models (published as
+        `InstanceState.swappable`)."""
+        return self.swappable and self.info is not None and self.info.model_switch
+
+    @property
+    def can_switch(self) -> bool:
+        """Whether a switch may start now: switch-capable, healthy and idle (nothing
+        forwarded and unfinished, nothing running or waiting at the last scrape, no switch
+        under way)."""
+        return (
+            self.switch_capable
+            and self.healthy
+            and self.switch is None
+            and not self.outstanding
+            and self.scraped.num_requests_running == 0
+            and self.scraped.num_requests_waiting == 0
+        )
 
     # -- accounting ------------------------------------------------------------------------
 
@@ -161,6 +200,13 @@ class InstanceRuntime:
             prefill_shared=self.prefill_in_flight,  # another request waits for its first token
         )
         return handle
+
+    def restart_clock(self, handle: int) -> None:
+        """Marks a held request (it waited for a model load) as sent now: its prefill
+        throughput sample counts from here."""
+        req = self.outstanding.get(handle)
+        if req is not None:
+            req.sent_monotonic = time.monotonic()
 
     def tokens_received(
         self, handle: int, num_tokens: int, now_monotonic: float | None = None
@@ -318,11 +364,17 @@ class InstanceRuntime:
         """The instance's `InstanceState` (state.proto)."""
         info = self.info
         scraped = self.scraped
+        switch = self.switch
+        max_model_len = info.max_model_len if info else 0
+        remaining_s = 0.0
+        if switch is not None:
+            max_model_len = switch.max_model_len
+            remaining_s = switch.remaining_s(info.time_scale if info else 1.0)
         state = state_pb2.InstanceState(
             instance_id=self.instance_id,
             url=self.config.url,
             gpu_type=self.gpu_type,
-            model=self.model,
+            model=self.serving_model,
             healthy=self.healthy,
             num_requests_running=scraped.num_requests_running,
             num_requests_waiting=scraped.num_requests_waiting,
@@ -333,13 +385,16 @@ class InstanceRuntime:
             decode_tokens_per_s=self.decode_tps.value or 0.0,
             block_size=self.block_size,
             num_gpu_blocks=self.num_gpu_blocks,
-            max_model_len=info.max_model_len if info else 0,
+            max_model_len=max_model_len,
             price_usd_per_hour=price_usd_per_hour,
             spot_price_usd_per_hour=spot_price_usd_per_hour,
             prefix_cache_queries_total=scraped.prefix_cache_queries_total,
             prefix_cache_hits_total=scraped.prefix_cache_hits_total,
             num_requests_outstanding=len(self.outstanding),
             num_indexed_blocks=num_indexed_blocks,
+            swappable=self.switch_capable,
+            model_load_overhead_s=self.model_load_overhead_s if self.switch_capable else 0.0,
+            model_load_remaining_s=remaining_s,
         )
         if self.latency_fit is not None:
             state.decode_fit.CopyFrom(self.latency_fit.decode_fit_pb())

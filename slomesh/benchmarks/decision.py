@@ -20,9 +20,9 @@ What it measures, on one thread with nothing else running in the process:
      which hashes lazily: in chunks, until no instance holds every key so far);
    - ``decision``: the whole `Policy.place` of ``--policy`` (filters, prefix lookup,
      predictions, admission, scoring, picking) -- the figure with the 1 ms p99 target of issue 4;
-   - ``hashing``: the request-side block keys (`compute_block_keys`, block size 16) of as many
-     leading blocks as the decision's lookup hashed (`PrefixIndex.blocks_hashed`) -- the
-     hashing share of the decision;
+   - ``hashing``: the request-side block keys (block size 16) of as many leading blocks as the
+     decision's lookup hashed (`PrefixIndex.blocks_hashed`), as a numpy array like the lookup
+     keeps them (`chain_key_array`) -- the hashing share of the decision;
    - ``baseline``: `Policy.place` of ``round-robin`` on the same view and request, measured in
      the same run: the same filters, prefix lookup and predictions (every policy predicts every
      candidate, for the audit trail and the refusal hints) with the cheapest picker, so the
@@ -165,7 +165,7 @@ def run_decision_benchmark(
     Raises:
         ValueError: an argument out of range.
     """
-    from slomesh.kv.hashing import compute_block_keys
+    from slomesh.kv.hashing import chain_key_array, token_buffer
     from slomesh.scheduler.policy import make_policy
     from slomesh.scheduler.validation import validate_request
     from slomesh.slo import load_slo_config
@@ -196,6 +196,7 @@ def run_decision_benchmark(
     fixed_tokens = None
     outcomes: dict[str, int] = {}
     suffix_len = prompt_tokens - shared_prefix_tokens
+    prompt_blocks = prompt_tokens // BLOCK_SIZE
     index = view.prefix_index
     hashed_blocks: list[int] = []
     load_start = os.getloadavg()[0]
@@ -223,16 +224,17 @@ def run_decision_benchmark(
         t3 = time.perf_counter_ns()
         c3 = time.thread_time_ns()
         hashed = index.blocks_hashed - hashed_before
-        head = req.prompt_token_ids[: hashed * BLOCK_SIZE]
         t4 = time.perf_counter_ns()
-        compute_block_keys(head, BLOCK_SIZE)
+        chain_key_array(
+            token_buffer(req.prompt_token_ids, hashed * BLOCK_SIZE), BLOCK_SIZE, hashed
+        )
         t5 = time.perf_counter_ns()
         baseline_policy.place(req, view)
         t6 = time.perf_counter_ns()
         if fixed_tokens is None:
             fixed_tokens = req.prompt_token_ids
         t7 = time.perf_counter_ns()
-        compute_block_keys(fixed_tokens, BLOCK_SIZE)
+        chain_key_array(token_buffer(fixed_tokens, prompt_tokens), BLOCK_SIZE, prompt_blocks)
         t8 = time.perf_counter_ns()
         hashed_blocks.append(hashed)
         for key, dt in (
@@ -260,7 +262,7 @@ def run_decision_benchmark(
             "p50": float(np.percentile(hashed_blocks, 50)),
             "max": max(hashed_blocks),
         },
-        "prompt_blocks": prompt_tokens // BLOCK_SIZE,
+        "prompt_blocks": prompt_blocks,
         "hashing_share": stats["hashing_ms"]["p50"] / stats["decision_ms"]["p50"],
         "p99_ratio_vs_baseline": decision_p99 / stats["baseline_ms"]["p99"],
         "jitter": {

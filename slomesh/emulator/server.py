@@ -14,7 +14,12 @@ Endpoints (vLLM-compatible unless marked):
 - ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text, vLLM names),
   ``POST /reset_prefix_cache`` (vLLM dev-mode endpoint).
 - ``GET /slomesh/info`` (emulator only; real vLLM lacks it): GPU type, model, cache geometry,
-  KV-event endpoints, GPU profile.
+  KV-event endpoints, GPU profile, ``model_switch`` (true: it serves ``/slomesh/load_model``)
+  and the switch under way (``loading_model``, ``loading_remaining_s``).
+- ``POST /slomesh/load_model`` (emulator only): ``{"model", "load_s", "max_model_len"}``
+  switches the idle instance to another model, as a restart of the engine on it would
+  (`EmulatorServer.load_model`); answers when the switch is done, ``{"model", "switched",
+  "max_model_len"}``; 404 unknown model, 409 busy, 400 bad field.
 
 Streaming chunk (SSE ``data: <json>\\n\\n``, one per delivered token event -- the first token,
 then every ``stream_interval`` tokens, the last one, and fewer when the reader lags -- then
@@ -38,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -59,7 +65,7 @@ from slomesh.emulator.metrics import EmulatorMetrics
 from slomesh.emulator.runner import EngineRunner, RequestStream, TokenEvent
 from slomesh.emulator.tokenizer import WordTokenizer
 from slomesh.engine.model import Engine, EngineConfig, EngineRequest
-from slomesh.engine.profiles import get_model_spec, get_profile
+from slomesh.engine.profiles import ModelSpec, get_model_spec, get_profile
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +160,16 @@ class EmulatorConfig:
         get_model_spec(self.model)
 
 
+class ModelSwitchError(Exception):
+    """A ``/slomesh/load_model`` call the emulator refuses; rendered as vLLM's error JSON."""
+
+    def __init__(self, status: int, message: str, err_type: str = "BadRequestError") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.err_type = err_type
+
+
 class RequestError(Exception):
     """A request the API rejects; rendered as vLLM's error JSON."""
 
@@ -197,6 +213,21 @@ class CompletionParams:
     stream_interval: int
 
 
+@dataclass(frozen=True)
+class ModelLoad:
+    """A model switch under way (`EmulatorServer.load_model`).
+
+    Attributes:
+        model: The model being loaded.
+        load_s: Its modelled load time, seconds.
+        ends_monotonic: `time.monotonic()` when it ends (``load_s * time_scale`` after it began).
+    """
+
+    model: str
+    load_s: float
+    ends_monotonic: float
+
+
 class EmulatorServer:
     """One emulated vLLM instance: engine runner, HTTP app, metrics, KV-event publisher.
 
@@ -231,47 +262,75 @@ class EmulatorServer:
             if config.kv_store_path is not None
             else None
         )
-        self.engine = Engine(
-            self.profile,
-            self.model_spec,
-            EngineConfig(
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_num_seqs=config.max_num_seqs,
-                block_size=config.block_size,
-                num_gpu_blocks=config.num_gpu_blocks,
-                enable_prefix_caching=config.enable_prefix_caching,
-                max_model_len=config.max_model_len,
-                output_vocab_size=config.vocab_size,
-                seed=config.seed,
-            ),
-            external_kv=self.kv_store,
-        )
+        self.engine = self._build_engine(self.model_spec, config.max_model_len, self.kv_store)
         self.max_model_len = self.engine.max_model_len
         self.tokenizer = WordTokenizer(config.vocab_size)
         self.port: int = config.port
         self.instance_id = config.instance_id or f"{config.host}:{config.port}"
         provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
         self.tracer = provider.get_tracer("slomesh.emulator")
-        self.metrics = EmulatorMetrics(
-            model_name=self.served_model_name,
-            max_model_len=self.max_model_len,
-            cache_info={
-                "block_size": str(config.block_size),
-                "cache_dtype": "auto",
-                "enable_prefix_caching": str(config.enable_prefix_caching),
-                "gpu_memory_utilization": str(self.profile.gpu_memory_utilization),
-                "kv_cache_size_tokens": str(self.engine.num_gpu_blocks * config.block_size),
-                "num_cpu_blocks": "None",
-                "num_gpu_blocks": str(self.engine.num_gpu_blocks),
-                "num_gpu_blocks_override": str(config.num_gpu_blocks),
-                "prefix_caching_hash_algo": "xxhash",
-            },
-            emulator_info=self._info_labels(),
-        )
+        self.metrics = self._build_metrics()
+        self.loading: ModelLoad | None = None
+        """The model switch under way (`load_model`), None when none is."""
+        self.model_switches = 0
+        """Model switches completed since the emulator started."""
         self.publisher: ZmqKvEventPublisher | None = None
         self.runner: EngineRunner | None = None
         self.app = build_app(self)
         self._app_runner: web.AppRunner | None = None
+
+    def _build_engine(
+        self, model_spec: ModelSpec, max_model_len: int | None, kv_store: EmulatorKvStore | None
+    ) -> Engine:
+        cfg = self.config
+        return Engine(
+            self.profile,
+            model_spec,
+            EngineConfig(
+                max_num_batched_tokens=cfg.max_num_batched_tokens,
+                max_num_seqs=cfg.max_num_seqs,
+                block_size=cfg.block_size,
+                num_gpu_blocks=cfg.num_gpu_blocks,
+                enable_prefix_caching=cfg.enable_prefix_caching,
+                max_model_len=max_model_len,
+                output_vocab_size=cfg.vocab_size,
+                seed=cfg.seed,
+            ),
+            external_kv=kv_store,
+        )
+
+    def _build_metrics(self) -> EmulatorMetrics:
+        cfg = self.config
+        return EmulatorMetrics(
+            model_name=self.served_model_name,
+            max_model_len=self.max_model_len,
+            cache_info={
+                "block_size": str(cfg.block_size),
+                "cache_dtype": "auto",
+                "enable_prefix_caching": str(cfg.enable_prefix_caching),
+                "gpu_memory_utilization": str(self.profile.gpu_memory_utilization),
+                "kv_cache_size_tokens": str(self.engine.num_gpu_blocks * cfg.block_size),
+                "num_cpu_blocks": "None",
+                "num_gpu_blocks": str(self.engine.num_gpu_blocks),
+                "num_gpu_blocks_override": str(cfg.num_gpu_blocks),
+                "prefix_caching_hash_algo": "xxhash",
+            },
+            emulator_info=self._info_labels(),
+        )
+
+    def _build_runner(self) -> EngineRunner:
+        return EngineRunner(
+            self.engine,
+            metrics=self.metrics,
+            publisher=self.publisher,
+            tracer=self.tracer,
+            time_scale=self.config.time_scale,
+            span_attributes={
+                "slomesh.instance_id": self.instance_id,
+                "slomesh.gpu_type": self.profile.gpu_type,
+            },
+            kv_store=self.kv_store,
+        )
 
     def _info_labels(self) -> dict[str, str]:
         return {
@@ -344,18 +403,7 @@ class EmulatorServer:
                 replay_endpoint=cfg.kv_events_replay_endpoint,
             )
             self.publisher.start()
-        self.runner = EngineRunner(
-            self.engine,
-            metrics=self.metrics,
-            publisher=self.publisher,
-            tracer=self.tracer,
-            time_scale=cfg.time_scale,
-            span_attributes={
-                "slomesh.instance_id": self.instance_id,
-                "slomesh.gpu_type": self.profile.gpu_type,
-            },
-            kv_store=self.kv_store,
-        )
+        self.runner = self._build_runner()
         self.runner.start()
 
     async def _on_shutdown(self, app: web.Application) -> None:
@@ -367,6 +415,95 @@ class EmulatorServer:
             await self.runner.stop()
         if self.publisher is not None:
             await self.publisher.close()
+
+    # ------------------------------------------------------------------ model switches
+
+    async def load_model(self, model: str, load_s: float, max_model_len: int | None) -> bool:
+        """Switches the idle instance to ``model``, as an engine restart on it would.
+
+        Real vLLM serves one model per process; a platform switches an instance by restarting
+        it on another model. The emulator models that restart: for ``load_s`` modelled seconds
+        (``load_s * time_scale`` wall seconds: the weights' load and the engine's start-up,
+        `slomesh.engine.profiles.model_load_time_s`, which the caller computes from where the
+        weights come from) it serves nothing (``/v1/completions`` answers 503); then its KV
+        cache is gone (an ``AllBlocksCleared`` KV event, as a restarted engine's empty cache),
+        a new engine serves ``model`` with the same GPU and cache settings and fresh
+        Prometheus counters. The external KV store (``kv_store_path``) holds the start
+        model's KV: it is used only while the instance serves that model.
+
+        Args:
+            model: The model to serve (a name in `slomesh.engine.profiles.MODELS`); it is
+                also the served model name afterwards.
+            load_s: The load time, modelled seconds (finite, >= 0).
+            max_model_len: Context limit on the new model (None = the model's), capped at
+                what the KV cache holds.
+
+        Returns:
+            True once switched; False when the instance serves ``model`` already.
+
+        Raises:
+            ModelSwitchError: 404 for an unknown model, 400 for a bad ``load_s`` or
+                ``max_model_len`` (or one the KV cache cannot hold), 409 while requests
+                run or another switch is under way, 503 before the engine runs.
+        """
+        try:
+            spec = get_model_spec(model)
+        except (KeyError, ValueError):
+            raise ModelSwitchError(404, f"unknown model {model!r}", "NotFoundError") from None
+        if not (isinstance(load_s, (int, float)) and math.isfinite(load_s) and load_s >= 0):
+            raise ModelSwitchError(400, f"load_s must be a finite number >= 0, got {load_s!r}")
+        if max_model_len is not None and max_model_len < 1:
+            raise ModelSwitchError(400, f"max_model_len must be >= 1, got {max_model_len}")
+        runner = self.runner
+        if runner is None:
+            raise ModelSwitchError(503, "engine is not running", "ServiceUnavailableError")
+        if self.loading is not None:
+            raise ModelSwitchError(
+                409, f"a switch to {self.loading.model!r} is under way", "ConflictError"
+            )
+        if model == self.served_model_name:
+            return False
+        if runner.num_live_requests or self.engine.has_work():
+            raise ModelSwitchError(
+                409, "requests are running: an instance switches models only when idle",
+                "ConflictError",
+            )
+        kv_store = self.kv_store if spec.name == self.config.model else None
+        cfg = self.config
+        blocks = cfg.num_gpu_blocks or self.profile.num_gpu_blocks(spec, cfg.block_size)
+        limit = min(max_model_len or spec.max_model_len, blocks * cfg.block_size)
+        try:
+            engine = self._build_engine(spec, limit, kv_store)
+        except ValueError as exc:
+            raise ModelSwitchError(400, f"cannot serve {model!r}: {exc}") from None
+        wall_s = load_s * self.config.time_scale
+        self.loading = ModelLoad(model, float(load_s), time.monotonic() + wall_s)
+        logger.info(
+            "model switch started",
+            extra={"instance_id": self.instance_id, "from_model": self.served_model_name,
+                   "model": model, "load_s": load_s},
+        )
+        try:
+            await asyncio.sleep(wall_s)
+            runner.reset_prefix_cache()  # the old engine's cache is gone: AllBlocksCleared
+            await runner.stop()
+            self.model_spec = spec
+            self.served_model_name = spec.name
+            self.kv_store = kv_store
+            self.engine = engine
+            self.max_model_len = engine.max_model_len
+            self.metrics = self._build_metrics()
+            self.runner = self._build_runner()
+            self.runner.start()
+            self.model_switches += 1
+        finally:
+            self.loading = None
+        logger.info(
+            "model switch done",
+            extra={"instance_id": self.instance_id, "model": model,
+                   "max_model_len": self.max_model_len},
+        )
+        return True
 
     # ------------------------------------------------------------------ handlers
 
@@ -390,8 +527,17 @@ class EmulatorServer:
             "kv_events_encoding": self.config.kv_events_encoding,
             "kv_events_replay_endpoint": self.publisher.replay_endpoint if self.publisher else None,
             "tokenizer": {"scheme": "whitespace-xxh3", "vocab_size": self.config.vocab_size},
-            "kv_store_path": self.config.kv_store_path,
+            "kv_store_path": self.config.kv_store_path if self.kv_store is not None else None,
             "kv_store_scale": self.config.kv_store_scale,
+            "model_switch": True,
+            "loading_model": self.loading.model if self.loading is not None else None,
+            "loading_remaining_s": (
+                max(0.0, self.loading.ends_monotonic - time.monotonic())
+                / self.config.time_scale
+                if self.loading is not None
+                else 0.0
+            ),
+            "model_switches": self.model_switches,
             "profile": asdict(self.profile),
         }
 
@@ -621,10 +767,40 @@ def build_app(server: EmulatorServer | EmulatorConfig) -> web.Application:
             )
         return web.Response(status=200)
 
+    async def load_model(request: web.Request) -> web.Response:
+        try:
+            body = await request.json(loads=msgspec.json.decode)
+        except (msgspec.DecodeError, UnicodeDecodeError, ValueError):
+            return error_response(400, "request body is not valid JSON", "BadRequestError")
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return error_response(400, "body must be {\"model\": str, \"load_s\": number, "
+                                  "\"max_model_len\": int | null}", "BadRequestError", "model")
+        load_s = body.get("load_s", 0.0)
+        max_len = body.get("max_model_len")
+        if isinstance(load_s, bool) or not isinstance(load_s, (int, float)):
+            return error_response(400, "load_s must be a number", "BadRequestError", "load_s")
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int)):
+            return error_response(
+                400, "max_model_len must be an integer", "BadRequestError", "max_model_len"
+            )
+        try:
+            switched = await emu.load_model(body["model"], float(load_s), max_len)
+        except ModelSwitchError as e:
+            logger.warning("model switch refused", extra={"status": e.status, "error": e.message})
+            return error_response(e.status, e.message, e.err_type)
+        answer = {"model": emu.served_model_name, "switched": switched,
+                  "max_model_len": emu.max_model_len}
+        return web.Response(body=_json.encode(answer), content_type="application/json")
+
     async def completions(request: web.Request) -> web.StreamResponse:
         runner = emu.runner
         if runner is None:
             return error_response(503, "engine is not running", "ServiceUnavailableError")
+        if emu.loading is not None:
+            return error_response(
+                503, f"the instance is loading model {emu.loading.model!r}",
+                "ServiceUnavailableError",
+            )
         try:
             body = await request.json(loads=msgspec.json.decode)
         except (msgspec.DecodeError, UnicodeDecodeError, ValueError):
@@ -673,6 +849,7 @@ def build_app(server: EmulatorServer | EmulatorConfig) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/slomesh/info", info)
     app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
+    app.router.add_post("/slomesh/load_model", load_model)
     app.router.add_post("/v1/completions", completions)
     return app
 

@@ -94,7 +94,6 @@ from slomesh.engine.model import DecodeRun, Engine, EngineConfig, EngineRequest,
 from slomesh.engine.profiles import (
     get_model_spec,
     get_profile,
-    model_load_time_s,
     switched_max_model_len,
 )
 from slomesh.report import RequestResult
@@ -1054,14 +1053,7 @@ class _Run:
         instance's index cleared, ``M_q`` until it serves (module docstring)."""
         topo = self.topology
         ref = topo.model_ref(model)
-        spec = topo.region(region.name)
-        from_cache = model in region.weight_cache_models
-        weights_bytes = ref.resolved_weights_bytes
-        assert weights_bytes is not None  # Topology requires it with several models
-        bandwidth = spec.weight_cache_gb_per_s if from_cache else spec.remote_weights_gb_per_s
-        load_s = model_load_time_s(
-            weights_bytes, load_gb_per_s=bandwidth, overhead_s=inst.model_load_overhead_s
-        )
+        load_s, _ = topo.model_load_s(inst.instance_id, model, region.weight_cache_models)
         max_len = switched_max_model_len(
             get_profile(inst.gpu_type),
             self.sim.model_specs[model],

@@ -540,3 +540,83 @@ async def test_default_instance_id_uses_the_bound_port(http):
         assert server.publisher is None  # no KV-event endpoint configured
     finally:
         await server.stop()
+
+
+QWEN = "Qwen/Qwen2.5-7B-Instruct"
+
+
+async def load_model(http, server, body):
+    async with http.post(f"{server.url}/slomesh/load_model", json=body) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_load_model_switches_an_idle_instance(http):
+    """``/slomesh/load_model``: the instance serves nothing for the load time, then serves the
+    new model from an empty KV cache (an AllBlocksCleared reaches KV-event subscribers) with
+    fresh counters; a busy instance, an unknown model and bad fields are refused."""
+    server, _ = await start_emulator(max_model_len=4096, time_scale=0.05)
+    ctx, sub = await subscribe(server.publisher.endpoint)
+    try:
+        status, _, _ = await post(http, server, {"prompt": list(range(40)), "max_tokens": 1})
+        assert status == 200
+        assert (await load_model(http, server, {"model": "nope/x", "load_s": 1}))[0] == 404
+        assert (await load_model(http, server, {"model": QWEN, "load_s": -1}))[0] == 400
+        assert (await load_model(http, server, {"model": QWEN, "load_s": "1"}))[0] == 400
+        assert (await load_model(http, server, {"load_s": 1}))[0] == 400
+        # The model it serves: nothing to do.
+        status, body = await load_model(http, server, {"model": MODEL, "load_s": 5})
+        assert status == 200 and body["switched"] is False
+
+        # Busy: a long request holds the instance.
+        busy = asyncio.create_task(post(
+            http, server, {"prompt": [5] * 64, "max_tokens": 3000, "ignore_eos": True}
+        ))
+        while not server.runner.num_live_requests and not busy.done():
+            await asyncio.sleep(0.005)
+        status, body = await load_model(http, server, {"model": QWEN, "load_s": 1})
+        assert status == 409 and "idle" in body["error"]["message"]
+        assert (await busy)[0] == 200
+
+        # 20 modelled seconds at time_scale 0.05: 1 s of wall time.
+        switch = asyncio.create_task(
+            load_model(http, server, {"model": QWEN, "load_s": 20.0, "max_model_len": 8192})
+        )
+        while server.loading is None and not switch.done():
+            await asyncio.sleep(0.005)
+        async with http.get(f"{server.url}/slomesh/info") as resp:
+            info = await resp.json()
+        assert info["model_switch"] is True and info["loading_model"] == QWEN
+        assert 0 < info["loading_remaining_s"] <= 20.0
+        status, body, _ = await post(http, server, {"model": QWEN, "prompt": [1, 2], "max_tokens": 1})
+        assert status == 503 and "loading" in body["error"]["message"]
+        assert (await load_model(http, server, {"model": MODEL, "load_s": 1}))[0] == 409
+        status, body = await switch
+        assert status == 200 and body == {"model": QWEN, "switched": True, "max_model_len": 8192}
+
+        async with http.get(f"{server.url}/v1/models") as resp:
+            assert [m["id"] for m in (await resp.json())["data"]] == [QWEN]
+        status, body, _ = await post(http, server, {"model": MODEL, "prompt": [1], "max_tokens": 1})
+        assert status == 404
+        status, body, _ = await post(
+            http, server, {"model": QWEN, "prompt": list(range(40)), "max_tokens": 1}
+        )
+        assert status == 200 and body["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        async with http.get(f"{server.url}/metrics") as resp:
+            samples = metric_samples(await resp.text())
+        requests = {k: v for k, v in samples.items() if k[0] == "vllm:request_success_total"}
+        assert sum(requests.values()) == 1  # counters of the new engine only
+        assert all(dict(k[1])["model_name"] == QWEN for k in requests)
+        types = []
+        while await sub.poll(300):
+            _, _, payload = await sub.recv_multipart()
+            types.extend(ev["type"] for ev in msgspec.msgpack.decode(payload)[1])
+        assert types.count("AllBlocksCleared") == 1
+        assert types.index("AllBlocksCleared") < len(types) - 1  # the new engine's blocks after
+        async with http.get(f"{server.url}/slomesh/info") as resp:
+            info = await resp.json()
+        assert info["model"] == QWEN and info["loading_model"] is None
+        assert info["model_switches"] == 1 and info["max_model_len"] == 8192
+    finally:
+        sub.close(0)
+        ctx.term()
+        await server.stop()
