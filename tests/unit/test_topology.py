@@ -205,6 +205,23 @@ def test_multimodel_config_loads():
     assert QWEN not in topo.weight_cache_models("tokyo")
 
 
+def test_model_load_s_reads_the_weights_from_the_cache_when_it_holds_them():
+    from slomesh.engine.profiles import MODELS
+    from slomesh.topology import DEFAULT_TOPOLOGY_PATH
+
+    topo = Topology.load(DEFAULT_TOPOLOGY_PATH.parent / "topology.multimodel.yaml")
+    weights_gb = MODELS[QWEN].weight_bytes / 1e9
+    # Washington DC: 20 s start-up, its cache at 2 GB/s, the remote store at 0.5 GB/s.
+    load_s, cached = topo.model_load_s("wdc-a10g-0", QWEN, [LLAMA, QWEN])
+    assert cached and load_s == pytest.approx(20.0 + weights_gb / 2.0)
+    load_s, cached = topo.model_load_s("wdc-a10g-0", QWEN, [LLAMA])
+    assert not cached and load_s == pytest.approx(20.0 + weights_gb / 0.5)
+    with pytest.raises(KeyError, match="unknown model"):
+        topo.model_load_s("wdc-a10g-0", "acme/other", [])
+    with pytest.raises(KeyError):
+        topo.model_load_s("no-such-instance", QWEN, [])
+
+
 def _default_dict() -> dict:
     from slomesh.topology import DEFAULT_TOPOLOGY_PATH
 
