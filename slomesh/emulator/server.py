@@ -160,16 +160,6 @@ class EmulatorConfig:
         get_model_spec(self.model)
 
 
-class ModelSwitchError(Exception):
-    """A ``/slomesh/load_model`` call the emulator refuses; rendered as vLLM's error JSON."""
-
-    def __init__(self, status: int, message: str, err_type: str = "BadRequestError") -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.err_type = err_type
-
-
 class RequestError(Exception):
     """A request the API rejects; rendered as vLLM's error JSON."""
 
@@ -442,30 +432,34 @@ class EmulatorServer:
             True once switched; False when the instance serves ``model`` already.
 
         Raises:
-            ModelSwitchError: 404 for an unknown model, 400 for a bad ``load_s`` or
+            RequestError: 404 for an unknown model, 400 for a bad ``load_s`` or
                 ``max_model_len`` (or one the KV cache cannot hold), 409 while requests
                 run or another switch is under way, 503 before the engine runs.
         """
         try:
             spec = get_model_spec(model)
         except (KeyError, ValueError):
-            raise ModelSwitchError(404, f"unknown model {model!r}", "NotFoundError") from None
+            raise RequestError(f"unknown model {model!r}", "model", 404, "NotFoundError") from None
         if not (isinstance(load_s, (int, float)) and math.isfinite(load_s) and load_s >= 0):
-            raise ModelSwitchError(400, f"load_s must be a finite number >= 0, got {load_s!r}")
+            raise RequestError(f"load_s must be a finite number >= 0, got {load_s!r}", "load_s")
         if max_model_len is not None and max_model_len < 1:
-            raise ModelSwitchError(400, f"max_model_len must be >= 1, got {max_model_len}")
+            raise RequestError(
+                f"max_model_len must be >= 1, got {max_model_len}", "max_model_len"
+            )
         runner = self.runner
         if runner is None:
-            raise ModelSwitchError(503, "engine is not running", "ServiceUnavailableError")
+            raise RequestError("engine is not running", None, 503, "ServiceUnavailableError")
         if self.loading is not None:
-            raise ModelSwitchError(
-                409, f"a switch to {self.loading.model!r} is under way", "ConflictError"
+            raise RequestError(
+                f"a switch to {self.loading.model!r} is under way", None, 409, "ConflictError"
             )
         if model == self.served_model_name:
             return False
         if runner.num_live_requests or self.engine.has_work():
-            raise ModelSwitchError(
-                409, "requests are running: an instance switches models only when idle",
+            raise RequestError(
+                "requests are running: an instance switches models only when idle",
+                None,
+                409,
                 "ConflictError",
             )
         kv_store = self.kv_store if spec.name == self.config.model else None
@@ -475,7 +469,7 @@ class EmulatorServer:
         try:
             engine = self._build_engine(spec, limit, kv_store)
         except ValueError as exc:
-            raise ModelSwitchError(400, f"cannot serve {model!r}: {exc}") from None
+            raise RequestError(f"cannot serve {model!r}: {exc}", "model") from None
         wall_s = load_s * self.config.time_scale
         self.loading = ModelLoad(model, float(load_s), time.monotonic() + wall_s)
         logger.info(
@@ -785,9 +779,9 @@ def build_app(server: EmulatorServer | EmulatorConfig) -> web.Application:
             )
         try:
             switched = await emu.load_model(body["model"], float(load_s), max_len)
-        except ModelSwitchError as e:
+        except RequestError as e:
             logger.warning("model switch refused", extra={"status": e.status, "error": e.message})
-            return error_response(e.status, e.message, e.err_type)
+            return e.response()
         answer = {"model": emu.served_model_name, "switched": switched,
                   "max_model_len": emu.max_model_len}
         return web.Response(body=_json.encode(answer), content_type="application/json")
