@@ -189,15 +189,13 @@ class ModelSwitcher:
                         f"engine {rt.instance_id} refused to load {switch.model!r}: "
                         f"HTTP {resp.status} {text}",
                     )
-            rt.info = await fetch_engine_info(self.session, rt.config.url)
-            if rt.info.model != switch.model:
+            rt.adopt_info(await fetch_engine_info(self.session, rt.config.url))
+            if rt.model != switch.model:
                 raise ModelSwitchError(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"engine {rt.instance_id} serves {rt.info.model!r} after loading "
+                    f"engine {rt.instance_id} serves {rt.model!r} after loading "
                     f"{switch.model!r}",
                 )
-            if rt.info.num_gpu_blocks:
-                rt.tracker.set_capacity_blocks(rt.info.num_gpu_blocks)
             if switch.model not in self.weight_cache_models:
                 self.weight_cache_models.append(switch.model)
             outcome = "completed"

@@ -457,12 +457,8 @@ class RegionAgent:
                     )
                     next_info_attempt = started + 1.0
                 else:
-                    rt.info = info
+                    rt.adopt_info(info)
                     info_due = False
-                    if info.gpu_type:
-                        rt.gpu_type = info.gpu_type
-                    if info.num_gpu_blocks and not rt.scraped.num_gpu_blocks:
-                        rt.tracker.set_capacity_blocks(info.num_gpu_blocks)
             load = (rt.healthy, rt.scraped.num_requests_running, rt.scraped.num_requests_waiting)
             if changed or self._last_load.get(rt.instance_id) != load:
                 self._last_load[rt.instance_id] = load

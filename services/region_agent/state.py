@@ -201,6 +201,16 @@ class InstanceRuntime:
         )
         return handle
 
+    def adopt_info(self, info: EngineInfo) -> None:
+        """Takes the engine's static info (fetched at start, after a restart, or after a model
+        switch): its GPU type, and its KV block count as the tracker's bound until a scrape
+        reports one."""
+        self.info = info
+        if info.gpu_type:
+            self.gpu_type = info.gpu_type
+        if info.num_gpu_blocks and not self.scraped.num_gpu_blocks:
+            self.tracker.set_capacity_blocks(info.num_gpu_blocks)
+
     def restart_clock(self, handle: int) -> None:
         """Marks a held request (it waited for a model load) as sent now: its prefill
         throughput sample counts from here."""

@@ -19,11 +19,12 @@ there on (P is invertible mod 2**60), so they share key `i` exactly when they sh
 first `(i+1)*B` tokens, up to chance collisions. (One systematic weakness, irrelevant to real
 vocabularies, which stay below 2**18: bits 28-31 of an odd-positioned token land in the top
 bits of its word's product, which keep too few bits of `K_B[j]` to tell the positions apart,
-so such tokens swapped between positions of a block can collide.) Only full blocks get a key (an engine caches
-only full blocks); a partial last block is ignored. A key continues its chain (`parent_key`)
-exactly like the whole sequence. Keys have 60 bits, not 64: a Python int below 2**60 has two
-30-bit digits, which hashes and compares a little faster in the sets a lookup probes, and the
-arithmetic mod 2**60 is numpy's uint64 arithmetic (mod 2**64) masked at the end.
+so such tokens swapped between positions of a block can collide.) Only full blocks get a
+key (an engine caches only full blocks); a partial last block is ignored. A key continues its
+chain (`parent_key`) exactly like the whole sequence. Keys have 60 bits, not 64: a Python int
+below 2**60 has two 30-bit digits, which hashes and compares a little faster in the sets a
+lookup probes, and the arithmetic mod 2**60 is numpy's uint64 arithmetic (mod 2**64) masked
+at the end.
 
 Why this and not a byte hash per block: every term vectorizes. With numpy a 32k-token prompt
 keys in one matrix product over its 64-bit words (the token bytes viewed in place, no

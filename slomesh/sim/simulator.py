@@ -39,9 +39,10 @@ clock instead of the wall clock:
   prefetches -- plus the control round trips (two ``RTT(source, dest)``: manifest, then
   chunk stream); the request is held at the scheduler meanwhile, then the destination
   engine caches the prefix (`Engine.insert_cached_prefix`: its KV events reach the agent's
-  index like any others) and the request is forwarded. The hot-prefix prefetch of a profile's ``kv_prefetch``
-  (`slomesh.scheduler.prefetch`) plans every ``period_s`` from the placements and sends its
-  copies as background traffic on what the foreground leaves; a copy lands the same way.
+  index like any others) and the request is forwarded. The hot-prefix prefetch of a
+  profile's ``kv_prefetch`` (`slomesh.scheduler.prefetch`) plans every ``period_s`` from the
+  placements and sends its copies as background traffic on what the foreground leaves; a
+  copy lands the same way.
   The moved and prefetched bytes, the moves' transfer times and the prompt tokens served
   from prefetched blocks are in the records and the stats. The source's blocks are read
   as they were at the decision (their eviction during a move is not modelled).

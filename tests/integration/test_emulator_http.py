@@ -587,7 +587,9 @@ async def test_load_model_switches_an_idle_instance(http):
             info = await resp.json()
         assert info["model_switch"] is True and info["loading_model"] == QWEN
         assert 0 < info["loading_remaining_s"] <= 20.0
-        status, body, _ = await post(http, server, {"model": QWEN, "prompt": [1, 2], "max_tokens": 1})
+        status, body, _ = await post(
+            http, server, {"model": QWEN, "prompt": [1, 2], "max_tokens": 1}
+        )
         assert status == 503 and "loading" in body["error"]["message"]
         assert (await load_model(http, server, {"model": MODEL, "load_s": 1}))[0] == 409
         status, body = await switch
