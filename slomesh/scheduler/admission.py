@@ -4,7 +4,8 @@ DESIGN.md section 2: a request no region can serve within its SLO is refused wit
 RESOURCE_EXHAUSTED and a retry hint, or -- for a best-effort tier -- goes to a best-effort
 queue. `slomesh.scheduler.policy.Policy.place` says ``queued`` for a best-effort request that no
 candidate admits and that would push the requests already running on every candidate past their
-SLO (the profile's ``best_effort_admission`` filters, by default ``protect-inflight``). The
+SLO (the profile's ``best_effort_admission`` filters, by default ``protect-inflight`` and
+``kv-room``: their TPOT, and KV cache room for them all). The
 caller then holds it in a `BestEffortQueue` and calls `BestEffortQueue.dispatch` whenever the
 cluster changes (each `RegionState` applied, a stream ending) and when a waiting request's
 deadline comes (`next_deadline_unix_ns`):

@@ -38,7 +38,12 @@ For a request ``q`` from origin region ``o`` on instance ``i`` (GPU type ``k``) 
   ``transfer_ms = 2 * RTT(s, j) + bytes / spare bandwidth(s -> j)`` (the control round trips,
   then the bytes), and the prefill covers ``N_p - h_k`` only. The request waits for the move, so
   the terms add up (what the live scheduler does: it forwards once the move is done).
-- GPU seconds: prefill time plus ``q``'s share of each decode step (step time / batch);
+- GPU seconds: prefill time plus ``q``'s share of each decode step (step time / batch), the
+  decode step *not* stretched by the prefills sharing it (``tpot_ms`` is): the engine charges
+  a mixed step's time to its requests by the tokens each brings (`slomesh.engine.model`), so
+  the prompt tokens of others pay for their own chunk. With the stretched TPOT the predicted
+  GPU cost of slomesh's placements exceeded the measured one by 28-29 % (whole Mooncake
+  trace, 0.6x and 0.65x load); without, by 6-7 % (0.65x, 0.8x; docs/results/2026-11-22);
   ``cost_usd = gpu_seconds * price_usd_per_hour / 3600`` plus, for a KV move,
   ``bytes_moved / 1e9 * egress_usd_per_gb`` of the source region (as `slomesh.report` prices
   egress); a model switch adds its load time to the GPU seconds, but the weights it reads are
@@ -302,6 +307,10 @@ class Prediction:
         prefill_ms: Prefill time of the uncached prompt tokens.
         transfer_ms: Time to bring prefix KV from another region first (0: no move).
         tpot_ms: Time per output token after the first.
+        inflight_tpot_ms: Time per output token of the decodes already running on the
+            instance once the request is placed there: ``tpot_ms``'s decode step, stretched
+            by the prefill arrival rate with this request's uncached prompt counted in it
+            (`tpot_ms`); what the ``protect-inflight`` filter holds to their targets.
         decode_ms: ``(output_tokens - 1) * tpot_ms``.
         ttft_ms: ``rtt_ms + model_load_ms + queue_wait_ms + transfer_ms + prefill_ms``.
         e2e_ms: ``ttft_ms + decode_ms``.
@@ -329,6 +338,7 @@ class Prediction:
     prefill_ms: float
     transfer_ms: float
     tpot_ms: float
+    inflight_tpot_ms: float
     decode_ms: float
     ttft_ms: float
     e2e_ms: float
@@ -950,7 +960,8 @@ def tpot_ms(
     prompt_tokens: int,
     output_tokens: int,
     config: PredictorConfig = PredictorConfig(),
-) -> tuple[float, int]:
+    uncached_prompt_tokens: int = 0,
+) -> tuple[float, int, float]:
     """Predicted time per output token on `inst` with the request added, in ms.
 
     One decode step at batch ``B = running + waiting + 1`` (the requests ahead decode beside
@@ -971,8 +982,27 @@ def tpot_ms(
     short decode step keeps admitting prompts to the fastest GPU until its decodes miss their
     TPOT and its queue their TTFT (first 5000 requests of the Azure conversation trace at 6x
     load: 120 TPOT and 238 TTFT misses among the 2295 requests on the H100, SLO attainment
-    89.0 %; with it 1 and 1 among 2401, attainment 98.3 %). Instances with neither a fitted nor a GPU profile use ``B /
-    decode_tokens_per_s`` when measured (the measurement already includes the interference).
+    89.0 %; with it 1 and 1 among 2401, attainment 98.3 %). Instances with neither a fitted
+    nor a GPU profile use ``B / decode_tokens_per_s`` when measured (the measurement already
+    includes the interference).
+
+    **The decodes already running there** see the same step, stretched by the arrival rate
+    *with this request's prefill counted*: the placement raises the instance's rate by
+    ``uncached_prompt_tokens / prefill_rate_window_s`` (`InstanceView.prefill_rate_window_s`,
+    as the view counts it once the placement is recorded), and its prompt is prefilled in
+    their steps, not in its own decode::
+
+        rho_inflight  = min(prefill_interference_max,
+                            (prefill_arrival_tokens_per_s
+                             + uncached_prompt_tokens / prefill_rate_window_s) * t_prefill_token)
+        TPOT_inflight = t_decode_step(B, context) / (1 - rho_inflight)
+
+    Holding ``TPOT_inflight`` (not ``TPOT``) to the running requests' targets is what keeps
+    the scheduler from placing a long prompt beside decodes that the rate before it left
+    just within their TPOT: on the Mooncake conversation trace (50-90k-token prompts, each
+    seconds of chunked prefill) at 0.65x load, slomesh without the ``kv-room`` filter attains
+    its SLOs for 83.2 % of the 5606 requests with ``TPOT`` (478 TPOT misses), 94.0 % with
+    ``TPOT_inflight`` (docs/results/2026-11-22).
 
     Source: SLOs-Serve (Chen et al., 2025), section 4: decode step time from a roofline over
     batch size and context, and prefill/decode co-scheduling within a step's token budget;
@@ -980,10 +1010,20 @@ def tpot_ms(
     a server also busy with a load ``rho`` (processor sharing; Kleinrock, Queueing Systems
     vol. 2, 1976, section 4.4).
 
+    Args:
+        inst: The instance.
+        prompt_tokens: The request's prompt length ``N_p``, tokens.
+        output_tokens: Its predicted output length ``N_out``, tokens.
+        config: Predictor knobs.
+        uncached_prompt_tokens: Prompt tokens it will prefill there (for ``TPOT_inflight``).
+
     Returns:
-        (tpot_ms, B).
+        (tpot_ms, B, tpot_inflight_ms).
     """
-    return _tpot_ms(inst, prompt_tokens, output_tokens, config, _steps(inst, config))
+    tpot, batch, inflight, _ = _tpot_ms(
+        inst, prompt_tokens, output_tokens, config, _steps(inst, config), uncached_prompt_tokens
+    )
+    return tpot, batch, inflight
 
 
 def _tpot_ms(
@@ -992,11 +1032,16 @@ def _tpot_ms(
     output_tokens: int,
     config: PredictorConfig,
     steps: _Steps,
-) -> tuple[float, int]:
+    uncached_prompt_tokens: int = 0,
+) -> tuple[float, int, float, float]:
+    """(`tpot_ms`'s three values, the decode step alone -- not stretched by the prefills --,
+    ms)."""
     batch = min(inst.num_requests_running + inst.num_requests_waiting + 1, config.max_num_seqs)
     fitted = steps.fitted
     if fitted is None and inst.gpu_type not in PROFILES and inst.decode_tokens_per_s > 0:
-        return batch / inst.decode_tokens_per_s * 1000.0, batch
+        # Measured: the running decodes' throughput already includes the prefills' share.
+        measured_ms = batch / inst.decode_tokens_per_s * 1000.0
+        return measured_ms, batch, measured_ms, measured_ms
     capacity = steps.kv_capacity_tokens
     context = int(
         inst.kv_cache_usage * capacity
@@ -1009,12 +1054,15 @@ def _tpot_ms(
     else:
         step_ms = 1000.0 * steps.roofline.step_s(batch, context, context)
     rate = inst.prefill_arrival_tokens_per_s
-    if rate > 0:
-        chunk = config.prefill_chunk_tokens
-        per_token_s = _mixed_step_ms(steps, chunk, 0, 0) / 1000.0 / chunk
-        rho = min(config.prefill_interference_max, rate * per_token_s)
-        step_ms /= 1.0 - rho
-    return step_ms, batch
+    with_own = rate + uncached_prompt_tokens / inst.prefill_rate_window_s
+    if with_own <= 0:
+        return step_ms, batch, step_ms, step_ms
+    chunk = config.prefill_chunk_tokens
+    per_token_s = _mixed_step_ms(steps, chunk, 0, 0) / 1000.0 / chunk
+    rho_max = config.prefill_interference_max
+    rho = min(rho_max, rate * per_token_s)
+    rho_inflight = min(rho_max, with_own * per_token_s)
+    return step_ms / (1.0 - rho), batch, step_ms / (1.0 - rho_inflight), step_ms
 
 
 class KvMove(NamedTuple):
@@ -1162,10 +1210,12 @@ def predict(
         inst, uncached + n_out, config, steps, rtt_ms / 2.0 + transfer, uncached
     )
     prefill = _prefill_ms(inst, uncached, cached, config, steps) + shared_ms
-    tpot, batch = _tpot_ms(inst, prompt_tokens, n_out, config, steps)
+    tpot, batch, inflight_tpot, step = _tpot_ms(
+        inst, prompt_tokens, n_out, config, steps, uncached
+    )
     decode = (n_out - 1) * tpot
     ttft = rtt_ms + model_load_ms + transfer + wait + prefill
-    gpu_s = prefill / 1000.0 + (n_out - 1) * tpot / 1000.0 / batch
+    gpu_s = prefill / 1000.0 + (n_out - 1) * step / 1000.0 / batch
     if charge_model_load:
         gpu_s += model_load_ms / 1000.0
     cost = gpu_s * inst.price_usd_per_hour / 3600.0
@@ -1177,6 +1227,7 @@ def predict(
         prefill_ms=prefill,
         transfer_ms=transfer,
         tpot_ms=tpot,
+        inflight_tpot_ms=inflight_tpot,
         decode_ms=decode,
         ttft_ms=ttft,
         e2e_ms=ttft + decode,

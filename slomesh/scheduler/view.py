@@ -142,6 +142,8 @@ class InstanceView:
             unknown).
         prefill_arrival_tokens_per_s: Recent rate of uncached prompt tokens this scheduler
             placed on the instance (`ClusterView.prefill_arrival_tokens_per_s`), tokens/s.
+        prefill_rate_window_s: Time constant of that rate, seconds: a placement of ``n``
+            uncached prompt tokens raises it by ``n / prefill_rate_window_s``.
         online_fit: The agent's online fit of the instance's step times (`InstanceState`
             ``decode_fit``/``prefill_fit``), ``None`` when the state carries none; the
             predictor uses it once it rests on enough observations
@@ -187,6 +189,7 @@ class InstanceView:
     weight_cache_gb_per_s: float = 0.0
     remote_weights_gb_per_s: float = 0.0
     prefill_arrival_tokens_per_s: float = 0.0
+    prefill_rate_window_s: float = DEFAULT_PREFILL_RATE_WINDOW_S
     online_fit: PublishedStepTimeFit | None = None
     prefill_arrivals_ms: tuple[tuple[float, int, int], ...] = ()
     state_prefill_tokens: int = 0
@@ -554,6 +557,7 @@ class ClusterView:
                         prefill_arrival_tokens_per_s=self.prefill_arrival_tokens_per_s(
                             inst.instance_id, now
                         ),
+                        prefill_rate_window_s=self.prefill_rate_window_s,
                         online_fit=fit,
                         prefill_arrivals_ms=timeline,
                         state_prefill_tokens=inst.queued_prefill_tokens,

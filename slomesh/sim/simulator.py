@@ -606,6 +606,8 @@ class _Run:
             "prefetch_bytes": 0,
             "prefetch_egress_usd": 0.0,
             "prefetched_prompt_tokens": 0,
+            "preemptions": 0,
+            "preemptions_by_instance": {},
         }
         # WAN links by (src, dst), made on first use (`slomesh.sim.wan`).
         self.links: dict[tuple[str, str], WanLink] = {}
@@ -711,6 +713,8 @@ class _Run:
         if self.progress is not None:
             self.progress(len(requests), len(requests))
         duration_s = max((r.client_end_s for r in self.records), default=0.0)
+        for inst in self.instances:
+            self._count_preemptions(inst)
         self.stats.update(
             events=events,
             states_published=sum(r.published_states for r in self.regions),
@@ -725,6 +729,16 @@ class _Run:
             wall_s=wall_s,
             stats=dict(self.stats),
         )
+
+    def _count_preemptions(self, inst: SimInstance) -> None:
+        """Adds the preemptions of ``inst``'s engine (vLLM's ``num_preemptions``: a running
+        request evicted for lack of KV blocks, recomputed later) to the stats, by instance; at
+        the end of the run and before a model switch replaces the engine."""
+        n = inst.engine.stats().num_preemptions_total
+        if n:
+            self.stats["preemptions"] += n
+            by_instance = self.stats["preemptions_by_instance"]
+            by_instance[inst.instance_id] = by_instance.get(inst.instance_id, 0) + n
 
     def _done(self) -> bool:
         return self.arrivals_done and self.in_flight == 0 and not len(self.scheduler.best_effort)
@@ -1062,6 +1076,7 @@ class _Run:
             self.cfg.block_size,
         )
         engine = self.sim._engine(inst.gpu_type, model, max_len)
+        self._count_preemptions(inst)
         region.clear_instance(inst)
         inst.begin_model_load(engine, model, ref.stream_interval, now + load_s)
         self.stats["model_switches"] += 1

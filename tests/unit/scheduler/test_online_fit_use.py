@@ -28,7 +28,7 @@ def test_an_online_fit_with_enough_observations_times_the_steps():
     i = inst("H100", online_fit=online())
     config = PredictorConfig(online_fit_min_observations=30)
     # TPOT: batch 0 + 0 + 1 over a 100-token prompt and half of 64 output tokens.
-    tpot, batch = tpot_ms(i, 100, 64, config)
+    tpot, batch, _ = tpot_ms(i, 100, 64, config)
     assert batch == 1
     assert tpot == pytest.approx(20 + 0.5 + 1e-3 * 132)
     # One 100-token step alone: compute side 2 + 0.1 * 100 + 1e-5 * 5050 (memory side smaller).
@@ -54,7 +54,7 @@ def test_a_ready_side_overrides_the_static_profile_and_the_other_side_keeps_it(t
     path = str(fitted_profile().save(tmp_path / "h100.yaml"))
     config = PredictorConfig(latency_profiles={"H100": path}, online_fit_min_observations=30)
     i = inst("H100", online_fit=online(decode_obs=40, prefill_obs=3))
-    tpot, _ = tpot_ms(i, 100, 64, config)
+    tpot, _, _ = tpot_ms(i, 100, 64, config)
     assert tpot == pytest.approx(20 + 0.5 + 1e-3 * 132)  # online decode
     # Prefill from the profile's compute side (5 + 0.05 * 100 + 2e-5 * 5050) against the
     # online decode side as the memory side (20 + 0.5 * 1 + 1e-3 * 100): the max.

@@ -14,6 +14,7 @@ from slomesh.scheduler.policy import (
     load_profile,
     make_policy,
 )
+from slomesh.scheduler.predictor import kv_capacity_blocks
 from slomesh.scheduler.view import ClusterView
 from slomesh.v1 import state_pb2
 from tests.unit.scheduler.factories import (
@@ -161,12 +162,66 @@ class TestSlomeshPolicy:
         assert decision.outcome == "refused"
         assert decision.retry_after_ms == 30_000
 
-    def test_batch_class_is_placed_best_effort_on_lowest_ttft(self):
-        slow = make_instance(
-            "slow", "L4", queued_prefill_tokens=5_000_000, prefill_tokens_per_s=1000
+    def test_kv_room_keeps_every_request_there_within_the_kv_cache(self):
+        # Two idle-looking L40S: "tight" has its cache nearly full of running sequences, whose
+        # predicted outputs and this request's would outgrow it (vLLM would admit the prompt,
+        # then preempt a running decode); "roomy" holds them.
+        probe = view_with([make_state("washington-dc", [make_instance("x", "L40S")])])
+        capacity = kv_capacity_blocks(probe.instances()[0]) * 16
+        n_out, prompt_tokens, outstanding = 200, 4000, 10
+        demand_past_usage = prompt_tokens + (outstanding + 1) * n_out  # 6200 tokens
+        tight_usage = 1 - (demand_past_usage - 16) / capacity  # 16 tokens short of room
+        roomy_usage = 1 - (demand_past_usage + 16) / capacity  # 16 tokens to spare
+        view = view_with(
+            [
+                make_state(
+                    "washington-dc",
+                    [
+                        make_instance(
+                            i, "L40S", running=outstanding, outstanding=outstanding,
+                            kv_cache_usage=usage,
+                        )
+                        for i, usage in (("tight", tight_usage), ("roomy", roomy_usage))
+                    ],
+                )
+            ]
+        )  # fmt: skip
+        request = make_request(
+            prompt(prompt_tokens), max_tokens=n_out, expected_output_tokens=n_out
         )
+        decision = make_policy("slomesh").place(request, view)
+        assert decision.outcome == "placed" and decision.chosen.instance_id == "roomy"
+        tight = next(c for c in decision.candidates if c.instance_id == "tight")
+        assert tight.feasible and tight.rejected_by == "kv-room"
+        # The baselines know nothing of it.
+        assert make_policy("qlm").place(request, view).outcome == "placed"
+
+    def test_a_long_prompt_is_kept_off_decodes_its_prefill_would_slow_past_their_tpot(self):
+        view = view_with([make_state("washington-dc", [make_instance("a", "H100", running=8)])])
+        policy = make_policy("slomesh")
+        short, long = (
+            make_request(prompt(n), max_tokens=64, request_id=f"r{n}") for n in (1000, 30_000)
+        )
+        unprotected = [policy.place(r, view).chosen.prediction for r in (short, long)]
+        # Its own decode comes after its prefill; the decodes running there share its 30 000
+        # prefill tokens' steps.
+        assert unprotected[1].inflight_tpot_ms > 1.1 * unprotected[1].tpot_ms
+        assert unprotected[0].inflight_tpot_ms < 1.02 * unprotected[0].tpot_ms
+        # A running request whose target passes the short prompt and the long one's own TPOT.
+        passing = max(unprotected[0].inflight_tpot_ms, unprotected[1].tpot_ms)
+        between = (passing + unprotected[1].inflight_tpot_ms) / 2
+        view.track_inflight("washington-dc", "a", "coding-1", between / 0.9)
+        assert policy.place(short, view).outcome == "placed"
+        refused = policy.place(long, view)
+        assert refused.outcome == "refused"
+        assert refused.candidates[0].rejected_by == "protect-inflight"
+
+    def test_batch_class_is_placed_best_effort_on_lowest_ttft(self):
+        # Unprofiled GPUs: the queues (60 and 80 s of prefill at the measured 500 tokens/s)
+        # miss the batch class's 60 s E2E; their KV caches (the fallback L4's) hold them.
+        slow = make_instance("slow", "CPU", queued_prefill_tokens=30_000, prefill_tokens_per_s=500)
         slower = make_instance(
-            "slower", "L4", queued_prefill_tokens=9_000_000, prefill_tokens_per_s=1000
+            "slower", "CPU", queued_prefill_tokens=40_000, prefill_tokens_per_s=500
         )
         view = view_with([make_state("washington-dc", [slower, slow])])
         decision = make_policy("slomesh").place(make_request(slo_class="batch"), view)
@@ -523,12 +578,8 @@ class TestPriorityAndBestEffort:
     def test_best_effort_goes_where_running_requests_keep_their_tpot(self):
         # "fast" has the lower TTFT but runs a request with a tight TPOT target; "slow" runs
         # nothing this scheduler protects. Neither meets the batch class's E2E target.
-        fast = make_instance(
-            "fast", "H100", queued_prefill_tokens=3_000_000, prefill_tokens_per_s=20_000
-        )
-        slow = make_instance(
-            "slow", "H100", queued_prefill_tokens=4_000_000, prefill_tokens_per_s=20_000
-        )
+        fast = make_instance("fast", "CPU", queued_prefill_tokens=30_000, prefill_tokens_per_s=500)
+        slow = make_instance("slow", "CPU", queued_prefill_tokens=40_000, prefill_tokens_per_s=500)
         view = view_with([make_state("washington-dc", [fast, slow])])
         view.track_inflight("washington-dc", "fast", "coding-1", 5.0)
         policy = make_policy("slomesh")

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slomesh.scheduler.policy import BUILTIN_PROFILES, make_policy
+from slomesh.scheduler.predictor import kv_capacity_blocks
 from slomesh.scheduler.validation import validate_request
 from slomesh.scheduler.view import ClusterView
 from slomesh.slo import TenantPolicy
@@ -136,9 +137,28 @@ def test_no_policy_places_outside_its_hard_constraints(
     assert chosen.instance.model == MODEL
     # Placed: passed every filter. Best effort: only the SLO admission turned it down.
     assert chosen.rejected_by == "" if decision.outcome == "placed" else (
-        chosen.rejected_by in ("", "slo-feasible", "protect-inflight")
+        chosen.rejected_by in ("", "slo-feasible", "protect-inflight", "kv-room")
     )
     assert any(c is chosen for c in decision.candidates)
+
+
+def _kv_capacity(candidate) -> int:
+    """KV tokens of a candidate (the factories' instances report no block count: its GPU's)."""
+    inst = candidate.instance
+    return kv_capacity_blocks(inst) * inst.block_size
+
+
+def _kv_demand(candidate, request, policy) -> float:
+    """The kv-room filter's demand: what runs there, what waits, every request's predicted
+    output and this prompt, in tokens."""
+    inst = candidate.instance
+    n_out = candidate.prediction.output_tokens
+    return (
+        inst.kv_cache_usage * _kv_capacity(candidate)
+        + inst.queued_prefill_tokens
+        + (inst.num_requests_outstanding + 1) * n_out
+        + request.prompt_tokens
+    )
 
 
 def _tiered_request(tokens, best_effort_tenant: bool, **req):
@@ -180,20 +200,28 @@ def test_admission_never_places_on_a_candidate_it_predicted_infeasible(
         assert chosen.prediction.meets(request.slo, request.prompt_tokens, margin)
     elif decision.outcome == "best_effort":
         # Only a best-effort tier is placed without a feasible candidate, and only where the
-        # requests running keep their TPOT (protect-inflight with the request's margin).
+        # requests running keep their TPOT (protect-inflight with the request's margin) and
+        # the KV cache holds them all (kv-room).
         assert request.on_infeasible == "best_effort"
         assert not any(c.feasible for c in decision.candidates if not c.rejected_by)
         chosen = decision.chosen
         assert chosen.rejected_by == "slo-feasible"
         limit = chosen.instance.tightest_inflight_tpot_ms
-        assert math.isinf(limit) or chosen.prediction.tpot_ms <= margin * limit
+        assert math.isinf(limit) or chosen.prediction.inflight_tpot_ms <= margin * limit
+        assert _kv_demand(chosen, request, pol) <= _kv_capacity(chosen)
     elif decision.outcome == "queued":
-        # A best-effort request that would slow every candidate's running requests too much.
+        # A best-effort request that would slow every candidate's running requests too much,
+        # or that their KV caches cannot hold beside them.
         assert request.on_infeasible == "best_effort"
         assert decision.chosen is None and decision.retry_after_ms is not None
-        assert predicted and all(c.rejected_by == "protect-inflight" for c in predicted)
+        assert predicted
         for c in predicted:
-            assert c.prediction.tpot_ms > margin * c.instance.tightest_inflight_tpot_ms
+            assert c.rejected_by in ("protect-inflight", "kv-room")
+            if c.rejected_by == "protect-inflight":
+                limit = margin * c.instance.tightest_inflight_tpot_ms
+                assert c.prediction.inflight_tpot_ms > limit
+            else:
+                assert _kv_demand(c, request, pol) > _kv_capacity(c)
     elif decision.outcome == "refused":
         assert decision.chosen is None and decision.retry_after_ms is not None
         assert request.on_infeasible == "refuse"

@@ -287,27 +287,49 @@ class TestEndToEnd:
         assert p.cached_prefix_tokens == 63 and p.uncached_prompt_tokens == 1
 
     def test_tpot_grows_with_batch_and_context(self):
-        quiet, _ = tpot_ms(inst(), 1000, 100)
-        busy, batch = tpot_ms(inst(num_requests_running=40, num_requests_waiting=9), 1000, 100)
+        quiet, _, _ = tpot_ms(inst(), 1000, 100)
+        busy, batch, _ = tpot_ms(inst(num_requests_running=40, num_requests_waiting=9), 1000, 100)
         assert batch == 50 and busy > quiet
         capped = tpot_ms(inst(num_requests_running=999), 10, 10, PredictorConfig(max_num_seqs=8))
         assert capped[1] == 8
 
     def test_prompts_arriving_stretch_the_decode_step(self):
         # rho = arrival rate x time of a prompt token in a full 8192-token step.
-        quiet, _ = tpot_ms(inst(), 1000, 100)
+        quiet, _, _ = tpot_ms(inst(), 1000, 100)
         step_s = step_time_s(
             PROFILES["H100"], DEFAULT_MODEL, 8192, 0, 8192, attention_pairs=8192 * 8193 / 2
         )
         rate = 0.4 / (step_s / 8192)  # prompt tokens/s that keep the GPU 40 % busy
-        loaded, _ = tpot_ms(inst(prefill_arrival_tokens_per_s=rate), 1000, 100)
+        loaded, _, _ = tpot_ms(inst(prefill_arrival_tokens_per_s=rate), 1000, 100)
         assert loaded == pytest.approx(quiet / 0.6)
-        flooded, _ = tpot_ms(inst(prefill_arrival_tokens_per_s=100 * rate), 1000, 100)
+        flooded, _, _ = tpot_ms(inst(prefill_arrival_tokens_per_s=100 * rate), 1000, 100)
         assert flooded == pytest.approx(quiet / (1 - 0.9))  # capped at the configured 0.9
         off = PredictorConfig(prefill_interference_max=0.0)
         assert tpot_ms(inst(prefill_arrival_tokens_per_s=rate), 1000, 100, off)[0] == quiet
         with pytest.raises(ValueError, match="prefill_interference_max"):
             PredictorConfig(prefill_interference_max=1.0)
+
+    def test_running_decodes_count_the_new_prompt_in_the_arrival_rate(self):
+        # A 10 s rate window: the request's 0.2 x window x rate uncached tokens raise the rate
+        # the running decodes see from 40 % to 48 % busy; its own decode, after its prefill,
+        # sees the rate before it.
+        step_s = step_time_s(
+            PROFILES["H100"], DEFAULT_MODEL, 8192, 0, 8192, attention_pairs=8192 * 8193 / 2
+        )
+        rate = 0.4 / (step_s / 8192)
+        quiet, _, quiet_inflight = tpot_ms(inst(), 1000, 100)
+        assert quiet_inflight == quiet  # nothing to prefill, nothing arriving
+        busy = inst(prefill_arrival_tokens_per_s=rate, prefill_rate_window_s=10.0)
+        own, _, inflight = tpot_ms(busy, 1000, 100, uncached_prompt_tokens=int(0.2 * 10 * rate))
+        assert own == pytest.approx(quiet / 0.6)
+        assert inflight == pytest.approx(quiet / (1 - 0.48), rel=1e-4)
+        p = predict(busy, rtt_ms=0, prompt_tokens=1000, cached_prefix_tokens=200, output_tokens=100)
+        assert p.tpot_ms == pytest.approx(own)
+        assert p.inflight_tpot_ms == tpot_ms(busy, 1000, 100, uncached_prompt_tokens=800)[2]
+        assert p.inflight_tpot_ms > p.tpot_ms
+        # Its GPU seconds count the decode step alone: the prompts stretching it pay for
+        # their own chunks (the engine splits a step's time by tokens).
+        assert p.gpu_seconds == pytest.approx(p.prefill_ms / 1e3 + 99 * quiet / 1e3 / p.batch_size)
 
     def test_meets_uses_margin(self):
         p = predict(inst(), rtt_ms=0, prompt_tokens=1000, cached_prefix_tokens=0, output_tokens=10)
@@ -453,7 +475,7 @@ class TestFittedProfiles:
         config = PredictorConfig(latency_profiles={"CPU": str(path)})
         i = inst("CPU", prefill_tokens_per_s=1000, decode_tokens_per_s=100)
         assert prefill_ms(i, 100, 0, config) == pytest.approx(5 + 0.05 * 100 + 2e-5 * 5050)
-        assert tpot_ms(i, 100, 10, config) == (pytest.approx(7 + 0.08 + 3e-4 * 105), 1)
+        assert tpot_ms(i, 100, 10, config)[:2] == (pytest.approx(7 + 0.08 + 3e-4 * 105), 1)
         assert prefill_ms(i, 100, 0) == pytest.approx(100.0)  # no profile: measured rate
 
     def test_config_stays_hashable_and_loads_each_file_once(self, h100_profile_path):

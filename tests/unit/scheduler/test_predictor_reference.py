@@ -228,10 +228,13 @@ def ref_prefill(i, uncached, cached, config):
     )
 
 
-def ref_tpot(i, prompt_tokens, output_tokens, config):
+def ref_tpot(i, prompt_tokens, output_tokens, config, uncached=0):
+    """(TPOT, batch, TPOT of the decodes running there with `uncached` prompt tokens added,
+    the decode step without the prefills' stretch)."""
     batch = min(i.num_requests_running + i.num_requests_waiting + 1, config.max_num_seqs)
     if measured_only(i, config, i.decode_tokens_per_s):
-        return batch / i.decode_tokens_per_s * 1000.0, batch
+        measured = batch / i.decode_tokens_per_s * 1000.0
+        return measured, batch, measured, measured
     profile, model, fitted, capacity = ref_step_model(i, config)
     context = int(
         i.kv_cache_usage * capacity + i.queued_prefill_tokens + prompt_tokens + output_tokens / 2
@@ -240,12 +243,13 @@ def ref_tpot(i, prompt_tokens, output_tokens, config):
         step = fitted_step_ms(fitted, 0, 0.0, 0, batch, context)
     else:
         step = 1000.0 * step_time_s(profile, model, 0, batch, context, attention_pairs=context)
-    if i.prefill_arrival_tokens_per_s > 0:
-        chunk = config.prefill_chunk_tokens
-        per_token_s = ref_chunk_ms(i, config, chunk, 0, 0, 0) / 1000.0 / chunk
-        rho = min(config.prefill_interference_max, i.prefill_arrival_tokens_per_s * per_token_s)
-        step /= 1.0 - rho
-    return step, batch
+    chunk = config.prefill_chunk_tokens
+    per_token_s = ref_chunk_ms(i, config, chunk, 0, 0, 0) / 1000.0 / chunk
+    rate = i.prefill_arrival_tokens_per_s
+    rho = min(config.prefill_interference_max, rate * per_token_s)
+    rate_inflight = rate + uncached / i.prefill_rate_window_s
+    rho_inflight = min(config.prefill_interference_max, rate_inflight * per_token_s)
+    return step / (1.0 - rho), batch, step / (1.0 - rho_inflight), step
 
 
 def ref_predict(i, rtt_ms, prompt_tokens, cached_prefix_tokens, output_tokens, config,
@@ -255,14 +259,14 @@ def ref_predict(i, rtt_ms, prompt_tokens, cached_prefix_tokens, output_tokens, c
     n_out = max(1, output_tokens)
     wait, shared = ref_queue_wait_and_shared(i, uncached + n_out, config, rtt_ms / 2.0, uncached)
     prefill = ref_prefill(i, uncached, cached, config) + shared
-    tpot, batch = ref_tpot(i, prompt_tokens, n_out, config)
+    tpot, batch, inflight_tpot, step = ref_tpot(i, prompt_tokens, n_out, config, uncached)
     ttft = rtt_ms + model_load_ms + wait + prefill
-    gpu_s = prefill / 1000.0 + (n_out - 1) * tpot / 1000.0 / batch
+    gpu_s = prefill / 1000.0 + (n_out - 1) * step / 1000.0 / batch
     if charge_model_load:
         gpu_s += model_load_ms / 1000.0
     return {
         "rtt_ms": rtt_ms, "queue_wait_ms": wait, "prefill_ms": prefill, "transfer_ms": 0.0,
-        "tpot_ms": tpot, "decode_ms": (n_out - 1) * tpot, "ttft_ms": ttft,
+        "tpot_ms": tpot, "inflight_tpot_ms": inflight_tpot, "decode_ms": (n_out - 1) * tpot, "ttft_ms": ttft,
         "e2e_ms": ttft + (n_out - 1) * tpot, "cached_prefix_tokens": cached,
         "uncached_prompt_tokens": uncached, "output_tokens": n_out, "batch_size": batch,
         "gpu_seconds": gpu_s, "cost_usd": gpu_s * i.price_usd_per_hour / 3600.0,
@@ -296,6 +300,7 @@ instances = st.builds(
     num_gpu_blocks=st.just(0) | st.integers(1, 200_000),
     price_usd_per_hour=st.floats(0.0, 12.0),
     prefill_arrival_tokens_per_s=st.just(0.0) | st.floats(1.0, 1e6),
+    prefill_rate_window_s=st.floats(0.5, 60.0),
     online_fit=online_fits,
     prefill_arrivals_ms=st.lists(
         st.tuples(st.floats(-1000.0, 500.0), st.integers(1, 20_000), st.integers(0, 40_000)),
@@ -367,9 +372,13 @@ def test_the_parts_equal_the_reference(h100_profile, data):
     assert close(
         prefill_ms(i, prompt_tokens, cached, config), ref_prefill(i, prompt_tokens, cached, config)
     )
-    got_tpot, got_batch = tpot_ms(i, prompt_tokens, output_tokens, config)
-    want_tpot, want_batch = ref_tpot(i, prompt_tokens, output_tokens, config)
+    uncached = max(0, prompt_tokens - cached)
+    got_tpot, got_batch, got_inflight = tpot_ms(i, prompt_tokens, output_tokens, config, uncached)
+    want_tpot, want_batch, want_inflight, _ = ref_tpot(
+        i, prompt_tokens, output_tokens, config, uncached
+    )
     assert got_batch == want_batch and close(got_tpot, want_tpot)
+    assert close(got_inflight, want_inflight) and got_inflight >= got_tpot * (1 - 1e-12)
     assert close(decode_throughput_tokens_per_s(i, config), ref_decode_throughput(i, config))
 
 

@@ -66,6 +66,7 @@ def test_builtins_are_registered():
     assert FILTERS.names() == [
         "fresh",
         "healthy",
+        "kv-room",
         "nearest-region",
         "protect-inflight",
         "region-allowlist",

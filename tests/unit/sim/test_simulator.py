@@ -12,7 +12,14 @@ from slomesh.report import build_report
 from slomesh.sim import EPOCH_UNIX_NS, SimConfig, Simulator
 from slomesh.topology import Topology, shared_data_dir
 from slomesh.traces import load_trace
-from tests.unit.sim.helpers import azure_trace, mooncake_trace, one_h100, wdc_and_tokyo
+from tests.unit.sim.helpers import (
+    WDC,
+    azure_trace,
+    make_topology,
+    mooncake_trace,
+    one_h100,
+    wdc_and_tokyo,
+)
 
 H100 = get_profile("H100")
 IDEAL_STACK = SimConfig(request_path_ms=0, token_path_ms=0)
@@ -323,3 +330,21 @@ class TestQueueWaitError:
         assert first.queue_wait_ms == pytest.approx(0.0)
         assert second.queue_wait_ms > 0
         assert second.predicted_queue_wait_ms > 0  # the first one's prefill was pending
+
+
+def test_preemptions_are_counted_and_kv_room_avoids_them(tmp_path):
+    # One L4 (~46k tokens of KV): twelve 3000-token prompts arriving together, each decoding
+    # 2000 tokens, outgrow its cache (12 x 5000 = 60k tokens) once their decodes run.
+    topology = make_topology(tmp_path, [(*WDC, [("wdc-l4-0", "L4")])])
+    rows = [(0.01 * i, 3000, 2000) for i in range(12)]
+    trace = azure_trace(tmp_path, rows, topology)
+    flooded = Simulator(topology, "round-robin").run(trace)
+    assert flooded.stats["preemptions"] > 0
+    assert flooded.stats["preemptions_by_instance"] == {"wdc-l4-0": flooded.stats["preemptions"]}
+    # The oracle (slomesh with the true output lengths) admits only what the cache holds to
+    # the end; the rest is refused rather than preempted on the engine.
+    held = Simulator(topology, "oracle").run(trace)
+    assert held.stats["preemptions"] == 0 and held.stats["preemptions_by_instance"] == {}
+    assert any(r.ok for r in held.results)
+    refused = [r for r in held.results if not r.ok]
+    assert refused and all(r.error_code == "RESOURCE_EXHAUSTED" for r in refused)
