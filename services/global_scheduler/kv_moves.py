@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_MAX_WAIT_MS",
     "KvMove",
     "KvMover",
+    "TransferFailed",
     "move_deadline_unix_ns",
 ]
 
@@ -170,7 +171,7 @@ def move_deadline_unix_ns(
     return min(latest, max(slo_ns, floor_ns))
 
 
-class _MoveFailed(Exception):
+class TransferFailed(Exception):
     """The transfer ended without the prefix in place (the message says why)."""
 
 
@@ -292,15 +293,23 @@ class KvMover:
                     if timeout_s <= 0:
                         raise TimeoutError
                     async with asyncio.timeout(timeout_s):
-                        outcome = await self._transfer(
-                            self.stub(endpoint), move, request, transfer_id, deadline_ns, span
+                        outcome, _ = await self.transfer_prefix(
+                            endpoint,
+                            transfer_id=transfer_id,
+                            model=request.model,
+                            source=(move.source_region, move.source_instance),
+                            destination=(move.destination_region, move.destination_instance),
+                            token_ids=move.token_ids(request.prompt_token_ids),
+                            traffic_class=kv_transfer_pb2.FOREGROUND_KV,
+                            deadline_unix_ns=deadline_ns,
+                            span=span,
                         )
             except TimeoutError:
                 outcome, error = "timeout", "the move's deadline passed"
                 self._cancel_later(endpoint, transfer_id, move.destination_region)
             except grpc.aio.AioRpcError as err:
                 outcome, error = "failed", f"{err.code().name}: {err.details()}"
-            except _MoveFailed as err:
+            except TransferFailed as err:
                 outcome, error = "failed", str(err)
             except asyncio.CancelledError:
                 outcome, error = "cancelled", "the client cancelled the call"
@@ -338,35 +347,60 @@ class KvMover:
                 )
         return outcome
 
-    async def _transfer(
+    async def transfer_prefix(
         self,
-        stub: kv_transfer_pb2_grpc.KVTransferStub,
-        move: KvMove,
-        request: ValidatedRequest,
+        endpoint: str,
+        *,
         transfer_id: str,
-        deadline_ns: int,
+        model: str,
+        source: tuple[str, str],
+        destination: tuple[str, str],
+        token_ids: list[int],
+        traffic_class: int,
+        deadline_unix_ns: int,
         span: Any,
-    ) -> str:
-        """TransferPrefix, then Watch until the transfer ends; the outcome, or raises."""
+    ) -> tuple[str, int]:
+        """``TransferPrefix`` on the KV transfer service at `endpoint`, then ``Watch`` until
+        the transfer ends.
+
+        Args:
+            endpoint: The service (``host:port``); it forwards to the destination's.
+            transfer_id: The transfer's id.
+            model: Model of the KV.
+            source: (region, instance) whose store holds the prefix.
+            destination: (region, instance) whose store gets it.
+            token_ids: The prefix's tokens (the longest stored prefix of them moves).
+            traffic_class: ``kv_transfer_pb2.FOREGROUND_KV`` or ``PREFETCH_KV``.
+            deadline_unix_ns: When it must be done, Unix ns (0 = none).
+            span: The caller's span (gets ``slomesh.bytes``, ``slomesh.moved_prefix_tokens``).
+
+        Returns:
+            (``completed`` or ``already_present``, the KV bytes moved).
+
+        Raises:
+            grpc.aio.AioRpcError: the service refused the transfer.
+            TransferFailed: it ended FAILED or CANCELLED, or Watch ended first.
+        """
+        stub = self.stub(endpoint)
         metadata = grpc_metadata_inject()
         handle = await stub.TransferPrefix(
             kv_transfer_pb2.TransferPrefixRequest(
                 transfer_id=transfer_id,
-                model=request.model,
-                source_region=move.source_region,
-                source_instance_id=move.source_instance,
-                destination_region=move.destination_region,
-                destination_instance_id=move.destination_instance,
-                token_ids=move.token_ids(request.prompt_token_ids),
-                traffic_class=kv_transfer_pb2.FOREGROUND_KV,
-                deadline_unix_s=deadline_ns / 1e9,
+                model=model,
+                source_region=source[0],
+                source_instance_id=source[1],
+                destination_region=destination[0],
+                destination_instance_id=destination[1],
+                token_ids=token_ids,
+                traffic_class=traffic_class,  # type: ignore[arg-type]
+                deadline_unix_s=deadline_unix_ns / 1e9,
             ),
             metadata=metadata,
         )
         span.set_attribute("slomesh.bytes", handle.bytes_total)
         span.set_attribute("slomesh.moved_prefix_tokens", handle.prefix_tokens)
         if handle.already_present:
-            return "already_present"
+            return "already_present", 0
         async for progress in stub.Watch(
             kv_transfer_pb2.WatchRequest(
                 transfer_id=handle.transfer_id,
@@ -376,13 +410,13 @@ class KvMover:
             metadata=metadata,
         ):
             if progress.state == _P.COMPLETED:
-                return "completed"
+                return "completed", handle.bytes_total
             if progress.state in (_P.FAILED, _P.CANCELLED):
-                raise _MoveFailed(
+                raise TransferFailed(
                     f"transfer {_P.State.Name(progress.state)}: "
                     f"{progress.error_code}: {progress.error}".rstrip(": ")
                 )
-        raise _MoveFailed("Watch ended before the transfer did")
+        raise TransferFailed("Watch ended before the transfer did")
 
     def _cancel_later(self, endpoint: str, transfer_id: str, region: str) -> None:
         """Cancels an abandoned transfer in the background (logged; NOT_FOUND is fine: it

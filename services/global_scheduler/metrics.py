@@ -85,6 +85,9 @@ class SchedulerMetrics:
             no_endpoint, cancelled); the request is forwarded whatever the outcome.
         slomesh_scheduler_kv_transfer_wait_seconds{outcome}: time a Generate call waited
             for its prefix move, by outcome.
+        slomesh_scheduler_kv_prefetches_total{outcome}: hot-prefix prefetches, by how they
+            ended (completed, failed, no_endpoint, cancelled).
+        slomesh_scheduler_kv_prefetch_bytes_total: KV bytes the completed prefetches moved.
         slomesh_scheduler_inflight_requests: Generate streams in progress.
         slomesh_scheduler_routable_regions: regions with fresh state and a healthy instance.
         slomesh_scheduler_region_state_age_seconds{region}: age of each region's last state.
@@ -185,6 +188,17 @@ class SchedulerMetrics:
             "Time Generate calls waited for their prefix move, by outcome.",
             ["outcome"],
             buckets=_REQUEST_BUCKETS_S,
+            registry=r,
+        )
+        self.kv_prefetches = Counter(
+            "slomesh_scheduler_kv_prefetches",
+            "Hot-prefix prefetches, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.kv_prefetch_bytes = Counter(
+            "slomesh_scheduler_kv_prefetch_bytes",
+            "KV bytes moved by completed hot-prefix prefetches.",
             registry=r,
         )
         self.inflight = Gauge(

@@ -74,11 +74,13 @@ from redis.exceptions import RedisError
 from services.global_scheduler.kv_moves import DEFAULT_MAX_WAIT_MS, KvMover
 from services.global_scheduler.ledger import Ledger
 from services.global_scheduler.metrics import SchedulerMetrics
+from services.global_scheduler.prefetch import PrefetchRunner
 from services.global_scheduler.routes import Routes
 from slomesh import bus
 from slomesh.scheduler.admission import BestEffortQueue, BestEffortQueueFull, QueuedRequest
 from slomesh.scheduler.output_length import DEFAULT_OUTPUT_LENGTH_WINDOW, OutputLengthPredictor
 from slomesh.scheduler.policy import PlacementDecision, Policy, make_policy
+from slomesh.scheduler.prefetch import HotPrefixTracker
 from slomesh.scheduler.validation import (
     REQUEST_ID_PATTERN,
     RequestValidationError,
@@ -283,6 +285,10 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
         max_remembered: Place'd requests remembered for ReportOutcome (oldest forgotten).
         kv_mover: Runs the prefix moves placements ask for (default: one without routes,
             i.e. no moves).
+
+    Attributes:
+        prefetcher: The hot-prefix prefetch (`services.global_scheduler.prefetch`) when the
+            policy has a ``kv_prefetch``, else None; `SchedulerService` runs its plans.
     """
 
     def __init__(
@@ -309,6 +315,18 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
         self.forward_retry = forward_retry
         self.max_remembered = max_remembered
         self.kv_mover = kv_mover or KvMover(Routes(), metrics)
+        self.prefetcher = (
+            PrefetchRunner(
+                HotPrefixTracker(policy.prefetch_config),
+                view,
+                self.kv_mover,
+                routes,
+                self.agent_stub,
+                metrics,
+            )
+            if policy.prefetch_config is not None
+            else None
+        )
         self.tracer = get_tracer("slomesh.scheduler")
         self._channels: dict[
             str, tuple[grpc.aio.Channel, region_agent_pb2_grpc.RegionAgentStub]
@@ -381,6 +399,8 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
                 request.origin_region, chosen.region, chosen.instance.agent_endpoint
             )
         decision.record_in(self.view)
+        if chosen is not None and self.prefetcher is not None:
+            self.prefetcher.observe(request)
         self.ledger.record_decision(decision, endpoint)
         self.metrics.place_latency.labels(decision.policy).observe(time.perf_counter() - t0)
         self.metrics.placements.labels(
@@ -1046,6 +1066,7 @@ class SchedulerService:
         self._snapshot_tasks: dict[str, asyncio.Task[None]] = {}
         self._gauge_task: asyncio.Task[None] | None = None
         self._best_effort_task: asyncio.Task[None] | None = None
+        self._prefetch_task: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -1081,6 +1102,10 @@ class SchedulerService:
         self._best_effort_task = asyncio.get_running_loop().create_task(
             self.servicer.run_best_effort_timer(), name="scheduler-best-effort-timer"
         )
+        if self.servicer.prefetcher is not None:
+            self._prefetch_task = asyncio.get_running_loop().create_task(
+                self.servicer.prefetcher.run(), name="scheduler-kv-prefetch"
+            )
         logger.info(
             "global scheduler started",
             extra={
@@ -1101,6 +1126,13 @@ class SchedulerService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._best_effort_task
             self._best_effort_task = None
+        if self._prefetch_task is not None:
+            self._prefetch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prefetch_task
+            self._prefetch_task = None
+        if self.servicer.prefetcher is not None:
+            await self.servicer.prefetcher.close()
         if self.grpc is not None:
             await self.grpc.stop(self.config.grace_s)
         if self._gauge_task is not None:

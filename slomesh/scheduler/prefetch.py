@@ -20,8 +20,10 @@ Demand of a prefix from region ``r`` at time ``t``::
     d_r(t) = sum over requests q from r containing the prefix of 2 ** (-(t - t_q) / half_life)
 
 The tracker does no I/O and takes times as arguments: the simulator runs it on its virtual
-clock; a live scheduler can run it beside its placements and send each `PrefetchOrder` to the
-destination's KV transfer service as a prefetch (``KVTransfer.TransferPrefix``).
+clock (a prefetch there puts the prefix's blocks in the destination's prefix cache when its
+bytes have crossed the link); the live scheduler runs it beside its placements and carries out
+each `PrefetchOrder` through the engines' KV connector stores and the KV transfer services
+(`services.global_scheduler.prefetch`).
 
 Source: decayed-frequency ("hot item") replication as in CDN and geo-distributed cache
 prefetching (e.g. Breslau et al., "Web caching and Zipf-like distributions", INFOCOM 1999, on

@@ -161,6 +161,41 @@ async def generate(
     return events
 
 
+def scheduler_on(
+    mesh: Mesh, topology_path: Path, slo_path: Path, nats_url: str, redis_url: str,
+    policy: str | Policy = "slomesh",
+) -> SchedulerService:
+    """A scheduler in this process on the mesh's agent and KV transfer routes (not started):
+    `policy` a built-in name or YAML path, or a `Policy` object put in place of the built one."""
+    plan = mesh.plan
+    assert plan is not None
+    service = SchedulerService(
+        SchedulerConfig(
+            nats_url=nats_url,
+            redis_url=redis_url,
+            topology=Topology.load(topology_path),
+            routes=Routes(plan.routes()),
+            kv_transfer_routes=Routes(plan.kv_transfer_routes()),
+            slo_config_path=str(slo_path),
+            registry=CollectorRegistry(),
+            grace_s=1.0,
+            policy=policy if isinstance(policy, str) else "slomesh",
+        )
+    )
+    if isinstance(policy, Policy):
+        service.policy = service.servicer.policy = policy
+    return service
+
+
+async def start_routable(service: SchedulerService) -> None:
+    """Starts `service` and waits until both regions' states make them routable."""
+    await service.start()
+    deadline = time.monotonic() + 30
+    while sorted(service.view.routable_regions()) != sorted([SOURCE, DEST]):
+        assert time.monotonic() < deadline, "region states never reached the scheduler"
+        await asyncio.sleep(0.1)
+
+
 def counter(service: SchedulerService, name: str, **labels: str) -> float:
     value = service.config.registry.get_sample_value(name, labels)
     return value or 0.0
@@ -185,24 +220,10 @@ async def test_scheduler_moves_the_prefix_then_runs_here(nats_server, redis_serv
         plan = mesh.plan
         assert plan is not None
         policy = ScriptedMovePolicy([SOURCE, DEST])
-        service = SchedulerService(
-            SchedulerConfig(
-                nats_url=nats_server.url,
-                redis_url=redis_server.url,
-                topology=Topology.load(topology_path),
-                routes=Routes(plan.routes()),
-                kv_transfer_routes=Routes(plan.kv_transfer_routes()),
-                slo_config_path=str(slo_path),
-                registry=CollectorRegistry(),
-                grace_s=1.0,
-            )
+        service = scheduler_on(
+            mesh, topology_path, slo_path, nats_server.url, redis_server.url, policy
         )
-        service.policy = service.servicer.policy = policy
-        await service.start()
-        deadline = time.monotonic() + 30
-        while sorted(service.view.routable_regions()) != sorted([SOURCE, DEST]):
-            assert time.monotonic() < deadline, "region states never reached the scheduler"
-            await asyncio.sleep(0.1)
+        await start_routable(service)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
         stub = scheduler_pb2_grpc.GlobalSchedulerStub(channel)
         dest_url = plan.instances[DEST_INSTANCE].url
