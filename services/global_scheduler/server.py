@@ -855,6 +855,9 @@ class GlobalSchedulerServicer(scheduler_pb2_grpc.GlobalSchedulerServicer):
                         if progress.first_token_unix_ns is None:
                             progress.first_token_unix_ns = now
                             span.add_event("first_token")
+                            self.view.note_serving(
+                                chosen.region, chosen.instance_id, vreq.model, now
+                            )
                         progress.last_token_unix_ns = now
                         progress.tokens += len(message.tokens.token_ids)
                         yield scheduler_pb2.GenerateResponse(tokens=message.tokens)

@@ -255,6 +255,9 @@ class _Region:
     # The state's instances and region-wide fields as plain values (`_InstanceRow`).
     rows: tuple[_InstanceRow, ...] = ()
     weight_cache_models: frozenset[str] = frozenset()
+    # instance id -> (model, time) it streamed tokens of that model (`note_serving`), until a
+    # state stamped after that time.
+    serving: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 class ClusterView:
@@ -381,6 +384,8 @@ class ClusterView:
         for queue in entry.pending.values():
             while queue and queue[0].arrives_unix_ns <= stamp:
                 queue.popleft()
+        if entry.serving:
+            entry.serving = {i: s for i, s in entry.serving.items() if s[1] > stamp}
         track = self._kv.setdefault(region, _KvTrack())
         if track.incarnation != state.agent_incarnation and not track.awaiting_snapshot:
             self._ask_snapshot(region, track, now)
@@ -512,6 +517,10 @@ class ClusterView:
                             load_remaining_s = max(
                                 0.0, (p.loaded_unix_ns - entry.received_unix_ns) / 1e9
                             )
+                if load_remaining_s > 0 and entry.serving:
+                    served = entry.serving.get(inst.instance_id)
+                    if served is not None and served[0] == model:
+                        load_remaining_s = 0.0  # it streams this model's tokens already
                 price = inst.price_usd_per_hour or self._topology_prices.get(inst.instance_id, 0.0)
                 arrivals = self._prefill_arrivals.get(inst.instance_id)
                 timeline: tuple[tuple[float, int, int], ...] = ()
@@ -668,6 +677,26 @@ class ClusterView:
         if entry is None:
             return []
         return list(entry.pending.get(instance_id, ()))
+
+    def note_serving(
+        self, region: str, instance_id: str, model: str, at_unix_ns: int | None = None
+    ) -> None:
+        """Records that an instance streamed tokens of `model` (a request's first token).
+
+        It serves that model now, so any load of it there has ended, whatever the last state
+        (published during the load) says is left of it: until a state stamped after
+        `at_unix_ns` arrives, the view shows no load time left on the instance for `model`.
+
+        Args:
+            region: Region of the instance.
+            instance_id: The instance.
+            model: The model of the request it streamed.
+            at_unix_ns: When the tokens came; default now.
+        """
+        entry = self._regions.get(region)
+        if entry is None:
+            return
+        entry.serving[instance_id] = (model, self.clock_ns() if at_unix_ns is None else at_unix_ns)
 
     # -- requests in flight ----------------------------------------------------------------
 

@@ -136,6 +136,13 @@ def _state(region, instances, *, cache=(), seq=1):
     return state
 
 
+def _restamped(state, seq, timestamp_unix_ns):
+    copy = state_pb2.RegionState()
+    copy.CopyFrom(state)
+    copy.seq, copy.timestamp_unix_ns = seq, timestamp_unix_ns
+    return copy
+
+
 def _topology() -> Topology:
     return Topology.load(DEFAULT_TOPOLOGY_PATH.parent / "topology.multimodel.yaml")
 
@@ -288,6 +295,34 @@ class TestPlacement:
         assert decision.chosen.instance_id == "w-1"
         assert decision.chosen.prediction.model_load_ms == pytest.approx(5000.0)
         assert not decision.to_placement("x:1").loads_model
+
+    def test_tokens_streamed_end_the_load_before_the_state_shows_it(self):
+        """A state published during the load still counts time left; the first token of the
+        model from the instance ends it until a state stamped after that token comes."""
+        view = _mesh(fra=False)
+        loading = _instance("w-1", QWEN, swappable=True)
+        loading.model_load_remaining_s = 5.0
+        during = _state("washington-dc", [_instance("w-0"), loading], cache=[QWEN], seq=2)
+        during.timestamp_unix_ns = T0
+        view.apply_state(during, received_unix_ns=T0)
+
+        def w1():
+            return next(i for i in view.instances() if i.instance_id == "w-1")
+
+        view.note_serving("washington-dc", "w-1", LLAMA, T0 + 1)  # another model: no effect
+        assert w1().model_load_remaining_s == 5.0
+        view.note_serving("washington-dc", "w-1", QWEN, T0 + 10)
+        assert w1().model_load_remaining_s == 0.0
+        decision = make_policy("slomesh").place(_request(view), view)
+        assert decision.chosen.instance_id == "w-1"
+        assert decision.chosen.prediction.model_load_ms == 0.0
+        # A state stamped before the token does not bring the load back ...
+        view.apply_state(_restamped(during, 3, T0 + 5), received_unix_ns=T0 + 5)
+        assert w1().model_load_remaining_s == 0.0
+        # ... one stamped after it is the instance's word again.
+        view.apply_state(_restamped(during, 4, T0 + 20), received_unix_ns=T0 + 20)
+        assert w1().model_load_remaining_s == 5.0
+        view.note_serving("nowhere", "x", QWEN)  # unknown region: ignored
 
     def test_region_state_fields_reach_the_view(self):
         view = _mesh()
