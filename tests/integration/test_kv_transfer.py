@@ -366,12 +366,15 @@ async def test_a_corrupt_chunk_is_detected_resent_and_never_stored(mesh, monkeyp
     handle = await mesh.stub(mesh.dst).TransferPrefix(prefix_request(prompt))
     final = (await watch_all(mesh.stub(mesh.dst), handle.transfer_id))[-1]
     assert final.state == P.COMPLETED, final.error
-    # Chunk 2 of each of the 3 layer files was damaged once, detected, then re-sent.
+    # Chunk 2 of each of the 3 layer files was damaged once on the wire. The destination
+    # detects every damaged chunk it reads -- the first file's always (it reads the files in
+    # order) -- and re-requests from it; a later file's chunk the source had already damaged
+    # and put in flight on that stream is dropped unread with it and re-sent clean.
     assert len(faults.corrupted) == 3
-    assert final.corrupt_chunks == 3
-    assert final.retries == 3
+    assert 1 <= final.corrupt_chunks <= 3
+    assert final.retries == final.corrupt_chunks
     assert sample("slomesh_kv_transfer_corrupt_chunks_total", region=DST, peer=SRC) == (
-        corrupt_before + 3
+        corrupt_before + final.corrupt_chunks
     )
     assert tree_bytes(mesh.dst_kv / key) == source_files
     # Never stored: every byte ever written to staging is the source's byte at that offset.
