@@ -12,6 +12,10 @@ on B is then served from it: vLLM's own ``vllm:prompt_tokens_by_source_total{sou
 prompt (B loading the moved KV; A's recompute of a fresh prompt of the same length on B as the
 baseline) are printed, not asserted (the machine is shared).
 
+The second test runs the scheduler's live hot-prefix prefetch (`PrefetchRunner`: export on the
+source through its region agent, move on the prefetch class, import on the destination) on the
+same two vLLMs, each behind a real region agent.
+
 Needs the vLLM environment of `scripts/setup_vllm_env.sh` (skipped, with the reason, when it is
 not installed).
 """
@@ -19,6 +23,7 @@ not installed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import threading
@@ -27,10 +32,21 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry
 
+from services.global_scheduler.kv_moves import KvMover
+from services.global_scheduler.metrics import SchedulerMetrics
+from services.global_scheduler.prefetch import PrefetchRunner
+from services.global_scheduler.routes import Routes
 from services.kv_transfer.server import TransferOptions, serve
+from services.region_agent.config import AgentConfig, parse_instance
+from services.region_agent.server import RegionAgent
+from slomesh.kv.hashing import compute_block_keys
+from slomesh.scheduler.prefetch import HotPrefixTracker, PrefetchOrder
+from slomesh.scheduler.view import ClusterView
+from slomesh.topology import Topology
 from slomesh.transfer.chunks import FaultInjector
 from slomesh.transfer.staging import PARTIAL_DIR
 from slomesh.transfer.stores import (
@@ -38,7 +54,7 @@ from slomesh.transfer.stores import (
     example_connector_folder_name,
     example_connector_stored_tokens,
 )
-from slomesh.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc
+from slomesh.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc, region_agent_pb2_grpc
 from tests.vllm_server import (
     CPU_BLOCK_SIZE,
     SERVED_MODEL_NAME,
@@ -50,7 +66,7 @@ from tests.vllm_server import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.slow]
 
-REGION_A, REGION_B = "region-a", "region-b"
+REGION_A, REGION_B = "washington-dc", "frankfurt"  # names of the default topology (agents)
 PROMPT_TOKENS = 512
 NUM_LAYERS = 2  # configs/vllm/tiny-llama: num_hidden_layers
 CHUNK_BYTES = 64 * 1024
@@ -127,6 +143,18 @@ def _complete(server: VllmServer, prompt: list[int]) -> float:
     return metric_value(after, name) - metric_value(before, name)
 
 
+def _store(region: str, path: Path) -> KvStoreConfig:
+    return KvStoreConfig(
+        id=f"{region}-vllm-0",
+        kind="vllm_example",
+        path=path,
+        model=SERVED_MODEL_NAME,
+        block_size=CPU_BLOCK_SIZE,
+        kv_dtype="bfloat16",
+        num_layers=NUM_LAYERS,
+    )
+
+
 def _by_source(server: VllmServer, source: str) -> float:
     samples = server.metrics()["vllm:prompt_tokens_by_source_total"]
     return sum(v for labels, v in samples if labels.get("source") == source)
@@ -166,23 +194,12 @@ async def test_prefix_moved_between_real_vllms_is_served_from_external_kv(two_vl
     baseline_ttft_s = _complete(server_b, _prompt(3))
     external_before = _by_source(server_b, "external_kv_transfer")
 
-    def store(region: str, path: Path) -> KvStoreConfig:
-        return KvStoreConfig(
-            id=f"{region}-vllm-0",
-            kind="vllm_example",
-            path=path,
-            model=SERVED_MODEL_NAME,
-            block_size=CPU_BLOCK_SIZE,
-            kv_dtype="bfloat16",
-            num_layers=NUM_LAYERS,
-        )
-
     faults = FaultInjector.corrupting([1])
     src = await serve(
         REGION_A,
         {REGION_B: LINK_BYTES_PER_S},
         "127.0.0.1:0",
-        kv_stores=[store(REGION_A, dir_a)],
+        kv_stores=[_store(REGION_A, dir_a)],
         options=TransferOptions(fault_injector=faults, link_burst_bytes=2 * CHUNK_BYTES),
     )
     dst_options = TransferOptions(chunk_bytes=CHUNK_BYTES, retry_backoff_s=0.01)
@@ -193,7 +210,7 @@ async def test_prefix_moved_between_real_vllms_is_served_from_external_kv(two_vl
             {REGION_A: LINK_BYTES_PER_S},
             "127.0.0.1:0",
             peers={REGION_A: f"127.0.0.1:{src.port}"},
-            kv_stores=[store(REGION_B, dir_b)],
+            kv_stores=[_store(REGION_B, dir_b)],
             options=dst_options,
         )
 
@@ -263,3 +280,113 @@ async def test_prefix_moved_between_real_vllms_is_served_from_external_kv(two_vl
         f"(ratio {transferred_ttft_s / baseline_ttft_s:.2f}); moved {handle.bytes_total} bytes, "
         f"{time.strftime('%H:%M:%S')}"
     )
+
+
+async def test_hot_prefix_prefetch_between_real_vllms(two_vllms, nats_server):
+    """The live prefetch's three steps (`PrefetchRunner.prefetch`) on real vLLMs, each behind
+    its region agent: region A holds a prefix ``P`` in its prefix cache only (it served a longer
+    prompt starting with ``P``, so its connector stored a longer folder, not ``P``'s); the
+    export (a one-token request for ``P + P[:2]`` on A) makes A's connector write ``P``'s
+    folder from the cached blocks, the KV transfer services move it on the prefetch class, the
+    import on B loads it (vLLM's ``external_kv_transfer`` grows by ``len(P)``) and B publishes
+    the blocks as cached (its agent's index holds ``P``'s keys). A later prompt starting with
+    ``P`` on B is then served from B's own prefix cache, nothing more from the connector."""
+    server_a, dir_a = two_vllms[REGION_A]
+    server_b, dir_b = two_vllms[REGION_B]
+    prefix = _prompt(11)[: 3 * CPU_BLOCK_SIZE]
+    suffix = _prompt(12)[:200]
+    prefix_folder = example_connector_folder_name(prefix)
+
+    async with contextlib.AsyncExitStack() as stack:
+        agents = {}
+        for region, server in ((REGION_A, server_a), (REGION_B, server_b)):
+            config = AgentConfig(
+                region=region,
+                instances=[
+                    parse_instance(
+                        f"id={region}-vllm-0,url={server.url},"
+                        f"kv_events={server.kv_events_endpoint},gpu=CPU"
+                    )
+                ],
+                nats_url=nats_server.url,
+                shutdown_grace_s=2.0,
+            )
+            agent = RegionAgent(config, Topology.default())
+            stack.push_async_callback(agent.stop, 1.0)
+            await agent.start()
+            agents[region] = agent
+        deadline = time.monotonic() + 30
+        while not all(a.runtimes[f"{r}-vllm-0"].healthy for r, a in agents.items()):
+            assert time.monotonic() < deadline, "the agents never saw their vLLM healthy"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # ZMQ: let the agents' KV event subscriptions join
+
+        # A serves P + suffix: P is in its prefix cache; its store gets the longer folder only.
+        await asyncio.to_thread(_complete, server_a, [*prefix, *suffix])
+        assert not (dir_a / prefix_folder).exists()
+        external_before = _by_source(server_b, "external_kv_transfer")
+
+        src = await serve(
+            REGION_A, {REGION_B: LINK_BYTES_PER_S * 10}, "127.0.0.1:0",
+            kv_stores=[_store(REGION_A, dir_a)],
+        )  # fmt: skip
+        stack.push_async_callback(src.stop, 0)
+        dst = await serve(
+            REGION_B, {REGION_A: LINK_BYTES_PER_S * 10}, "127.0.0.1:0",
+            peers={REGION_A: f"127.0.0.1:{src.port}"}, kv_stores=[_store(REGION_B, dir_b)],
+        )  # fmt: skip
+        stack.push_async_callback(dst.stop, 0)
+        metrics = SchedulerMetrics(CollectorRegistry())
+        mover = KvMover(Routes({REGION_B: {REGION_B: f"127.0.0.1:{dst.port}"}}), metrics)
+        stack.push_async_callback(mover.close)
+        channels: dict[str, grpc.aio.Channel] = {}
+
+        def agent_stub(endpoint: str) -> region_agent_pb2_grpc.RegionAgentStub:
+            if endpoint not in channels:
+                channels[endpoint] = grpc.aio.insecure_channel(endpoint)
+                stack.push_async_callback(channels[endpoint].close)
+            return region_agent_pb2_grpc.RegionAgentStub(channels[endpoint])
+
+        runner = PrefetchRunner(
+            HotPrefixTracker(),
+            ClusterView(None),
+            mover,
+            Routes({r: {r: f"127.0.0.1:{a.port}"} for r, a in agents.items()}),
+            agent_stub,
+            metrics,
+        )
+        order = PrefetchOrder(
+            model=SERVED_MODEL_NAME,
+            prefix_key=compute_block_keys(prefix, CPU_BLOCK_SIZE)[-1],
+            token_ids=np.asarray(prefix, dtype=np.uint32),
+            from_tokens=0,
+            source_region=REGION_A,
+            source_instance=f"{REGION_A}-vllm-0",
+            dest_region=REGION_B,
+            dest_instance=f"{REGION_B}-vllm-0",
+            bytes=0,
+        )
+        assert await asyncio.wait_for(runner.prefetch(order), 120) == "completed"
+        moved = metrics.registry.get_sample_value("slomesh_scheduler_kv_prefetch_bytes_total")
+
+        # Export: A's connector wrote P's folder; move: B has it byte for byte.
+        assert (dir_a / prefix_folder).is_dir(), sorted(p.name for p in dir_a.iterdir())
+        files = sorted((dir_a / prefix_folder).iterdir())
+        assert files and moved == sum(f.stat().st_size for f in files)
+        for layer_file in files:
+            assert (dir_b / prefix_folder / layer_file.name).read_bytes() == layer_file.read_bytes()
+        # Import: B loaded P through its connector and now holds P's blocks in its prefix cache.
+        assert _by_source(server_b, "external_kv_transfer") - external_before == len(prefix)
+        keys = set(compute_block_keys(prefix, CPU_BLOCK_SIZE))
+        index = agents[REGION_B].index
+        deadline = time.monotonic() + 10
+        while not keys <= index.keys(f"{REGION_B}-vllm-0"):
+            assert time.monotonic() < deadline, "B's agent never indexed the imported blocks"
+            await asyncio.sleep(0.05)
+
+    # A later prompt with the prefix on B: P from B's prefix cache, not from the connector.
+    cache_hit_before = _by_source(server_b, "local_cache_hit")
+    external_before = _by_source(server_b, "external_kv_transfer")
+    _complete(server_b, [*prefix, *_prompt(13)[:150]])
+    assert _by_source(server_b, "local_cache_hit") - cache_hit_before >= len(prefix)
+    assert _by_source(server_b, "external_kv_transfer") == external_before
