@@ -567,8 +567,11 @@ class KvRoomFilter(Filter):
 
     name = "kv-room"
 
-    def keep(self, ctx: PlacementContext, candidate: Candidate) -> bool:
-        inst = candidate.instance
+    @staticmethod
+    def demand_and_capacity_tokens(
+        ctx: PlacementContext, inst: InstanceView
+    ) -> tuple[float, float]:
+        """``(demand, capacity)`` of the class docstring, in tokens."""
         config = ctx.predictor_config
         capacity = pred.kv_capacity_blocks(inst, config) * (
             inst.block_size or config.default_block_size
@@ -579,6 +582,10 @@ class KvRoomFilter(Filter):
             + (inst.num_requests_outstanding + 1) * ctx.output_tokens
             + ctx.request.prompt_tokens
         )
+        return demand, float(capacity)
+
+    def keep(self, ctx: PlacementContext, candidate: Candidate) -> bool:
+        demand, capacity = self.demand_and_capacity_tokens(ctx, candidate.instance)
         return demand <= capacity
 
 
@@ -1264,13 +1271,19 @@ class Policy:
             best = min(alive, key=lambda c: c.prediction.ttft_ms if c.prediction else math.inf)
             p = best.prediction
             target_ms = request.slo.ttft_target_ms(request.prompt_tokens)
-            reason = (
-                f"no placement meets SLO class {request.slo_class!r}: best predicted TTFT "
-                f"{p.ttft_ms:.0f} ms (target {target_ms:.0f} ms), TPOT {p.tpot_ms:.1f} ms "
-                f"(target {request.slo.tpot_target_ms():.0f} ms) at {best.instance_id}"
-                if p is not None
-                else "no feasible placement"
-            )
+            if all(c.rejected_by == KvRoomFilter.name for c in alive):
+                reason = (
+                    "no instance's KV cache has room for it beside the requests there "
+                    f"({len(alive)} meet its SLO; kv-room)"
+                )
+            elif p is not None:
+                reason = (
+                    f"no placement meets SLO class {request.slo_class!r}: best predicted TTFT "
+                    f"{p.ttft_ms:.0f} ms (target {target_ms:.0f} ms), TPOT {p.tpot_ms:.1f} ms "
+                    f"(target {request.slo.tpot_target_ms():.0f} ms) at {best.instance_id}"
+                )
+            else:
+                reason = "no feasible placement"
             return self._decision(
                 ctx, "refused", None, candidates, t0, reason=reason, retry_after_ms=retry
             )
@@ -1557,8 +1570,12 @@ class Policy:
         at one ms per ms) -- possible only if the queue wait is at least the excess; if TPOT
         is over target (the request's own, or that of requests running there with its prefill
         added), the current decode work must finish (queued decode tokens / decode
-        throughput). A candidate no wait can fix (RTT and prefill alone too slow) contributes
-        the cap. The result is clamped to [min_retry_after_ms, max_retry_after_ms].
+        throughput, the drain time); if its KV cache lacks room (`KvRoomFilter`), enough of
+        the ``n`` requests there must finish to release the missing tokens, each freeing what
+        it holds or will (``held / n`` on average) when it ends, and they end evenly over the
+        drain time: ``drain time x ceil(missing / (held / n)) / n``. A candidate no wait can
+        fix (RTT and prefill alone too slow) contributes the cap. The result is clamped to
+        [min_retry_after_ms, max_retry_after_ms].
         """
         req = ctx.request
         margin = ctx.slo_margin
@@ -1578,10 +1595,12 @@ class Policy:
                     continue
                 need = excess
             inst = cand.instance
-            if (
+            tpot_over = (
                 p.tpot_ms > tpot_target
                 or p.inflight_tpot_ms > margin * inst.tightest_inflight_tpot_ms
-            ):
+            )
+            kv_full = cand.rejected_by == KvRoomFilter.name
+            if tpot_over or kv_full:
                 if inst.queued_decode_tokens <= 0:
                     continue
                 drain_ms = (
@@ -1589,7 +1608,18 @@ class Policy:
                     / pred.decode_throughput_tokens_per_s(inst, self.predictor_config)
                     * 1000.0
                 )
-                need = max(need, drain_ms)
+                if tpot_over:
+                    need = max(need, drain_ms)
+                if kv_full:
+                    demand, capacity = KvRoomFilter.demand_and_capacity_tokens(ctx, inst)
+                    n = inst.num_requests_outstanding
+                    held = demand - ctx.output_tokens - req.prompt_tokens
+                    if n <= 0 or held <= 0:
+                        continue  # its prompt and output alone outgrow the cache
+                    finish = math.ceil((demand - capacity) / (held / n))
+                    if finish > n:
+                        continue
+                    need = max(need, drain_ms * finish / n)
             best = min(best, need)
         return min(cap, max(self.profile.min_retry_after_ms, best))
 

@@ -14,7 +14,7 @@ from slomesh.scheduler.policy import (
     load_profile,
     make_policy,
 )
-from slomesh.scheduler.predictor import kv_capacity_blocks
+from slomesh.scheduler.predictor import decode_throughput_tokens_per_s, kv_capacity_blocks
 from slomesh.scheduler.view import ClusterView
 from slomesh.v1 import state_pb2
 from tests.unit.scheduler.factories import (
@@ -195,6 +195,44 @@ class TestSlomeshPolicy:
         assert tight.feasible and tight.rejected_by == "kv-room"
         # The baselines know nothing of it.
         assert make_policy("qlm").place(request, view).outcome == "placed"
+
+    def test_a_refusal_for_kv_room_waits_for_the_requests_there_to_release_it(self):
+        # One L40S whose cache lacks 1000 tokens for its requests' outputs and this prompt:
+        # refused (chat); one of its ten requests must end first (each holds ~19k tokens), a
+        # tenth of its decode drain time.
+        probe = view_with([make_state("washington-dc", [make_instance("x", "L40S")])])
+        capacity = kv_capacity_blocks(probe.instances()[0]) * 16
+        n_out, prompt_tokens, outstanding, missing = 200, 4000, 10, 1000
+        usage = 1 - (prompt_tokens + (outstanding + 1) * n_out - missing) / capacity
+        view = view_with(
+            [
+                make_state(
+                    "washington-dc",
+                    [
+                        make_instance(
+                            "full", "L40S", running=outstanding, outstanding=outstanding,
+                            kv_cache_usage=usage, queued_decode_tokens=outstanding * n_out,
+                        )
+                    ],
+                )
+            ]
+        )  # fmt: skip
+        request = make_request(
+            prompt(prompt_tokens), max_tokens=n_out, expected_output_tokens=n_out
+        )
+        policy = make_policy("slomesh")
+        decision = policy.place(request, view)
+        assert decision.outcome == "refused" and "kv-room" in decision.reason
+        (cand,) = decision.candidates
+        assert cand.feasible and cand.rejected_by == "kv-room"
+        drain_ms = (
+            outstanding * n_out
+            / decode_throughput_tokens_per_s(cand.instance, policy.predictor_config)
+            * 1000.0
+        )  # fmt: skip
+        assert (usage * capacity + outstanding * n_out) / outstanding > missing
+        assert decision.retry_after_ms == pytest.approx(drain_ms / outstanding, rel=1e-6)
+        assert decision.retry_after_ms > 100.0
 
     def test_a_long_prompt_is_kept_off_decodes_its_prefill_would_slow_past_their_tpot(self):
         view = view_with([make_state("washington-dc", [make_instance("a", "H100", running=8)])])
