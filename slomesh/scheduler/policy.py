@@ -1615,7 +1615,7 @@ class Policy:
                     n = inst.num_requests_outstanding
                     held = demand - ctx.output_tokens - req.prompt_tokens
                     if n <= 0 or held <= 0:
-                        continue  # its prompt and output alone outgrow the cache
+                        continue  # none there to end, or its own prompt and output overflow
                     finish = math.ceil((demand - capacity) / (held / n))
                     if finish > n:
                         continue
