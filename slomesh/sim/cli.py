@@ -194,30 +194,36 @@ def sim_report(
 def _add_prefetch(report: dict[str, Any], outcome: SimOutcome) -> None:
     """Adds the hot-prefix prefetch (`slomesh.scheduler.prefetch`) to the report: its bytes to
     ``cross_region_bytes`` and ``cross_region_kv_bytes``, its egress (at the source region's
-    price) to ``egress_cost_usd`` and ``cost_usd``, and a ``prefetch`` section with
-    ``hit_rate`` = prompt tokens served from prefetched blocks / prompt tokens of completed
-    requests."""
+    price) to ``egress_cost_usd``, the GPU time of its export/import requests to
+    ``gpu_cost_usd``, both to ``cost_usd``, and a ``prefetch`` section with ``hit_rate`` =
+    prompt tokens served from prefetched blocks / prompt tokens of completed requests."""
     stats = outcome.stats
     nbytes = stats.get("prefetch_bytes", 0)
     egress = stats.get("prefetch_egress_usd", 0.0)
+    gpu = stats.get("prefetch_gpu_usd", 0.0)
     served = sum(r.prefetched_prompt_tokens for r in outcome.records if r.ok)
     prompt_tokens = report["prompt_tokens"]
     report["prefetch"] = {
         "orders": stats.get("prefetches", 0),
         "bytes": nbytes,
         "egress_cost_usd": egress,
+        "requests": stats.get("prefetch_requests", 0),
+        "gpu_seconds": stats.get("prefetch_gpu_seconds", 0.0),
+        "gpu_cost_usd": gpu,
         "prompt_tokens_served": served,
         "hit_rate": served / prompt_tokens if prompt_tokens else 0.0,
     }
-    if not nbytes:
+    if not (nbytes or gpu):
         return
     report["cross_region_bytes"] += nbytes
     report["cross_region_kv_bytes"] += nbytes
     report["egress_cost_usd"] += egress
-    report["cost_usd"] += egress
+    report["gpu_cost_usd"] += gpu
+    report["cost_usd"] += egress + gpu
     tokens = prompt_tokens + report["completion_tokens"]
     report["cost_per_mtok_usd"] = report["cost_usd"] / tokens * 1e6 if tokens else 0.0
     if report.get("predicted_cost_per_mtok_usd") is not None and tokens:
+        # Egress is known ahead; the export/import GPU time is not predicted.
         report["predicted_cost_per_mtok_usd"] += egress / tokens * 1e6
 
 

@@ -42,7 +42,11 @@ clock instead of the wall clock:
   index like any others) and the request is forwarded. The hot-prefix prefetch of a
   profile's ``kv_prefetch`` (`slomesh.scheduler.prefetch`) plans every ``period_s`` from the
   placements and sends its copies as background traffic on what the foreground leaves; a
-  copy lands the same way.
+  copy lands the same way. As the live scheduler does (`services.global_scheduler.prefetch`),
+  each copy runs a one-token request for ``P + P[:2]`` on the source engine when planned (the
+  export) and on the destination engine when it lands (the import, after the prefix is
+  cached there); their GPU time is charged to the prefetch (``prefetch_gpu_usd``). The copy
+  does not wait for the export's one step (a simplification: the live one does).
   The moved and prefetched bytes, the moves' transfer times and the prompt tokens served
   from prefetched blocks are in the records and the stats. The source's blocks are read
   as they were at the decision (their eviction during a move is not modelled).
@@ -605,6 +609,9 @@ class _Run:
             "prefetches": 0,
             "prefetch_bytes": 0,
             "prefetch_egress_usd": 0.0,
+            "prefetch_requests": 0,
+            "prefetch_gpu_seconds": 0.0,
+            "prefetch_gpu_usd": 0.0,
             "prefetched_prompt_tokens": 0,
             "preemptions": 0,
             "preemptions_by_instance": {},
@@ -630,6 +637,8 @@ class _Run:
         self.next_prefetch_s = math.inf
         # Engine block hashes each instance holds because a prefetch brought them.
         self.prefetched: dict[str, set[int]] = {i.instance_id: set() for i in self.instances}
+        # The prefetches' one-token export/import requests in the engines (not in `live`).
+        self.prefetch_requests: set[str] = set()
 
     # -- clock and heap ------------------------------------------------------------------------
 
@@ -926,6 +935,7 @@ class _Run:
             self._advance(inst, now)
             added = self._insert_prefix(inst, order.token_ids)
             self.prefetched[inst.instance_id].update(added)
+            self._prefetch_request(inst, order, now)  # the import
             assert self.prefetch is not None
             self.prefetch.done(order)
         end = link.next_background_end_s()
@@ -941,6 +951,9 @@ class _Run:
         assert tracker is not None
         now = self.now
         for order in tracker.plan(self.scheduler.view, now, self._clock_ns()):
+            source = self.instance_by_id[order.source_instance]
+            self._advance(source, now)
+            self._prefetch_request(source, order, now)  # the export
             link = self._link(order.source_region, order.dest_region)
             link.background(order.bytes, order, now)
             self.stats["prefetches"] += 1
@@ -953,6 +966,38 @@ class _Run:
         else:
             self.next_prefetch_s = now + tracker.config.period_s
             self._push(self.next_prefetch_s, _PREFETCH_TICK, None)
+
+    def _prefetch_request(self, inst: SimInstance, order: PrefetchOrder, now: float) -> None:
+        """Sends a prefetch's one-token request for ``P + P[:2]`` to ``inst``'s engine at
+        ``now`` (``inst`` advanced to ``now``), through its agent like the live one; skipped
+        when the instance does not serve the order's model now (the live step fails)."""
+        if inst.model_name != order.model or inst.loading_until_s is not None:
+            return
+        tokens = [int(t) for t in order.token_ids]
+        prompt = tokens + tokens[:2]
+        self.stats["prefetch_requests"] += 1
+        request_id = f"prefetch-{self.stats['prefetch_requests']}"
+        region = self.region_by_name[inst.region]
+        try:
+            inst.engine.add_request(
+                EngineRequest(request_id, prompt, 1, ignore_eos=True), now_s=now
+            )
+        except ValueError:  # e.g. past the context limit: the live step fails the same way
+            return
+        inst.start_request(
+            request_id, len(prompt), region.cached_prefix_tokens(inst, prompt), 1, now
+        )
+        self.prefetch_requests.add(request_id)
+        if inst.next_start_s is None:
+            inst.next_start_s = now
+
+    def _prefetch_request_done(self, inst: SimInstance, request_id: str, gpu_s: float) -> None:
+        """A prefetch's one-token request finished: its GPU time is the prefetch's cost."""
+        self.prefetch_requests.discard(request_id)
+        inst.finish_request(request_id)
+        self.stats["prefetch_gpu_seconds"] += gpu_s
+        price = self.topology.instance_price_usd_per_hour(inst.instance_id)
+        self.stats["prefetch_gpu_usd"] += gpu_s * price / 3600.0
 
     def _on_kv_events(self, inst: SimInstance, events: Sequence[engine_kv.KVEvent]) -> None:
         """An engine's KV events reach its agent; evicted blocks stop counting as
@@ -1204,7 +1249,12 @@ class _Run:
                 if rec._block_hashes is not None:
                     self._count_prefetched(inst, rec, fs.num_cached_tokens)
         for out in res.outputs:
-            rec = live[out.request_id]
+            rec = live.get(out.request_id)
+            if rec is None:  # a prefetch's one-token request
+                if out.finished:
+                    m = next(m for m in res.finished if m.request_id == out.request_id)
+                    self._prefetch_request_done(inst, out.request_id, m.gpu_seconds)
+                continue
             n = len(out.new_token_ids)
             inst.tokens_received(out.request_id, n, end_s)
             if rec.first_token_s is None:
@@ -1231,7 +1281,9 @@ class _Run:
         inst.decode_tokens_received(ids, n)
         inst.engine_metrics.on_decode_run(run, j0, j1)
         for rid in ids:
-            live[rid].completion_tokens += n
+            rec = live.get(rid)
+            if rec is not None:  # else a prefetch's one-token request
+                rec.completion_tokens += n
         batch: list = []
         for evs in run.kv_events[j0:j1]:
             if evs:
@@ -1240,7 +1292,11 @@ class _Run:
         if j1 == len(run.start_s) and run.finished:
             end_s = run.end_s
             for m in run.finished:
-                self._finish(inst, live[m.request_id], end_s, m.gpu_seconds)
+                rec = live.get(m.request_id)
+                if rec is None:
+                    self._prefetch_request_done(inst, m.request_id, m.gpu_seconds)
+                else:
+                    self._finish(inst, rec, end_s, m.gpu_seconds)
 
     def _finish(self, inst: SimInstance, rec: SimRecord, end_s: float, gpu_seconds: float) -> None:
         rec.finish_s = end_s

@@ -99,6 +99,10 @@ def test_prefetched_blocks_serve_tokyo_in_the_simulator(tmp_path):
     out = Simulator(topo, profile, SimConfig()).run(trace)
     assert out.stats["prefetches"] == 1 and out.stats["kv_moves"] == 0
     assert out.stats["prefetch_bytes"] == 24 * 512 * 131072
+    # Its export on Washington DC and import on Tokyo ran as one-token requests, charged to it.
+    assert out.stats["prefetch_requests"] == 2
+    assert 0 < out.stats["prefetch_gpu_seconds"] < 1.0
+    assert out.stats["prefetch_gpu_usd"] > 0
     served = [r for r in out.records if r.prefetched_prompt_tokens]
     assert served and all(r.instance_id == "tyo-0" for r in served)
     assert all(r.prefetched_prompt_tokens == 24 * 512 for r in served)
@@ -108,4 +112,6 @@ def test_prefetched_blocks_serve_tokyo_in_the_simulator(tmp_path):
     total = sum(r.prompt_tokens for r in out.records if r.ok)
     assert report["prefetch"]["hit_rate"] == pytest.approx(len(served) * 24 * 512 / total)
     assert report["cross_region_kv_bytes"] == out.stats["prefetch_bytes"]
-    assert report["cost_usd"] == pytest.approx(before + out.stats["prefetch_egress_usd"])
+    prefetch_usd = out.stats["prefetch_egress_usd"] + out.stats["prefetch_gpu_usd"]
+    assert report["cost_usd"] == pytest.approx(before + prefetch_usd)
+    assert report["prefetch"]["gpu_cost_usd"] == out.stats["prefetch_gpu_usd"]
