@@ -637,8 +637,6 @@ class _Run:
         self.next_prefetch_s = math.inf
         # Engine block hashes each instance holds because a prefetch brought them.
         self.prefetched: dict[str, set[int]] = {i.instance_id: set() for i in self.instances}
-        # The prefetches' one-token export/import requests in the engines (not in `live`).
-        self.prefetch_requests: set[str] = set()
 
     # -- clock and heap ------------------------------------------------------------------------
 
@@ -976,7 +974,7 @@ class _Run:
         tokens = [int(t) for t in order.token_ids]
         prompt = tokens + tokens[:2]
         self.stats["prefetch_requests"] += 1
-        request_id = f"prefetch-{self.stats['prefetch_requests']}"
+        request_id = f"prefetch:{self.stats['prefetch_requests']}"  # never a trace request's
         region = self.region_by_name[inst.region]
         try:
             inst.engine.add_request(
@@ -987,13 +985,11 @@ class _Run:
         inst.start_request(
             request_id, len(prompt), region.cached_prefix_tokens(inst, prompt), 1, now
         )
-        self.prefetch_requests.add(request_id)
         if inst.next_start_s is None:
             inst.next_start_s = now
 
     def _prefetch_request_done(self, inst: SimInstance, request_id: str, gpu_s: float) -> None:
         """A prefetch's one-token request finished: its GPU time is the prefetch's cost."""
-        self.prefetch_requests.discard(request_id)
         inst.finish_request(request_id)
         self.stats["prefetch_gpu_seconds"] += gpu_s
         price = self.topology.instance_price_usd_per_hour(inst.instance_id)
