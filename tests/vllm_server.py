@@ -32,8 +32,11 @@ import msgspec
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.region_agent.config import AgentConfig, parse_instance
+from services.region_agent.server import RegionAgent
 from slomesh.kv.events import KvEventBatch, KvEventDecodeError, decode_multipart
 from slomesh.procs import free_port
+from slomesh.topology import Topology
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SETUP_SCRIPT = REPO_ROOT / "scripts" / "setup_vllm_env.sh"
@@ -466,3 +469,29 @@ class KvEventRecorder:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def start_region_agent(
+    stack: contextlib.AsyncExitStack,
+    server: VllmServer,
+    region: str,
+    instance_id: str,
+    nats_url: str,
+) -> RegionAgent:
+    """Starts a region agent (default topology) in front of one real vLLM server: its HTTP
+    endpoint, its KV events, GPU type ``CPU``; `stack` stops it."""
+    config = AgentConfig(
+        region=region,
+        instances=[
+            parse_instance(
+                f"id={instance_id},url={server.url},"
+                f"kv_events={server.kv_events_endpoint},gpu=CPU"
+            )
+        ],
+        nats_url=nats_url,
+        shutdown_grace_s=2.0,
+    )
+    agent = RegionAgent(config, Topology.default())
+    stack.push_async_callback(agent.stop, 1.0)
+    await agent.start()
+    return agent

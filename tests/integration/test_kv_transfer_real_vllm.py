@@ -42,12 +42,9 @@ from services.global_scheduler.metrics import SchedulerMetrics
 from services.global_scheduler.prefetch import PrefetchRunner
 from services.global_scheduler.routes import Routes
 from services.kv_transfer.server import TransferOptions, serve
-from services.region_agent.config import AgentConfig, parse_instance
-from services.region_agent.server import RegionAgent
 from slomesh.kv.hashing import compute_block_keys
 from slomesh.scheduler.prefetch import HotPrefixTracker, PrefetchOrder
 from slomesh.scheduler.view import ClusterView
-from slomesh.topology import Topology
 from slomesh.transfer.chunks import FaultInjector
 from slomesh.transfer.staging import PARTIAL_DIR
 from slomesh.transfer.stores import (
@@ -64,6 +61,7 @@ from tests.vllm_server import (
     VllmUnavailable,
     find_vllm_python,
     metric_value,
+    start_region_agent,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.slow]
@@ -305,23 +303,12 @@ async def test_hot_prefix_prefetch_between_real_vllms(two_vllms, nats_server):
     prefix_folder = example_connector_folder_name(prefix)
 
     async with contextlib.AsyncExitStack() as stack:
-        agents = {}
-        for region, server in ((REGION_A, server_a), (REGION_B, server_b)):
-            config = AgentConfig(
-                region=region,
-                instances=[
-                    parse_instance(
-                        f"id={region}-vllm-0,url={server.url},"
-                        f"kv_events={server.kv_events_endpoint},gpu=CPU"
-                    )
-                ],
-                nats_url=nats_server.url,
-                shutdown_grace_s=2.0,
+        agents = {
+            region: await start_region_agent(
+                stack, server, region, f"{region}-vllm-0", nats_server.url
             )
-            agent = RegionAgent(config, Topology.default())
-            stack.push_async_callback(agent.stop, 1.0)
-            await agent.start()
-            agents[region] = agent
+            for region, server in ((REGION_A, server_a), (REGION_B, server_b))
+        }
         deadline = time.monotonic() + 30
         while not all(a.runtimes[f"{r}-vllm-0"].healthy for r, a in agents.items()):
             assert time.monotonic() < deadline, "the agents never saw their vLLM healthy"

@@ -30,13 +30,10 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from services.region_agent.config import AgentConfig, parse_instance
-from services.region_agent.server import RegionAgent
 from slomesh import bus
 from slomesh.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KvEventBatch
 from slomesh.kv.hashing import ROOT_KEY, compute_block_keys
 from slomesh.kv.index import PrefixIndex
-from slomesh.topology import Topology
 from slomesh.v1 import region_agent_pb2, region_agent_pb2_grpc, state_pb2
 from tests.vllm_server import (
     CPU_BLOCK_SIZE,
@@ -46,6 +43,7 @@ from tests.vllm_server import (
     VllmUnavailable,
     find_vllm_python,
     metric_value,
+    start_region_agent,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm, pytest.mark.slow]
@@ -188,20 +186,7 @@ async def mesh(vllm_server, nats_server):
     async with contextlib.AsyncExitStack() as stack:
         recorder = KvEventRecorder(vllm_server.kv_events_endpoint).start()
         stack.callback(recorder.stop)
-        config = AgentConfig(
-            region=REGION,
-            instances=[
-                parse_instance(
-                    f"id={INSTANCE},url={vllm_server.url},"
-                    f"kv_events={vllm_server.kv_events_endpoint},gpu=CPU"
-                )
-            ],
-            nats_url=nats_server.url,
-            shutdown_grace_s=2.0,
-        )
-        agent = RegionAgent(config, Topology.default())
-        stack.push_async_callback(agent.stop, 1.0)
-        await agent.start()
+        agent = await start_region_agent(stack, vllm_server, REGION, INSTANCE, nats_server.url)
         nc = await bus.connect_nats(nats_server.url, "test-real-vllm")
         stack.push_async_callback(nc.close)
         states = Collector(state_pb2.RegionState)
