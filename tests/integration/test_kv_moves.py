@@ -19,8 +19,10 @@ request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -196,6 +198,32 @@ async def start_routable(service: SchedulerService) -> None:
         await asyncio.sleep(0.1)
 
 
+@contextlib.asynccontextmanager
+async def mesh_and_scheduler(
+    topology_path: Path, slo_path: Path, run_dir: Path, nats_url: str, redis_url: str,
+    policy: str | Policy = "slomesh",
+) -> AsyncIterator[tuple[Mesh, SchedulerService, scheduler_pb2_grpc.GlobalSchedulerStub]]:
+    """The mesh's processes plus a scheduler in this process on their routes (`scheduler_on`),
+    started and routable: yields ``(mesh, service, stub)``; stops all of it on exit."""
+    mesh = Mesh(
+        topology_path, run_dir, nats_url=nats_url, redis_url=redis_url, startup_timeout_s=240
+    )
+    await asyncio.to_thread(mesh.start)
+    service = channel = None
+    try:
+        assert mesh.plan is not None
+        service = scheduler_on(mesh, topology_path, slo_path, nats_url, redis_url, policy)
+        await start_routable(service)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
+        yield mesh, service, scheduler_pb2_grpc.GlobalSchedulerStub(channel)
+    finally:
+        if channel is not None:
+            await channel.close()
+        if service is not None:
+            await service.stop()
+        await asyncio.to_thread(mesh.stop)
+
+
 def counter(service: SchedulerService, name: str, **labels: str) -> float:
     value = service.config.registry.get_sample_value(name, labels)
     return value or 0.0
@@ -207,25 +235,11 @@ async def test_scheduler_moves_the_prefix_then_runs_here(nats_server, redis_serv
     topology_path = write_topology(tmp_path / "topology.yaml")
     slo_path = tmp_path / "slo.yaml"
     slo_path.write_text(yaml.safe_dump({"tenants": {"london-only": {"allowed_regions": [DEST]}}}))
-    mesh = Mesh(
-        topology_path,
-        tmp_path / "run",
-        nats_url=nats_server.url,
-        redis_url=redis_server.url,
-        startup_timeout_s=240,
-    )
-    await asyncio.to_thread(mesh.start)
-    service = channel = None
-    try:
+    policy = ScriptedMovePolicy([SOURCE, DEST])
+    async with mesh_and_scheduler(
+        topology_path, slo_path, tmp_path / "run", nats_server.url, redis_server.url, policy
+    ) as (mesh, service, stub):
         plan = mesh.plan
-        assert plan is not None
-        policy = ScriptedMovePolicy([SOURCE, DEST])
-        service = scheduler_on(
-            mesh, topology_path, slo_path, nats_server.url, redis_server.url, policy
-        )
-        await start_routable(service)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
-        stub = scheduler_pb2_grpc.GlobalSchedulerStub(channel)
         dest_url = plan.instances[DEST_INSTANCE].url
         warm = prompt(1)
 
@@ -315,12 +329,6 @@ async def test_scheduler_moves_the_prefix_then_runs_here(nats_server, redis_serv
 
         # The transfer services publish their link statistics; the scheduler applies them.
         assert counter(service, "slomesh_scheduler_state_messages_total", kind="links") > 0
-    finally:
-        if channel is not None:
-            await channel.close()
-        if service is not None:
-            await service.stop()
-        await asyncio.to_thread(mesh.stop)
 
 
 async def test_scheduler_applies_published_link_stats(nats_server, redis_server):

@@ -22,16 +22,13 @@ import time
 from pathlib import Path
 
 import aiohttp
-import grpc
 import pytest
 import yaml
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from slomesh.launcher import Mesh
 from slomesh.scheduler.policy import load_profile
 from slomesh.telemetry import setup_telemetry
 from slomesh.transfer.stores import example_connector_folder_name
-from slomesh.v1 import scheduler_pb2_grpc
 from tests.integration.test_kv_moves import (
     DEST,
     DEST_INSTANCE,
@@ -40,8 +37,7 @@ from tests.integration.test_kv_moves import (
     by_source,
     counter,
     generate,
-    scheduler_on,
-    start_routable,
+    mesh_and_scheduler,
     write_topology,
 )
 
@@ -83,25 +79,12 @@ async def test_hot_prefix_is_prefetched_to_the_region_asking_for_it(
     )
     policy_path = tmp_path / "policy.yaml"
     policy_path.write_text(yaml.safe_dump(profile))
-    mesh = Mesh(
-        topology_path,
-        tmp_path / "run",
-        nats_url=nats_server.url,
-        redis_url=redis_server.url,
-        startup_timeout_s=240,
-    )
-    await asyncio.to_thread(mesh.start)
-    service = channel = None
-    try:
-        plan = mesh.plan
-        assert plan is not None
-        service = scheduler_on(
-            mesh, topology_path, slo_path, nats_server.url, redis_server.url, str(policy_path)
-        )
+    async with mesh_and_scheduler(
+        topology_path, slo_path, tmp_path / "run", nats_server.url, redis_server.url,
+        str(policy_path),
+    ) as (mesh, service, stub):  # fmt: skip
         assert service.servicer.prefetcher is not None
-        await start_routable(service)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
-        stub = scheduler_pb2_grpc.GlobalSchedulerStub(channel)
+        plan = mesh.plan
         dest_url = plan.instances[DEST_INSTANCE].url
 
         async with aiohttp.ClientSession() as http:
@@ -150,9 +133,3 @@ async def test_hot_prefix_is_prefetched_to_the_region_asking_for_it(
         local = after.get("local_cache_hit", 0) - before.get("local_cache_hit", 0)
         external = after.get("external_kv_transfer", 0) - before.get("external_kv_transfer", 0)
         assert local >= PREFIX_TOKENS and external == 0, after
-    finally:
-        if channel is not None:
-            await channel.close()
-        if service is not None:
-            await service.stop()
-        await asyncio.to_thread(mesh.stop)
